@@ -1,0 +1,141 @@
+"""The one exception tree of monte_trio.
+
+Every error the library raises on purpose is a :class:`MonteError`. Foreign exceptions
+(``OSError``, ``trio.BrokenResourceError``, ``cryptography.exceptions.InvalidTag``) are
+translated once, at the boundary where they happen, with ``raise New(...) from exc``::
+
+    MonteError
+    ├── ConnectionClosed            the connection ended; the call did not complete
+    │   └── RequestNotProcessed     the peer declared it never processed the call: retry it
+    ├── ProtocolError               a peer broke the protocol
+    │   ├── LocalProtocolError      we were asked to send something the protocol forbids
+    │   └── RemoteProtocolError     the peer sent something invalid
+    │       └── DecryptionError     a record failed authentication (tampered, replayed, ...)
+    ├── HandshakeError              the secure channel could not be established
+    │   ├── HandshakeTimeout        ... in the time allowed
+    │   └── PeerRejected            ... because a trust policy refused a static key
+    ├── RemoteError                 the remote handler raised while serving the call
+    ├── LimitExceeded               a configured limit would be exceeded
+    └── KeyFileError                a key or known-keys file could not be read or written
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConnectionClosed",
+    "DecryptionError",
+    "HandshakeError",
+    "HandshakeTimeout",
+    "KeyFileError",
+    "LimitExceeded",
+    "LocalProtocolError",
+    "MonteError",
+    "PeerRejected",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteProtocolError",
+    "RequestNotProcessed",
+]
+
+
+class MonteError(Exception):
+    """Base class of every error monte_trio raises on purpose."""
+
+
+class ConnectionClosed(MonteError):
+    """The connection is closed, or closed while the call was in flight.
+
+    A request that fails with this error may or may not have been processed by the peer
+    (unless it is the subclass :class:`RequestNotProcessed`). Open a new connection (a
+    :class:`~monte_trio.Client` does so on the next call) and retry only if the call is
+    idempotent.
+
+    Attributes:
+        reason: a human-readable description of why the connection ended.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RequestNotProcessed(ConnectionClosed):
+    """The peer is shutting down and told us it never started processing this request.
+
+    It is always safe to retry the request, on another connection.
+    """
+
+
+class ProtocolError(MonteError):
+    """A protocol rule was broken, by us (:class:`LocalProtocolError`) or the peer."""
+
+
+class LocalProtocolError(ProtocolError):
+    """The call asked for something the protocol forbids, such as a message too large.
+
+    Nothing was sent; the connection is still usable.
+    """
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something invalid. The connection it came from has been closed."""
+
+
+class DecryptionError(RemoteProtocolError):
+    """A record failed authentication: it was tampered with, truncated, replayed,
+    reordered or reflected. The connection it came from has been closed.
+
+    Deliberately opaque, like :class:`cryptography.exceptions.InvalidTag`: which check
+    failed is not revealed.
+    """
+
+
+class HandshakeError(MonteError):
+    """The secure channel could not be established with the peer.
+
+    Check that both sides use the same profile (native or monte-v1), the same pre-shared
+    key if any, and trust each other's static keys.
+    """
+
+
+class HandshakeTimeout(HandshakeError):
+    """The handshake did not complete within the configured handshake timeout."""
+
+
+class PeerRejected(HandshakeError):
+    """A trust policy refused a static key: ours by the peer, or the peer's by us.
+
+    Attributes:
+        public_key: the refused key's printable form, when known locally, else ``None``.
+    """
+
+    def __init__(self, message: str, public_key: str | None = None) -> None:
+        super().__init__(message)
+        self.public_key = public_key
+
+
+class RemoteError(MonteError):
+    """The peer's handler raised an exception while serving our request.
+
+    The connection is still usable. ``message`` is what the peer chose to disclose: by
+    default the exception's type name and message, never a traceback.
+
+    Attributes:
+        message: the text the peer sent.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class LimitExceeded(MonteError):
+    """A configured limit would be exceeded (for example, too many pending requests).
+
+    Nothing was sent; the connection is still usable. Wait for calls in flight to finish,
+    or raise the limit in the configuration.
+    """
+
+
+class KeyFileError(MonteError):
+    """A key file or known-keys file could not be read, parsed or written."""

@@ -1,0 +1,350 @@
+"""Tests of monte_trio._trust: trust policies and the known-keys file."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from monte_trio._exceptions import KeyFileError, PeerRejected
+from monte_trio._keys import Identity, PublicKey
+from monte_trio._trust import (
+    AcceptAnyKey,
+    KnownKey,
+    KnownKeysFile,
+    PinnedKeys,
+    TrustPolicy,
+    parse_trust,
+)
+
+SERVER = "example.com:4433"
+
+
+def new_key() -> PublicKey:
+    return Identity.generate().public_key
+
+
+def data_lines(path: Path) -> list[str]:
+    """The non-comment, non-blank lines of a known-keys file."""
+    return [
+        line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
+
+
+# --- AcceptAnyKey and PinnedKeys ---------------------------------------------------------
+
+
+async def test_accept_any_key() -> None:
+    policy: TrustPolicy = AcceptAnyKey()
+    await policy.verify(new_key(), peer=SERVER)
+    await policy.verify(new_key(), peer=None)
+
+
+async def test_pinned_keys_accepts_listed_and_refuses_others() -> None:
+    a, b, stranger = new_key(), new_key(), new_key()
+    policy = PinnedKeys([a, str(b)])
+    assert policy.keys == frozenset({a, b})
+    await policy.verify(a, peer=SERVER)
+    await policy.verify(b, peer=None)
+    for peer in (SERVER, None):
+        with pytest.raises(PeerRejected, match="not one of the 2 pinned") as info:
+            await policy.verify(stranger, peer=peer)
+        assert info.value.public_key == str(stranger)
+
+
+def test_pinned_keys_argument_errors() -> None:
+    with pytest.raises(ValueError, match="at least one key"):
+        PinnedKeys([])
+    with pytest.raises(ValueError, match="not a public key"):
+        PinnedKeys(["bogus"])
+    with pytest.raises(TypeError, match="wrap a single key in a list"):
+        PinnedKeys(str(new_key()))
+    with pytest.raises(TypeError, match="wrap a single key in a list"):
+        PinnedKeys(new_key())  # type: ignore[arg-type]
+
+
+# --- KnownKeysFile: client side ----------------------------------------------------------
+
+
+async def test_client_learns_server_key_and_accepts_it_again(tmp_path: Path) -> None:
+    path = tmp_path / "known_server_keys"
+    policy = KnownKeysFile(path)
+    key = new_key()
+    await policy.verify(key, peer=SERVER)
+    assert path.exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().startswith("#")  # explanatory header
+    assert policy.entries() == [KnownKey(key=key, name=SERVER, line=policy.entries()[0].line)]
+    await policy.verify(key, peer=SERVER)
+    # A fresh object (e.g. after a restart) reads the same file.
+    await KnownKeysFile(path).verify(key, peer=SERVER)
+    assert data_lines(path) == [f"{key} {SERVER}"]
+
+
+async def test_client_refuses_changed_server_key_even_in_learn_mode(tmp_path: Path) -> None:
+    path = tmp_path / "known_server_keys"
+    policy = KnownKeysFile(path)
+    good, evil = new_key(), new_key()
+    await policy.verify(good, peer=SERVER)
+    line = policy.entries()[0].line
+    with pytest.raises(PeerRejected, match="man-in-the-middle") as info:
+        await policy.verify(evil, peer=SERVER)
+    assert info.value.public_key == str(evil)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"line {line}" in message
+    assert data_lines(path) == [f"{good} {SERVER}"]  # nothing learned
+    # Host names compare case-insensitively.
+    with pytest.raises(PeerRejected, match="man-in-the-middle"):
+        await policy.verify(evil, peer=SERVER.upper())
+    await policy.verify(good, peer=SERVER.upper())
+
+
+async def test_client_names_are_separate(tmp_path: Path) -> None:
+    policy = KnownKeysFile(tmp_path / "known")
+    a, b = new_key(), new_key()
+    await policy.verify(a, peer="a.example:1")
+    await policy.verify(b, peer="b.example:1")
+    await policy.verify(a, peer="a.example:2")  # another port is another server
+    assert [(e.key, e.name) for e in policy.entries()] == [
+        (a, "a.example:1"),
+        (b, "b.example:1"),
+        (a, "a.example:2"),
+    ]
+
+
+async def test_client_accepts_key_listed_under_star(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    key, other = new_key(), new_key()
+    path.write_text(f"{key} *\n")
+    path.chmod(0o444)
+    policy = KnownKeysFile(path)
+    await policy.verify(key, peer=SERVER)
+    with pytest.raises(PeerRejected, match="lockdown"):
+        await policy.verify(other, peer=SERVER)
+    # A name-specific entry takes precedence over "*".
+    path.chmod(0o644)
+    path.write_text(f"{key} *\n{other} {SERVER}\n")
+    with pytest.raises(PeerRejected, match="man-in-the-middle"):
+        await policy.verify(key, peer=SERVER)
+
+
+async def test_several_keys_for_one_name(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    a, b, c = new_key(), new_key(), new_key()
+    path.write_text(f"{a} {SERVER}\n{b} {SERVER}\n")
+    policy = KnownKeysFile(path)
+    await policy.verify(a, peer=SERVER)
+    await policy.verify(b, peer=SERVER)
+    with pytest.raises(PeerRejected, match=r"line 1, 2"):
+        await policy.verify(c, peer=SERVER)
+
+
+async def test_invalid_peer_argument(tmp_path: Path) -> None:
+    policy = KnownKeysFile(tmp_path / "known")
+    for peer in ("", "*", "a b:1", "#x:1"):
+        with pytest.raises(ValueError, match="host:port"):
+            await policy.verify(new_key(), peer=peer)
+    assert not (tmp_path / "known").exists()
+
+
+# --- KnownKeysFile: server side ----------------------------------------------------------
+
+
+async def test_server_learns_client_keys_as_star(tmp_path: Path) -> None:
+    path = tmp_path / "known_client_keys"
+    policy = KnownKeysFile(path)
+    a, b = new_key(), new_key()
+    await policy.verify(a, peer=None)
+    await policy.verify(b, peer=None)
+    await policy.verify(a, peer=None)
+    assert data_lines(path) == [f"{a} *", f"{b} *"]
+
+
+async def test_server_accepts_key_under_any_name(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    key = new_key()
+    path.write_text(f"{key} {SERVER}\n")
+    await KnownKeysFile(path, lockdown=True).verify(key, peer=None)
+
+
+# --- KnownKeysFile: lockdown -------------------------------------------------------------
+
+
+async def test_read_only_file_is_lockdown(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    known, unknown = new_key(), new_key()
+    path.write_text(f"# my servers\n\n{known} {SERVER}\n")
+    path.chmod(0o444)
+    policy = KnownKeysFile(path)
+    await policy.verify(known, peer=SERVER)
+    for peer in ("other.example:1", None):
+        with pytest.raises(PeerRejected, match="lockdown") as info:
+            await policy.verify(unknown, peer=peer)
+        assert info.value.public_key == str(unknown)
+        assert f"{unknown} " in str(info.value)  # tells the operator the line to add
+    assert len(data_lines(path)) == 1
+    # Making the file writable again switches back to learning, without a new object.
+    path.chmod(0o644)
+    await policy.verify(unknown, peer=None)
+    assert data_lines(path)[-1] == f"{unknown} *"
+
+
+async def test_explicit_lockdown(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    known, unknown = new_key(), new_key()
+    path.write_text(f"{known} *\n")
+    policy = KnownKeysFile(path, lockdown=True)
+    await policy.verify(known, peer=None)
+    await policy.verify(known, peer=SERVER)
+    with pytest.raises(PeerRejected, match="lockdown"):
+        await policy.verify(unknown, peer=None)
+    assert len(data_lines(path)) == 1
+
+
+@pytest.mark.parametrize("peer", [SERVER, None])
+async def test_missing_file_in_lockdown_refuses(tmp_path: Path, peer: str | None) -> None:
+    path = tmp_path / "missing"
+    policy = KnownKeysFile(path, lockdown=True)
+    with pytest.raises(PeerRejected, match="does not exist"):
+        await policy.verify(new_key(), peer=peer)
+    assert not path.exists()
+    assert policy.entries() == []
+
+
+async def test_learning_fails_when_file_cannot_be_written(tmp_path: Path) -> None:
+    path = tmp_path / "no such directory" / "known"
+    with pytest.raises(KeyFileError, match="cannot record a new key") as info:
+        await KnownKeysFile(path).verify(new_key(), peer=None)
+    assert str(path) in str(info.value)
+
+
+# --- KnownKeysFile: file format ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "match"),
+    [
+        ("justonefield", "expected"),
+        ("{key} host:1 extra", "expected"),
+        ("notakey host:1", "not a public key"),
+        ("{key} hostwithoutport", "neither"),
+        ("{key} host:notaport", "neither"),
+    ],
+)
+async def test_malformed_line(tmp_path: Path, bad_line: str, match: str) -> None:
+    path = tmp_path / "known"
+    key = new_key()
+    path.write_text(f"# comment\n\n{key} *\n{bad_line.format(key=key)}\n")
+    policy = KnownKeysFile(path)
+    with pytest.raises(KeyFileError, match=match) as info:
+        await policy.verify(key, peer=None)
+    assert "line 4" in str(info.value)
+    assert str(path) in str(info.value)
+    with pytest.raises(KeyFileError, match="line 4"):
+        policy.entries()
+
+
+async def test_comments_blank_lines_and_standard_base64(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    key = new_key()
+    path.write_text(f"\n# a comment\n   \n  {base64.b64encode(key.raw).decode()}   {SERVER}  \n")
+    policy = KnownKeysFile(path, lockdown=True)
+    assert policy.entries() == [KnownKey(key=key, name=SERVER, line=4)]
+    await policy.verify(key, peer=SERVER)
+
+
+async def test_append_after_missing_final_newline(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    a, b = new_key(), new_key()
+    path.write_text(f"{a} *")  # no trailing newline
+    await KnownKeysFile(path).verify(b, peer=None)
+    assert data_lines(path) == [f"{a} *", f"{b} *"]
+
+
+async def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(KeyFileError, match="not UTF-8"):
+        await KnownKeysFile(path).verify(new_key(), peer=None)
+    with pytest.raises(KeyFileError, match="cannot read"):
+        await KnownKeysFile(tmp_path).verify(new_key(), peer=None)  # a directory
+
+
+async def test_concurrent_verifies_record_a_new_key_once(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    policy = KnownKeysFile(path)
+    server_key, client_key = new_key(), new_key()
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(lambda: policy.verify(server_key, peer=SERVER))
+            nursery.start_soon(lambda: policy.verify(client_key, peer=None))
+    assert sorted(data_lines(path)) == sorted([f"{server_key} {SERVER}", f"{client_key} *"])
+
+
+async def test_two_objects_on_one_file_concurrently(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    policies = [KnownKeysFile(path), KnownKeysFile(path)]
+    key = new_key()
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            for policy in policies:
+                nursery.start_soon(functools.partial(policy.verify, key, peer=None))
+    # No error; the key may have been recorded more than once, which is harmless.
+    assert {e.key for e in policies[0].entries()} == {key}
+
+
+async def test_file_created_by_someone_else_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "known"
+    key = new_key()
+    path.write_text(f"{key} *\n")
+    real_read = KnownKeysFile._read
+    calls = 0
+
+    def read_missing_once(self: KnownKeysFile) -> str | None:
+        nonlocal calls
+        calls += 1
+        return None if calls == 1 else real_read(self)
+
+    monkeypatch.setattr(KnownKeysFile, "_read", read_missing_once)
+    await KnownKeysFile(path).verify(key, peer=None)
+    assert calls == 2
+    assert data_lines(path) == [f"{key} *"]
+
+
+# --- parse_trust -------------------------------------------------------------------------
+
+
+def test_parse_trust_forms(tmp_path: Path) -> None:
+    assert parse_trust("any") == AcceptAnyKey()
+    assert parse_trust(" any ") == AcceptAnyKey()
+    a, b = new_key(), new_key()
+    pinned = parse_trust(f"pin:{a}")
+    assert isinstance(pinned, PinnedKeys)
+    assert pinned.keys == {a}
+    pinned = parse_trust(f"pin:{a}, {b},")
+    assert isinstance(pinned, PinnedKeys)
+    assert pinned.keys == {a, b}
+    tofu = parse_trust(f"tofu:{tmp_path / 'known'}")
+    assert isinstance(tofu, KnownKeysFile)
+    assert tofu.path == tmp_path / "known"
+    assert tofu.lockdown is None
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["", "none", "ANY", "anything", "pin:", "pin:,", "pin:nonsense", "tofu:", "tofu: ", "file:x"],
+)
+def test_parse_trust_errors(spec: str) -> None:
+    with pytest.raises(ValueError, match="trust") as info:
+        parse_trust(spec)
+    if spec != "pin:nonsense":
+        assert "tofu:FILE" in str(info.value)
+    else:
+        assert "not a public key" in str(info.value)
