@@ -1,0 +1,94 @@
+"""monte_trio: fast, fully-encrypted, bidirectional RPC over TCP for Trio.
+
+The public API is re-exported here; everything else is private.
+"""
+
+from __future__ import annotations
+
+from ._client import Client as Client
+from ._client import ClientStatistics as ClientStatistics
+from ._client import ConnectionState as ConnectionState
+from ._client import open_client as open_client
+from ._config import ConnectionConfig as ConnectionConfig
+from ._connection import Connection as Connection
+from ._connection import ConnectionStatistics as ConnectionStatistics
+from ._connection import Handler as Handler
+from ._connection import Request as Request
+from ._exceptions import ConnectionClosed as ConnectionClosed
+from ._exceptions import DecryptionError as DecryptionError
+from ._exceptions import HandshakeError as HandshakeError
+from ._exceptions import HandshakeTimeout as HandshakeTimeout
+from ._exceptions import KeyFileError as KeyFileError
+from ._exceptions import LimitExceeded as LimitExceeded
+from ._exceptions import LocalProtocolError as LocalProtocolError
+from ._exceptions import MonteError as MonteError
+from ._exceptions import PeerRejected as PeerRejected
+from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import RemoteError as RemoteError
+from ._exceptions import RemoteProtocolError as RemoteProtocolError
+from ._exceptions import RequestNotProcessed as RequestNotProcessed
+from ._handshake import Handshake as Handshake
+from ._handshake import MonteV1Handshake as MonteV1Handshake
+from ._keys import Identity as Identity
+from ._keys import PublicKey as PublicKey
+from ._secure_stream import SecureStream as SecureStream
+from ._server import Server as Server
+from ._server import ServerStatistics as ServerStatistics
+from ._server import serve as serve
+from ._trust import AcceptAnyKey as AcceptAnyKey
+from ._trust import KnownKeysFile as KnownKeysFile
+from ._trust import PinnedKeys as PinnedKeys
+from ._trust import TrustPolicy as TrustPolicy
+from ._version import __version__ as __version__
+
+__all__ = [
+    "AcceptAnyKey",
+    "Client",
+    "ClientStatistics",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionConfig",
+    "ConnectionState",
+    "ConnectionStatistics",
+    "DecryptionError",
+    "Handler",
+    "Handshake",
+    "HandshakeError",
+    "HandshakeTimeout",
+    "Identity",
+    "KeyFileError",
+    "KnownKeysFile",
+    "LimitExceeded",
+    "LocalProtocolError",
+    "MonteError",
+    "MonteV1Handshake",
+    "PeerRejected",
+    "PinnedKeys",
+    "ProtocolError",
+    "PublicKey",
+    "RemoteError",
+    "RemoteProtocolError",
+    "Request",
+    "RequestNotProcessed",
+    "SecureStream",
+    "Server",
+    "ServerStatistics",
+    "TrustPolicy",
+    "open_client",
+    "serve",
+]
+
+
+def _fixup_module_metadata() -> None:
+    # Tracebacks and docs say monte_trio.X rather than monte_trio._module.X (as trio does).
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("monte_trio._"):
+            try:
+                obj.__module__ = "monte_trio"
+            except (AttributeError, TypeError):  # pragma: no cover - type aliases
+                pass
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata

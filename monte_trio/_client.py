@@ -1,0 +1,354 @@
+"""The client: a pool of connections to one server.
+
+Pool bookkeeping is synchronous (who gets which connection is decided without awaiting),
+and I/O is awaited afterwards, so a cancelled caller never leaves the pool inconsistent.
+The rule is Go monte's: use an idle connection if there is one; otherwise dial a new one
+while under ``max_conns``; otherwise use the least loaded. A connection that breaks fails
+its own callers with :class:`~monte_trio.ConnectionClosed` and is dropped from the pool;
+the next call dials a replacement.
+
+Every connection's tasks live in the client's nursery, which the ``async with`` block of
+:func:`open_client` owns: nothing runs after the block ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from ._config import ConnectionConfig
+from ._connection import Connection, Handler
+from ._exceptions import ConnectionClosed, HandshakeError, HandshakeTimeout
+from ._handshake import Handshake, resolve_handshake
+from ._keys import Identity
+from ._trust import TrustPolicy
+
+__all__ = ["Client", "ClientStatistics", "ConnectionState", "open_client"]
+
+logger = logging.getLogger("monte_trio")
+
+Dialer = Callable[[], Awaitable[trio.abc.Stream]]
+"""Opens a new transport stream to the server (for tests: an in-memory network)."""
+
+
+class ConnectionState:
+    """Names of the states reported to a ``connection_state`` hook, as in Go monte."""
+
+    NEW = "new"
+    CLOSED = "closed"
+
+
+ConnectionStateHook = Callable[[Connection, str], None]
+
+
+@attrs.frozen
+class ClientStatistics:
+    """A snapshot of a client's pool (see :meth:`Client.statistics`).
+
+    Attributes:
+        open_connections: connections in the pool now.
+        dialing: dials in progress.
+        dials: successful dials so far.
+        dial_failures: dial or handshake attempts that failed.
+    """
+
+    open_connections: int
+    dialing: int
+    dials: int
+    dial_failures: int
+
+
+class Client(trio.abc.AsyncResource):
+    """A pool of up to ``max_conns`` connections to one server.
+
+    Make one with :func:`open_client`. The calls mirror :class:`~monte_trio.Connection`'s
+    and pick a connection for you.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        dial: Dialer,
+        *,
+        peer: str,
+        handshake: Handshake,
+        handler: Handler | None,
+        config: ConnectionConfig,
+        max_conns: int,
+        dial_attempts: int,
+        dial_timeout: float,
+        handshake_timeout: float,
+        connection_state: ConnectionStateHook | None,
+    ) -> None:
+        if max_conns < 1:
+            raise ValueError("max_conns must be at least 1")
+        if dial_attempts < 1:
+            raise ValueError("dial_attempts must be at least 1")
+        self._nursery = nursery
+        self._dial_transport = dial
+        self.peer = peer
+        self._handshake = handshake
+        self._handler = handler
+        self._config = config
+        self._max_conns = max_conns
+        self._dial_attempts = dial_attempts
+        self._dial_timeout = dial_timeout
+        self._handshake_timeout = handshake_timeout
+        self._hook = connection_state
+        self._conns: list[Connection] = []
+        self._dialing = 0
+        self._dials = 0
+        self._dial_failures = 0
+        self._dial_finished = trio.lowlevel.ParkingLot()
+        self._closed = False
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The open connections of the pool."""
+        return [c for c in self._conns if not c.closed]
+
+    def statistics(self) -> ClientStatistics:
+        """Return a snapshot of the pool's counters."""
+        return ClientStatistics(
+            open_connections=len(self.connections),
+            dialing=self._dialing,
+            dials=self._dials,
+            dial_failures=self._dial_failures,
+        )
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def request(self, body: bytes) -> bytes:
+        """Send a request on a pooled connection and return the reply.
+
+        See :meth:`Connection.request <monte_trio.Connection.request>` for the errors;
+        additionally :class:`~monte_trio.ConnectionClosed` if no connection could be
+        opened, and :class:`~monte_trio.HandshakeError` if the handshake failed.
+        """
+        conn = await self._pick()
+        return await conn.request(body)
+
+    async def send(self, body: bytes) -> None:
+        """Send a one-way message on a pooled connection; return once it is written."""
+        conn = await self._pick()
+        await conn.send(body)
+
+    def send_nowait(self, body: bytes) -> None:
+        """Queue a one-way message on the least loaded open connection.
+
+        Raises:
+            trio.WouldBlock: no open connection has room in its send queue (or none is
+                open: this call cannot dial). Fall back to ``await client.send(body)``,
+                which waits for room and dials if needed.
+            ConnectionClosed: the client is closed.
+        """
+        if self._closed:
+            raise ConnectionClosed("the client is closed")
+        best: Connection | None = None
+        for conn in self._conns:
+            if not conn.closed and (best is None or conn.load < best.load):
+                best = conn
+                if conn.load == 0:
+                    break
+        if best is None:
+            raise trio.WouldBlock
+        best.send_nowait(body)
+
+    async def connection(self) -> Connection:
+        """Return a connection of the pool, dialing one if the rule says so."""
+        conn = await self._pick()
+        await trio.lowlevel.checkpoint()
+        return conn
+
+    async def _pick(self) -> Connection:
+        # The choice is made without yielding, so concurrent callers see each other's
+        # load: the caller's own call (which follows at once) makes the connection busy.
+        while True:
+            if self._closed:
+                raise ConnectionClosed("the client is closed")
+            best: Connection | None = None
+            open_count = 0
+            for conn in self._conns:
+                if conn.closed:
+                    continue
+                open_count += 1
+                if conn.load == 0:
+                    return conn
+                if best is None or conn.load < best.load:
+                    best = conn
+            if open_count + self._dialing < self._max_conns:
+                return await self._dial()
+            if best is not None:
+                return best
+            # Every slot is a dial in progress: wait for one to finish, then decide again.
+            await self._dial_finished.park()
+
+    # -- dialing ---------------------------------------------------------------------------
+
+    async def _dial(self) -> Connection:
+        self._dialing += 1
+        try:
+            transport = await self._open_transport()
+            try:
+                with trio.fail_after(self._handshake_timeout):
+                    secure = await self._handshake.handshake(
+                        transport, initiator=True, peer=self.peer, config=self._config
+                    )
+            except trio.TooSlowError:
+                await trio.aclose_forcefully(transport)
+                self._dial_failures += 1
+                raise HandshakeTimeout(
+                    f"the handshake with {self.peer} did not complete within "
+                    f"{self._handshake_timeout} s; is it a monte_trio server of the same "
+                    "profile?"
+                ) from None
+            except BaseException as exc:
+                await trio.aclose_forcefully(transport)
+                if isinstance(exc, HandshakeError):
+                    self._dial_failures += 1
+                raise
+            conn: Connection = await self._nursery.start(self._run_connection, secure)
+            self._dials += 1
+            return conn
+        finally:
+            self._dialing -= 1
+            self._dial_finished.unpark_all()
+
+    async def _open_transport(self) -> trio.abc.Stream:
+        error: BaseException | None = None
+        for _ in range(self._dial_attempts):
+            try:
+                with trio.fail_after(self._dial_timeout):
+                    return await self._dial_transport()
+            except trio.TooSlowError as exc:
+                error = exc
+            except OSError as exc:
+                error = exc
+        self._dial_failures += 1
+        what = "timed out" if isinstance(error, trio.TooSlowError) else str(error)
+        raise ConnectionClosed(
+            f"could not connect to {self.peer} ({self._dial_attempts} attempt(s), "
+            f"dial_timeout {self._dial_timeout} s): {what}"
+        ) from error
+
+    async def _run_connection(
+        self, secure: trio.abc.Stream, *, task_status: trio.TaskStatus[Connection]
+    ) -> None:
+        from ._secure_stream import SecureStream
+
+        assert isinstance(secure, SecureStream)
+        conn = Connection(secure, handler=self._handler, config=self._config, name=self.peer)
+        try:
+            async with conn:
+                self._conns.append(conn)
+                task_status.started(conn)
+                if self._hook is not None:
+                    self._hook(conn, ConnectionState.NEW)
+                await conn.wait_closed()
+        finally:
+            if conn in self._conns:
+                self._conns.remove(conn)
+                if self._hook is not None:
+                    self._hook(conn, ConnectionState.CLOSED)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close every connection gracefully (each within its grace period). Idempotent."""
+        self._closed = True
+        self._dial_finished.unpark_all()
+        async with trio.open_nursery() as nursery:
+            for conn in list(self._conns):
+                nursery.start_soon(conn.aclose)
+
+
+@asynccontextmanager
+async def open_client(
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    handshake: Handshake | None = None,
+    identity: Identity | None = None,
+    trust: TrustPolicy | None = None,
+    psk: bytes | None = None,
+    handler: Handler | None = None,
+    config: ConnectionConfig | None = None,
+    max_conns: int = 4,
+    dial_attempts: int = 1,
+    dial_timeout: float = 3.0,
+    handshake_timeout: float = 3.0,
+    connection_state: ConnectionStateHook | None = None,
+    connect: Dialer | None = None,
+) -> AsyncIterator[Client]:
+    """Open a client for the server at ``host``:``port``.
+
+    The first connection is dialed on entry, so an unreachable server or a refused
+    handshake fails here. More are dialed as concurrency requires, up to ``max_conns``.
+    Leaving the block closes every connection gracefully.
+
+    Args:
+        host: the server's host name or address.
+        port: the server's port.
+        handshake: the handshake to use; by default the native profile
+            (:class:`~monte_trio.NoiseHandshake`) built from ``identity``, ``trust`` and
+            ``psk``. Pass :class:`~monte_trio.MonteV1Handshake` to talk to Go monte.
+        identity: this client's static key; a fresh one is generated if not given.
+        trust: which server keys to accept (required for the native profile):
+            :class:`~monte_trio.PinnedKeys`, :class:`~monte_trio.KnownKeysFile`, or
+            :class:`~monte_trio.AcceptAnyKey` by explicit choice.
+        psk: a 32-byte pre-shared key both sides must hold (native profile).
+        handler: serves requests the server sends to this client.
+        config: limits and timers of each connection.
+        max_conns: the most connections to keep to the server.
+        dial_attempts: TCP connection attempts before a dial fails.
+        dial_timeout: seconds allowed for each TCP connection attempt.
+        handshake_timeout: seconds allowed for each handshake.
+        connection_state: called with ``(connection, "new")`` and
+            ``(connection, "closed")`` as connections come and go.
+        connect: instead of ``host`` and ``port``, an async function that opens a new
+            transport stream (for example over :mod:`monte_trio.testing`'s network).
+
+    Raises:
+        ConnectionClosed: the server could not be reached.
+        HandshakeError: the handshake failed (wrong profile, untrusted key, wrong psk).
+    """
+    if connect is None:
+        if host is None or port is None:
+            raise TypeError("open_client needs host and port, or connect=")
+        peer = f"{host}:{port}"
+        dial_host, dial_port = host, port
+
+        async def connect_tcp() -> trio.abc.Stream:
+            return await trio.open_tcp_stream(dial_host, dial_port)
+
+        connect = connect_tcp
+    else:
+        peer = f"{host}:{port}" if host is not None else "peer"
+    hs = resolve_handshake(handshake, identity=identity, trust=trust, psk=psk)
+    async with trio.open_nursery() as nursery:
+        client = Client(
+            nursery,
+            connect,
+            peer=peer,
+            handshake=hs,
+            handler=handler,
+            config=config or ConnectionConfig(),
+            max_conns=max_conns,
+            dial_attempts=dial_attempts,
+            dial_timeout=dial_timeout,
+            handshake_timeout=handshake_timeout,
+            connection_state=connection_state,
+        )
+        try:
+            await client._dial()
+            yield client
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                # Bounded: each connection's graceful close is limited by its grace period.
+                scope.deadline = trio.current_time() + client._config.grace_period + 1.0
+                await client.aclose()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,76 @@
+"""Per-connection configuration: the limits and timers a caller cannot express itself.
+
+Timeouts on individual calls are not configuration: wrap the call in a cancel scope
+(``with trio.fail_after(2): await conn.request(b"...")``), as everywhere in Trio.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["ConnectionConfig"]
+
+
+def _positive(_: object, attribute: attrs.Attribute[object], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionConfig:
+    """Limits and timers of one connection. Both ends of a connection have their own.
+
+    Attributes:
+        max_record_size: the largest record (ciphertext and tag) accepted from the peer and
+            sent to it. A larger length prefix closes the connection before any of the
+            record is buffered. ``None`` takes the profile's value: 65,535 (the Noise limit)
+            for native, 4,096 for monte-v1 (Go monte's default read buffer; raise it on
+            both sides to send monte-v1 messages larger than 4,076 bytes).
+        max_message_size: the largest message body sent or accepted. Native messages
+            larger than a record are split and reassembled up to this size; monte-v1
+            messages must fit in one record.
+        max_pending_requests: outgoing requests awaiting a reply at once on this
+            connection; one more raises :class:`~monte_trio.LimitExceeded`.
+        max_send_queue: bytes of queued, not yet written records above which
+            ``send_nowait`` raises :class:`trio.WouldBlock` and ``send``/``request`` wait.
+        max_concurrent_handlers: handlers running at once for this connection's incoming
+            requests and messages. At the limit the connection stops reading from the
+            socket, so a fast peer is slowed by TCP rather than buffered in memory.
+        grace_period: seconds a graceful close lets in-flight work finish before it
+            cancels what remains.
+        write_timeout: seconds one write to the socket may block before the peer is
+            declared dead (it stopped reading); ``None`` waits forever.
+        idle_timeout: seconds without receiving anything after which the connection is
+            closed; ``None`` keeps idle connections (the native profile's keepalive
+            detects dead peers instead).
+        keepalive_interval: native only: seconds between pings when the connection is
+            quiet; ``None`` disables keepalive.
+        keepalive_tolerance: native only: seconds without hearing from the peer after
+            which it is declared dead and every waiter fails.
+        expose_errors: native only: send a handler's exception type and message to the
+            caller (default); when ``False`` the caller only learns that the handler failed.
+        expose_tracebacks: native only: also send the handler's traceback. Never enable
+            this towards untrusted peers.
+    """
+
+    max_record_size: int | None = attrs.field(default=None, validator=_positive)
+    max_message_size: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
+    max_pending_requests: int = attrs.field(default=4096, validator=_positive)
+    max_send_queue: int = attrs.field(default=1024 * 1024, validator=_positive)
+    max_concurrent_handlers: int = attrs.field(default=128, validator=_positive)
+    grace_period: float = attrs.field(default=5.0, validator=_positive)
+    write_timeout: float | None = attrs.field(default=None, validator=_positive)
+    idle_timeout: float | None = attrs.field(default=None, validator=_positive)
+    keepalive_interval: float | None = attrs.field(default=15.0, validator=_positive)
+    keepalive_tolerance: float = attrs.field(default=45.0, validator=_positive)
+    expose_errors: bool = True
+    expose_tracebacks: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_record_size is not None and self.max_record_size <= 64:
+            raise ValueError("max_record_size must be larger than 64 bytes")
+        if (
+            self.keepalive_interval is not None
+            and self.keepalive_tolerance <= self.keepalive_interval
+        ):
+            raise ValueError("keepalive_tolerance must be longer than keepalive_interval")

@@ -1,0 +1,803 @@
+"""A connection: calls in both directions over one secure stream.
+
+Theory of operation
+-------------------
+
+A :class:`Connection` is an async context manager. Entering it opens a nursery whose
+service scope holds exactly two long-lived tasks that touch the stream, plus a pool of
+handler workers:
+
+* The **writer** owns ``send``. Callers never write: they encode their frame into the
+  *outbox* (a plain list of record plaintexts) and wake the writer if it is parked. The
+  writer swaps the whole outbox out, seals it into one buffer and performs one
+  ``send_all``, so a burst of N messages costs one wake-up and one system call, not N.
+  ``send`` callers also leave a waiter that the writer wakes once their bytes are written.
+  A caller cancelled while its record is still in the outbox blanks its slot (nothing is
+  sent); once the writer has taken the batch the record goes out whole. Either way, no
+  record is ever cut in half.
+* The **reader** owns ``receive``. It decrypts every record of a chunk, routes replies to
+  the waiting callers through the :class:`~monte_trio._dispatcher.Dispatcher` (one
+  wake-up each), and appends incoming requests to the *inbox*.
+* **Handler workers** take requests from the inbox and run the user's handler, so a
+  handler may itself call back over the same connection without deadlocking (Go monte runs
+  handlers inline in its reader and deadlocks there). Workers are long-lived and started
+  only as concurrency requires, up to ``max_concurrent_handlers``; at most one idle worker
+  is woken per burst, and it wakes another only if the inbox still holds work once it
+  starts a handler. When the inbox holds ``max_concurrent_handlers`` requests the reader
+  stops reading, so a fast peer is held back by TCP instead of buffered in memory.
+
+Closing: :meth:`Connection.aclose` is graceful: new calls are refused, the native profile
+sends GOAWAY, in-flight handlers and requests get ``grace_period`` seconds to finish, the
+writer is flushed, then the service scope is cancelled and the stream closed. Whatever
+ends the connection (a close, EOF, a transport error, a protocol violation), every caller
+still waiting gets :class:`~monte_trio.ConnectionClosed` (or its retry-safe subclass
+:class:`~monte_trio.RequestNotProcessed`) and none is left hanging.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import attrs
+import outcome
+import trio
+
+from ._config import ConnectionConfig
+from ._dispatcher import Dispatcher
+from ._exceptions import (
+    ConnectionClosed,
+    LocalProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+    RequestNotProcessed,
+)
+from ._proto._frames import Frame, FrameKind
+from ._secure_stream import SecureStream
+
+if TYPE_CHECKING:
+    from ._keys import PublicKey
+
+__all__ = ["Connection", "ConnectionStatistics", "Handler", "Request"]
+
+logger = logging.getLogger("monte_trio")
+
+_ONEWAY = FrameKind.ONEWAY.value
+_REQUEST = FrameKind.REQUEST.value
+_REPLY = FrameKind.REPLY.value
+_ERROR = FrameKind.ERROR.value
+_CANCEL = FrameKind.CANCEL.value
+_PING = FrameKind.PING.value
+_PONG = FrameKind.PONG.value
+_GOAWAY = FrameKind.GOAWAY.value
+_U32 = struct.Struct(">I")
+_PING_PAYLOAD = struct.Struct(">d")
+
+
+@attrs.frozen
+class Request:
+    """An incoming request or one-way message, as given to a handler.
+
+    Attributes:
+        body: the message body.
+        id: the request id (0 for a one-way message).
+        oneway: ``True`` for a one-way message: the handler's return value is ignored.
+        connection: the connection it arrived on; the handler may call the peer back on it.
+    """
+
+    body: bytes
+    id: int
+    oneway: bool
+    connection: Connection = attrs.field(repr=False)
+
+    @property
+    def peer_public_key(self) -> PublicKey | None:
+        """The peer's authenticated static key (native profile), for authorisation."""
+        return self.connection.peer_public_key
+
+
+Handler = Callable[[Request], Awaitable[bytes | None]]
+"""An async function serving requests: it returns the reply body (``None`` means an empty
+reply); for one-way messages the return value is ignored."""
+
+
+@attrs.frozen
+class ConnectionStatistics:
+    """A snapshot of a connection's counters (see :meth:`Connection.statistics`).
+
+    Attributes:
+        requests_sent: requests written or queued by this side.
+        replies_received: replies (and error replies) routed to a waiting caller.
+        replies_dropped: replies that arrived after their caller gave up.
+        messages_sent: one-way messages queued by this side.
+        requests_received: requests from the peer handed to a handler.
+        messages_received: one-way messages from the peer handed to a handler.
+        pending_requests: this side's requests awaiting a reply now.
+        queued_bytes: record plaintext bytes queued for the writer now.
+        running_handlers: handlers running now.
+        rtt: the last keepalive round-trip time in seconds (native), else ``None``.
+    """
+
+    requests_sent: int
+    replies_received: int
+    replies_dropped: int
+    messages_sent: int
+    requests_received: int
+    messages_received: int
+    pending_requests: int
+    queued_bytes: int
+    running_handlers: int
+    rtt: float | None
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Written:
+    """A ``send`` caller waiting for its records to be written."""
+
+    __slots__ = ("batch", "start", "stop", "task")
+
+    def __init__(self, task: trio.lowlevel.Task, batch: list[bytes | None], start: int) -> None:
+        self.task: trio.lowlevel.Task | None = task
+        self.batch = batch
+        self.start = start
+        self.stop = len(batch)
+
+
+async def _no_handler(request: Request) -> bytes | None:
+    raise LocalProtocolError("this side accepts no requests (no handler was given)")
+
+
+class Connection(trio.abc.AsyncResource):
+    """One secure connection, with calls in both directions.
+
+    Normally obtained from :func:`~monte_trio.open_client` (through a
+    :class:`~monte_trio.Client`) or given to a server's handler as ``request.connection``.
+    Use it as an async context manager; leaving the block closes it gracefully.
+
+    Args:
+        stream: the secure stream a :class:`~monte_trio.Handshake` produced.
+        handler: serves the peer's requests and one-way messages; ``None`` refuses them.
+        config: limits and timers; defaults to :class:`~monte_trio.ConnectionConfig`\\ ().
+        name: a label for logs (for example the peer's address).
+    """
+
+    def __init__(
+        self,
+        stream: SecureStream,
+        *,
+        handler: Handler | None = None,
+        config: ConnectionConfig | None = None,
+        name: str = "",
+    ) -> None:
+        self._stream = stream
+        self._codec = stream.codec
+        self._handler: Handler = handler or _no_handler
+        self._config = config = config or ConnectionConfig()
+        self.name = name or ("client" if stream.initiator else "server") + " connection"
+        self._native = FrameKind.CANCEL in self._codec.kinds
+        self._state = _State.OPEN
+        self._close_reason: ConnectionClosed | None = None
+        self._dispatcher = Dispatcher(
+            first_id=1 if stream.initiator else 2, max_pending=config.max_pending_requests
+        )
+        # writer side
+        self._outbox: list[bytes | None] = []
+        self._outbox_bytes = 0
+        self._written: list[_Written] = []
+        self._writer_task: trio.lowlevel.Task | None = None
+        self._space = trio.lowlevel.ParkingLot()
+        self._max_send_queue = config.max_send_queue
+        # reader / handler side
+        self._inbox: deque[Frame] = deque()
+        self._idle_workers: list[trio.lowlevel.Task] = []
+        self._workers = 0
+        self._spare = 0  # workers woken or started that have not taken a request yet
+        self._busy = 0
+        self._reader_parked: trio.lowlevel.Task | None = None
+        self._handler_scopes: dict[int, trio.CancelScope] = {}
+        self._last_request_accepted = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        # peer's goaway
+        self._peer_last_processed: int | None = None
+        self._last_heard = 0.0
+        self._rtt: float | None = None
+        # counters
+        self._requests_sent = 0
+        self._replies_received = 0
+        self._messages_sent = 0
+        self._requests_received = 0
+        self._messages_received = 0
+        # structure
+        self._services: trio.Nursery | None = None
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._closed = trio.Event()
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def profile(self) -> str:
+        """The wire profile: ``"native"`` or ``"monte-v1"``."""
+        return self._stream.profile
+
+    @property
+    def peer_public_key(self) -> PublicKey | None:
+        """The peer's authenticated static key (native profile); ``None`` for monte-v1."""
+        return self._stream.peer_public_key
+
+    @property
+    def initiator(self) -> bool:
+        """Whether this side dialed the connection."""
+        return self._stream.initiator
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closing or closed (no new calls are accepted)."""
+        return self._state is not _State.OPEN
+
+    @property
+    def close_reason(self) -> ConnectionClosed | None:
+        """Why the connection ended, once it has."""
+        return self._close_reason
+
+    @property
+    def load(self) -> int:
+        """Outstanding work: pending requests plus queued bytes in records (for pools)."""
+        return len(self._dispatcher) + (1 if self._outbox else 0)
+
+    def statistics(self) -> ConnectionStatistics:
+        """Return a snapshot of this connection's counters."""
+        return ConnectionStatistics(
+            requests_sent=self._requests_sent,
+            replies_received=self._replies_received,
+            replies_dropped=self._dispatcher.dropped,
+            messages_sent=self._messages_sent,
+            requests_received=self._requests_received,
+            messages_received=self._messages_received,
+            pending_requests=len(self._dispatcher),
+            queued_bytes=self._outbox_bytes,
+            running_handlers=self._busy,
+            rtt=self._rtt,
+        )
+
+    def __repr__(self) -> str:
+        return f"<monte_trio.Connection {self.name!r} {self.profile} {self._state.value}>"
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Connection:
+        if self._nursery_manager is not None:
+            raise RuntimeError("a Connection can be entered only once")
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        try:
+            await nursery.start(self._run)
+        except BaseException as exc:
+            if not await self._nursery_manager.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._nursery_manager is not None
+        try:
+            if exc is None:
+                await self.aclose()
+            else:
+                self._finish(ConnectionClosed(f"the connection's block raised {exc!r}"))
+        finally:
+            suppress = await self._nursery_manager.__aexit__(exc_type, exc, tb)
+        return suppress
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as services:
+                self._services = services
+                self._last_heard = trio.current_time()
+                services.start_soon(self._reader, name=f"{self.name} reader")
+                services.start_soon(self._writer, name=f"{self.name} writer")
+                if self._native and self._config.keepalive_interval is not None:
+                    services.start_soon(self._keepalive, name=f"{self.name} keepalive")
+                task_status.started()
+        finally:
+            self._finish(ConnectionClosed("the connection was closed"))
+            await trio.aclose_forcefully(self._stream)
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has ended and its stream is closed."""
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        """Close gracefully within the configured ``grace_period``; idempotent.
+
+        See :meth:`close_gracefully`.
+        """
+        await self.close_gracefully(self._config.grace_period)
+
+    async def close_gracefully(self, grace_period: float) -> None:
+        """Close gracefully, letting in-flight work take up to ``grace_period`` seconds.
+
+        New calls are refused at once. The native profile tells the peer with GOAWAY which
+        of its requests will be processed. Running handlers and this side's requests in
+        flight get ``grace_period`` seconds to finish; queued records are then flushed and
+        the stream closed. If the caller is cancelled, the connection is closed at once.
+        Idempotent.
+        """
+        if self._state is _State.CLOSED:
+            if self._services is not None:
+                with trio.CancelScope(shield=True):
+                    await self._closed.wait()
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await self._close_gracefully(grace_period)
+        finally:
+            self._finish(ConnectionClosed("the connection was closed locally"))
+            if self._services is not None:
+                with trio.CancelScope(shield=True):
+                    await self._closed.wait()
+
+    async def _close_gracefully(self, grace_period: float) -> None:
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSING
+            if self._native:
+                self._enqueue(_GOAWAY, self._last_request_accepted, b"")
+                self._wake_writer()
+        with trio.move_on_after(grace_period):
+            while (self._busy or self._inbox or len(self._dispatcher)) and not self._closed_now:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            await self._flush()
+
+    @property
+    def _closed_now(self) -> bool:
+        return self._state is _State.CLOSED
+
+    def _finish(self, reason: ConnectionClosed) -> None:
+        """End the connection now: fail every waiter and cancel the service tasks."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        self._close_reason = reason
+        peer_last = self._peer_last_processed
+
+        def error_for(ident: int) -> ConnectionClosed:
+            if peer_last is not None and ident > peer_last:
+                return RequestNotProcessed(
+                    f"the peer shut down without processing request {ident} "
+                    f"(it processed up to {peer_last}); it is safe to retry"
+                )
+            return ConnectionClosed(reason.reason)
+
+        self._dispatcher.fail_all(error_for)
+        for waiter in self._written:
+            if waiter.task is not None:
+                trio.lowlevel.reschedule(
+                    waiter.task, outcome.Error(ConnectionClosed(reason.reason))
+                )
+                waiter.task = None
+        self._written = []
+        self._outbox = []
+        self._outbox_bytes = 0
+        self._space.unpark_all()
+        self._idle.set()
+        if self._services is not None:
+            self._services.cancel_scope.cancel()
+
+    def _closed_error(self) -> ConnectionClosed:
+        if self._close_reason is not None:
+            return ConnectionClosed(self._close_reason.reason)
+        return ConnectionClosed("the connection is closing; open a new one")
+
+    # -- outgoing calls --------------------------------------------------------------------
+
+    async def request(self, body: bytes) -> bytes:
+        """Send a request and return the peer's reply.
+
+        Cancel it with a cancel scope (for example ``trio.fail_after``); its reply, if it
+        comes later, is dropped, and the native profile tells the peer's handler to stop.
+
+        Raises:
+            ConnectionClosed: the connection ended before the reply arrived.
+            RequestNotProcessed: the peer shut down without processing it: safe to retry.
+            RemoteError: the peer's handler raised (native profile).
+            LimitExceeded: too many requests are pending on this connection.
+            LocalProtocolError: ``body`` is larger than the message size limit.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._outbox_bytes >= self._max_send_queue:
+            await self._wait_for_space()
+        if self._state is not _State.OPEN:
+            raise self._closed_error()
+        ident, channel = self._dispatcher.allocate()
+        try:
+            self._enqueue(_REQUEST, ident, body)
+        except BaseException:
+            self._dispatcher.discard(ident)
+            raise
+        self._requests_sent += 1
+        self._wake_writer()
+        try:
+            kind, payload = await channel.receive()
+        except BaseException:
+            if self._dispatcher.discard(ident) and self._native and self._state is _State.OPEN:
+                self._enqueue(_CANCEL, ident, b"")
+                self._wake_writer()
+            raise
+        self._replies_received += 1
+        if kind == _ERROR:
+            raise RemoteError(payload.decode("utf-8", errors="replace"))
+        return payload
+
+    async def send(self, body: bytes) -> None:
+        """Send a one-way message and return once it has been written to the socket.
+
+        If cancelled before the writer took the message, it is not sent; after that it is
+        sent whole, and the caller learns nothing more.
+
+        Raises:
+            ConnectionClosed: the connection ended before the message was written.
+            LocalProtocolError: ``body`` is larger than the message size limit.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._outbox_bytes >= self._max_send_queue:
+            await self._wait_for_space()
+        if self._state is not _State.OPEN:
+            raise self._closed_error()
+        waiter = _Written(trio.lowlevel.current_task(), self._outbox, len(self._outbox))
+        self._enqueue(_ONEWAY, 0, body)
+        waiter.stop = len(self._outbox)
+        self._written.append(waiter)
+        self._messages_sent += 1
+        self._wake_writer()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            if waiter.batch is self._outbox:
+                for i in range(waiter.start, waiter.stop):
+                    self._outbox[i] = None
+            waiter.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def send_nowait(self, body: bytes) -> None:
+        """Queue a one-way message for the writer and return at once.
+
+        Raises:
+            trio.WouldBlock: the send queue is full (``max_send_queue``); wait with
+                :meth:`send` or retry later.
+            ConnectionClosed: the connection is closing or closed.
+            LocalProtocolError: ``body`` is larger than the message size limit.
+        """
+        if self._state is not _State.OPEN:
+            raise self._closed_error()
+        if self._outbox_bytes >= self._max_send_queue:
+            raise trio.WouldBlock
+        self._enqueue(_ONEWAY, 0, body)
+        self._messages_sent += 1
+        self._wake_writer()
+
+    async def _wait_for_space(self) -> None:
+        while self._outbox_bytes >= self._max_send_queue and self._state is not _State.CLOSED:
+            await self._space.park()
+
+    def _enqueue(self, kind: int, ident: int, payload: bytes) -> None:
+        self._outbox_bytes += self._codec.encode(kind, ident, payload, self._outbox)
+
+    def _wake_writer(self) -> None:
+        task = self._writer_task
+        if task is not None:
+            self._writer_task = None
+            trio.lowlevel.reschedule(task)
+
+    async def _flush(self) -> None:
+        """Wait until everything queued so far has been written."""
+        if self._state is _State.CLOSED:
+            return
+        waiter = _Written(trio.lowlevel.current_task(), self._outbox, len(self._outbox))
+        self._written.append(waiter)
+        self._wake_writer()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            waiter.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        try:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        except ConnectionClosed:
+            pass
+
+    # -- the writer ------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        stream = self._stream
+        write_timeout = self._config.write_timeout
+        try:
+            while True:
+                if not self._outbox and not self._written:
+                    self._writer_task = trio.lowlevel.current_task()
+
+                    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+                        self._writer_task = None
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    continue
+                batch, self._outbox = self._outbox, []
+                self._outbox_bytes = 0
+                written, self._written = self._written, []
+                self._space.unpark_all()
+                if batch:
+                    if write_timeout is None:
+                        await stream.send_records(batch)
+                    else:
+                        with trio.fail_after(write_timeout):
+                            await stream.send_records(batch)
+                else:
+                    await trio.lowlevel.checkpoint()
+                for waiter in written:
+                    if waiter.task is not None:
+                        trio.lowlevel.reschedule(waiter.task)
+                        waiter.task = None
+        except trio.TooSlowError:
+            self._fail(f"a write blocked for more than {write_timeout} s (write_timeout)")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(f"the connection was lost while writing: {exc}", exc)
+        except LocalProtocolError as exc:
+            self._fail(f"could not seal a record: {exc}", exc)
+
+    def _fail(self, reason: str, cause: BaseException | None = None) -> None:
+        if self._state is not _State.CLOSED:
+            logger.debug("%s: %s", self.name, reason)
+        error = ConnectionClosed(reason)
+        error.__cause__ = cause
+        self._finish(error)
+
+    # -- the reader ------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        stream = self._stream
+        decode = self._codec.decode
+        deliver = self._dispatcher.deliver
+        inbox = self._inbox
+        limit = self._config.max_concurrent_handlers
+        idle_timeout = self._config.idle_timeout
+        try:
+            while True:
+                if idle_timeout is None:
+                    records = await stream.receive_records()
+                else:
+                    with trio.move_on_after(idle_timeout) as idle_scope:
+                        records = await stream.receive_records()
+                    if idle_scope.cancelled_caught:
+                        self._fail(f"nothing received for {idle_timeout} s (idle_timeout)")
+                        return
+                if not records:
+                    self._fail("the peer closed the connection")
+                    return
+                if self._native:
+                    self._last_heard = trio.current_time()
+                for plaintext in records:
+                    frame = decode(plaintext)
+                    if frame is None:
+                        continue
+                    kind = frame[0]
+                    if kind in (_REPLY, _ERROR):
+                        if deliver(frame[1], (kind, frame[2])):
+                            continue
+                    elif kind in (_REQUEST, _ONEWAY):
+                        self._take_request(frame)
+                    else:
+                        self._control(frame)
+                if self._state is _State.CLOSING and not self._busy and not inbox:
+                    self._idle.set()
+                while len(inbox) >= limit:
+                    self._reader_parked = trio.lowlevel.current_task()
+
+                    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+                        self._reader_parked = None
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+        except RemoteProtocolError as exc:
+            logger.warning("%s: closing: %s", self.name, exc)
+            self._fail(f"the peer broke the protocol: {exc}", exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(f"the connection was lost while reading: {exc}", exc)
+
+    def _take_request(self, frame: Frame) -> None:
+        if frame[0] == _REQUEST:
+            if self._state is not _State.OPEN and self._native:
+                # After our GOAWAY, requests beyond the id it announced are not processed:
+                # the peer fails them as safe to retry.
+                return
+            self._last_request_accepted = frame[1]
+        self._inbox.append(frame)
+        if self._spare == 0:
+            self._add_worker()
+
+    def _add_worker(self) -> None:
+        if self._idle_workers:
+            self._spare += 1
+            trio.lowlevel.reschedule(self._idle_workers.pop())
+        elif self._workers < self._config.max_concurrent_handlers:
+            assert self._services is not None
+            self._workers += 1
+            self._spare += 1
+            self._services.start_soon(self._worker, name=f"{self.name} handler")
+
+    def _control(self, frame: Frame) -> None:
+        kind, ident, payload = frame
+        if kind == _CANCEL:
+            scope = self._handler_scopes.get(ident)
+            if scope is not None:
+                scope.cancel()
+            else:  # not started yet: drop it from the inbox
+                for queued in self._inbox:
+                    if queued[1] == ident and queued[0] == _REQUEST:
+                        self._inbox.remove(queued)
+                        break
+        elif kind == _PING:
+            self._enqueue(_PONG, ident, payload)
+            self._wake_writer()
+        elif kind == _PONG:
+            if len(payload) == _PING_PAYLOAD.size:
+                (sent_at,) = _PING_PAYLOAD.unpack(payload)
+                self._rtt = max(0.0, trio.current_time() - sent_at)
+        elif kind == _GOAWAY:
+            self._peer_last_processed = ident
+            if self._state is _State.OPEN:
+                self._state = _State.CLOSING
+            # Requests the peer will never process fail now, safe to retry.
+            for pending in self._dispatcher.pending_ids():
+                if pending > ident:
+                    self._dispatcher.fail(
+                        pending,
+                        RequestNotProcessed(
+                            f"the peer is shutting down and did not process request "
+                            f"{pending} (it processed up to {ident}); it is safe to retry"
+                        ),
+                    )
+            self._idle.set()
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        inbox = self._inbox
+        me = trio.lowlevel.current_task()
+        try:
+            while True:
+                if not inbox:
+                    self._idle_workers.append(me)
+                    self._spare -= 1
+
+                    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+                        # Runs in whichever task cancelled us: never call current_task() here.
+                        self._idle_workers.remove(me)
+                        self._spare += 1
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    continue
+                frame = inbox.popleft()
+                self._spare -= 1
+                if self._reader_parked is not None:
+                    task, self._reader_parked = self._reader_parked, None
+                    trio.lowlevel.reschedule(task)
+                if inbox and self._spare == 0:
+                    self._add_worker()
+                self._busy += 1
+                try:
+                    await self._serve(frame)
+                finally:
+                    self._busy -= 1
+                    self._spare += 1
+                    if not self._busy and not inbox:
+                        self._idle.set()
+        finally:
+            self._workers -= 1
+
+    async def _serve(self, frame: Frame) -> None:
+        kind, ident, body = frame
+        oneway = kind == _ONEWAY
+        if oneway:
+            self._messages_received += 1
+        else:
+            self._requests_received += 1
+        request = Request(body, ident, oneway, self)
+        try:
+            if self._native and not oneway:
+                with trio.CancelScope() as scope:
+                    self._handler_scopes[ident] = scope
+                    try:
+                        reply = await self._handler(request)
+                    finally:
+                        del self._handler_scopes[ident]
+                if scope.cancelled_caught:
+                    return  # the caller cancelled: it expects no reply
+            else:
+                reply = await self._handler(request)
+        except Exception as exc:
+            self._handler_failed(request, exc)
+            return
+        if oneway or self._state is _State.CLOSED:
+            return
+        await self._reply(_REPLY, ident, b"" if reply is None else reply)
+
+    async def _reply(self, kind: int, ident: int, payload: bytes) -> None:
+        if self._outbox_bytes >= self._max_send_queue:
+            await self._wait_for_space()
+        if self._state is _State.CLOSED:
+            return
+        try:
+            self._enqueue(kind, ident, payload)
+        except LocalProtocolError as exc:
+            if not self._native:
+                self._fail(f"a handler's reply could not be sent: {exc}", exc)
+                return
+            self._enqueue(_ERROR, ident, f"the reply could not be sent: {exc}".encode())
+        self._wake_writer()
+
+    def _handler_failed(self, request: Request, exc: Exception) -> None:
+        if request.oneway:
+            logger.error("%s: handler raised on a one-way message", self.name, exc_info=exc)
+            return
+        if not self._native:
+            # monte-v1 has no error reply: rather than leave the caller waiting forever,
+            # end the connection so every caller on it learns at once.
+            logger.error(
+                "%s: handler raised; monte-v1 cannot report errors, closing the connection",
+                self.name,
+                exc_info=exc,
+            )
+            self._fail(f"the handler for request {request.id} raised {exc!r}", exc)
+            return
+        logger.info("%s: handler raised for request %d: %r", self.name, request.id, exc)
+        if not self._config.expose_errors:
+            message = "the handler raised an exception"
+        elif self._config.expose_tracebacks:
+            message = "".join(traceback.format_exception(exc))
+        else:
+            message = f"{type(exc).__name__}: {exc}"
+        if self._state is _State.CLOSED:
+            return
+        payload = message.encode("utf-8", errors="replace")[: self._codec.max_message_size]
+        self._enqueue(_ERROR, request.id, payload)
+        self._wake_writer()
+
+    # -- keepalive (native) ----------------------------------------------------------------
+
+    async def _keepalive(self) -> None:
+        interval = self._config.keepalive_interval
+        tolerance = self._config.keepalive_tolerance
+        assert interval is not None
+        ping_id = 0
+        while True:
+            await trio.sleep(interval)
+            silent = trio.current_time() - self._last_heard
+            if silent >= tolerance:
+                self._fail(
+                    f"the peer was silent for {silent:.1f} s (keepalive_tolerance "
+                    f"{tolerance} s); it is presumed dead"
+                )
+                return
+            ping_id = (ping_id + 1) % 2**32
+            self._enqueue(_PING, ping_id, _PING_PAYLOAD.pack(trio.current_time()))
+            self._wake_writer()

@@ -1,0 +1,163 @@
+"""Request ids and the routing of replies to the callers waiting for them.
+
+Each outstanding request owns a :class:`ReplyChannel`, a one-shot
+:class:`trio.abc.ReceiveChannel`: the reader task delivers the reply into it without
+blocking, the caller's task receives it. It costs one task wake-up, about half of a memory
+channel hand-off, which matters when replies arrive by the tens of thousands per second.
+
+When a connection ends, :meth:`Dispatcher.fail_all` fails every channel, so no caller can
+be left waiting for a reply that will never come. A reply whose id is unknown (its caller
+gave up, or the peer is confused) is dropped and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+import outcome
+import trio
+
+from ._exceptions import LimitExceeded
+
+__all__ = ["Dispatcher", "Reply", "ReplyChannel"]
+
+_ID_SPACE: Final = 2**32
+
+Reply = tuple[int, bytes]
+"""What a request receives: ``(frame kind, payload)``; the kind is REPLY or ERROR."""
+
+
+class ReplyChannel(trio.abc.ReceiveChannel[Reply]):
+    """A receive channel that carries exactly one reply (or one error) to one caller."""
+
+    __slots__ = ("_closed", "_result", "_task")
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+        self._result: outcome.Outcome[Reply] | None = None
+        self._closed = False
+
+    def _set(self, result: outcome.Outcome[Reply]) -> bool:
+        if self._result is not None or self._closed:
+            return False
+        task = self._task
+        if task is not None:
+            self._task = None
+            self._closed = True
+            trio.lowlevel.reschedule(task, result)
+        else:
+            self._result = result
+        return True
+
+    def deliver(self, reply: Reply) -> bool:
+        """Hand the reply to the receiver; ``False`` if one was already delivered."""
+        return self._set(outcome.Value(reply))
+
+    def fail(self, exc: BaseException) -> bool:
+        """Make the receiver raise ``exc``; ``False`` if a result was already set."""
+        return self._set(outcome.Error(exc))
+
+    async def receive(self) -> Reply:
+        """Wait for the reply.
+
+        Raises:
+            trio.EndOfChannel: the reply was already received.
+            ConnectionClosed: the connection ended first.
+        """
+        if self._result is not None:
+            result, self._result = self._result, None
+            self._closed = True
+            await trio.lowlevel.checkpoint()
+            return result.unwrap()
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise trio.EndOfChannel
+        if self._task is not None:
+            raise trio.BusyResourceError("another task is already waiting for this reply")
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        reply: Reply = await trio.lowlevel.wait_task_rescheduled(abort)
+        return reply
+
+    async def aclose(self) -> None:
+        """Give up on the reply; a later delivery is ignored."""
+        self._closed = True
+        self._result = None
+        await trio.lowlevel.checkpoint()
+
+
+class Dispatcher:
+    """Allocates request ids and routes replies to their :class:`ReplyChannel`.
+
+    Args:
+        first_id: the first id to allocate; ids then step by 2 so each side of a connection
+            has its own parity (1, 3, 5, ... for the side that dialed; 2, 4, 6, ... for the
+            side that accepted), as in Go monte. Ids wrap around within 32 bits, skipping 0
+            and any id still pending.
+        max_pending: how many requests may await a reply at once.
+    """
+
+    __slots__ = ("_max_pending", "_next", "_pending", "dropped")
+
+    def __init__(self, *, first_id: int, max_pending: int) -> None:
+        if first_id not in (1, 2):
+            raise ValueError("first_id must be 1 (dialing side) or 2 (accepting side)")
+        self._next = first_id
+        self._max_pending = max_pending
+        self._pending: dict[int, ReplyChannel] = {}
+        self.dropped = 0
+        """Replies that arrived for no pending request (late, after a cancel)."""
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def allocate(self) -> tuple[int, ReplyChannel]:
+        """Return a fresh request id and the channel its reply will arrive on.
+
+        Raises:
+            LimitExceeded: ``max_pending`` requests are already waiting.
+        """
+        if len(self._pending) >= self._max_pending:
+            raise LimitExceeded(
+                f"{self._max_pending} requests are already awaiting replies on this "
+                "connection (max_pending_requests); wait for some to finish or raise the limit"
+            )
+        ident = self._next
+        while ident in self._pending:  # only after wrapping around 2**31 requests
+            ident = (ident + 2) % _ID_SPACE or 2
+        self._next = (ident + 2) % _ID_SPACE or 2
+        channel = ReplyChannel()
+        self._pending[ident] = channel
+        return ident, channel
+
+    def deliver(self, ident: int, reply: Reply) -> bool:
+        """Route a reply; ``False`` (and counted in :attr:`dropped`) if nobody waits for it."""
+        channel = self._pending.pop(ident, None)
+        if channel is None or not channel.deliver(reply):
+            self.dropped += 1
+            return False
+        return True
+
+    def discard(self, ident: int) -> bool:
+        """Forget a request whose caller gave up; ``True`` if it was still pending."""
+        return self._pending.pop(ident, None) is not None
+
+    def fail(self, ident: int, exc: BaseException) -> bool:
+        """Fail one pending request with ``exc``; ``False`` if it was not pending."""
+        channel = self._pending.pop(ident, None)
+        return channel is not None and channel.fail(exc)
+
+    def pending_ids(self) -> list[int]:
+        """The ids awaiting replies, oldest first."""
+        return list(self._pending)
+
+    def fail_all(self, make_error: Callable[[int], BaseException]) -> None:
+        """Fail every pending request with ``make_error(ident)`` and forget them all."""
+        pending, self._pending = self._pending, {}
+        for ident, channel in pending.items():
+            channel.fail(make_error(ident))

@@ -1,0 +1,310 @@
+"""The record layer: ``u32 big-endian length | AEAD ciphertext+tag``, one direction each.
+
+Both wire profiles frame every record the same way and differ only in the AEAD's nonce
+layout and key schedule:
+
+============  ==========================================  ===============================
+profile       nonce (12 bytes)                             keys
+============  ==========================================  ===============================
+monte-v1      u64 big-endian counter || 4 zero bytes       one key, both directions
+native AES    4 zero bytes || u64 big-endian counter       one key per direction, rekeyed
+native ChaCha 4 zero bytes || u64 little-endian counter    one key per direction, rekeyed
+============  ==========================================  ===============================
+
+A :class:`RecordSealer` turns plaintexts into wire bytes; a :class:`RecordOpener` is an
+incremental decoder in the style of h11: feed it bytes with :meth:`RecordOpener.receive_data`
+and take the decrypted plaintexts with :meth:`RecordOpener.next_records`.
+
+Theory of operation (the hot path): the writer hands a whole batch of plaintexts to
+:meth:`RecordSealer.seal_many`, which produces one ``bytes`` object for one ``send_all``. The
+reader feeds each received chunk; complete records are decrypted straight out of the chunk
+through ``memoryview`` slices, and only an incomplete tail is copied and kept. A length
+prefix is checked against the maximum record size as soon as its four bytes are known, so a
+hostile peer can never make us buffer more than one maximum-size record.
+
+Nothing here performs I/O or imports trio.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from .._exceptions import DecryptionError, LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "NONCE_LIMIT",
+    "TAG_SIZE",
+    "AEADCipher",
+    "NonceFormat",
+    "RecordOpener",
+    "RecordSealer",
+]
+
+TAG_SIZE: Final = 16
+"""Bytes of authentication tag added by either AEAD."""
+
+NONCE_LIMIT: Final = 2**64 - 1
+"""First counter value that may never be used (Noise reserves 2**64 - 1)."""
+
+_LENGTH = struct.Struct(">I")
+
+
+class AEADCipher(Protocol):
+    """What the record layer needs of an AEAD: cryptography's AESGCM and ChaCha20Poly1305."""
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+
+    def decrypt(
+        self, nonce: bytes, data: bytes | memoryview, associated_data: bytes | None
+    ) -> bytes: ...
+
+
+class NonceFormat:
+    """How a record counter becomes a 12-byte nonce, and how a key is rekeyed.
+
+    Attributes:
+        name: a short description used in error messages.
+    """
+
+    __slots__ = ("_make_aead", "name", "pack")
+
+    def __init__(self, name: str, layout: str, make_aead: type[AESGCM | ChaCha20Poly1305]):
+        self.name = name
+        self.pack = struct.Struct(layout).pack
+        self._make_aead = make_aead
+
+    def aead(self, key: bytes) -> AEADCipher:
+        """Return the AEAD object for ``key``."""
+        return self._make_aead(key)
+
+    def rekey(self, key: bytes) -> bytes:
+        """Noise's ``REKEY(k)``: the first 32 bytes of ENCRYPT(k, 2**64-1, "", zeros(32))."""
+        return self._make_aead(key).encrypt(self.pack(NONCE_LIMIT), bytes(32), b"")[:32]
+
+
+MONTE_V1_NONCE: Final = NonceFormat("monte-v1 AES-256-GCM", ">Q4x", AESGCM)
+NOISE_AESGCM_NONCE: Final = NonceFormat("Noise AESGCM", ">4xQ", AESGCM)
+NOISE_CHACHAPOLY_NONCE: Final = NonceFormat("Noise ChaChaPoly", "<4xQ", ChaCha20Poly1305)
+
+
+class _Direction:
+    """Key, nonce counter and rekey schedule shared by the sealer and the opener."""
+
+    __slots__ = ("_aead", "_key", "_next_rekey", "_nonce", "_rekey_interval", "counter")
+
+    def __init__(
+        self, key: bytes, nonce: NonceFormat, counter: int, rekey_interval: int | None
+    ) -> None:
+        if len(key) != 32:
+            raise ValueError(f"record keys are 32 bytes, got {len(key)}")
+        if rekey_interval is not None and rekey_interval < 1:
+            raise ValueError("rekey_interval must be a positive number of records")
+        self._key = key
+        self._nonce = nonce
+        self._aead = nonce.aead(key)
+        self.counter = counter
+        self._rekey_interval = rekey_interval
+        self._next_rekey = (
+            NONCE_LIMIT
+            if rekey_interval is None
+            else (counter // rekey_interval + 1) * rekey_interval
+        )
+
+    def _rekey(self) -> None:
+        # Called when ``counter`` reaches the next multiple of the interval: both ends
+        # count the same records, so both rekey at the same record without signalling.
+        assert self._rekey_interval is not None
+        self._key = self._nonce.rekey(self._key)
+        self._aead = self._nonce.aead(self._key)
+        self._next_rekey += self._rekey_interval
+
+
+class RecordSealer(_Direction):
+    """Encrypts plaintexts into length-prefixed records for one direction.
+
+    Args:
+        key: the 32-byte AEAD key of this direction.
+        nonce: the profile's :class:`NonceFormat`.
+        max_record_size: the largest ciphertext (plaintext + 16) the peer accepts.
+        counter: the first nonce counter to use (0 for a fresh key).
+        rekey_interval: rekey after every this many records (native profile), or ``None``.
+    """
+
+    __slots__ = ("max_plaintext",)
+
+    def __init__(
+        self,
+        key: bytes,
+        nonce: NonceFormat,
+        *,
+        max_record_size: int,
+        counter: int = 0,
+        rekey_interval: int | None = None,
+    ) -> None:
+        super().__init__(key, nonce, counter, rekey_interval)
+        if max_record_size <= TAG_SIZE:
+            raise ValueError(f"max_record_size must exceed {TAG_SIZE}")
+        self.max_plaintext = max_record_size - TAG_SIZE
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """Return one record (length prefix included) carrying ``plaintext``."""
+        return self.seal_many([plaintext])
+
+    def seal_many(self, plaintexts: list[bytes | None]) -> bytes:
+        """Return the records for ``plaintexts``, in order, as one buffer for one write.
+
+        ``None`` entries are skipped (a sender cancelled before its record was taken).
+
+        Raises:
+            LocalProtocolError: a plaintext is larger than ``max_plaintext`` (nothing is
+                sealed in that case), or the nonce counter is exhausted.
+        """
+        pack_len = _LENGTH.pack
+        pack_nonce = self._nonce.pack
+        limit = self.max_plaintext
+        parts: list[bytes] = []
+        append = parts.append
+        counter = self.counter
+        for plaintext in plaintexts:
+            if plaintext is None:
+                continue
+            if len(plaintext) > limit:
+                raise LocalProtocolError(
+                    f"record plaintext of {len(plaintext)} bytes exceeds the maximum of "
+                    f"{limit}; split the message or raise max_record_size on both sides"
+                )
+            if counter == self._next_rekey:
+                if counter >= NONCE_LIMIT:
+                    raise LocalProtocolError("nonce counter exhausted: open a new connection")
+                self._rekey()
+            append(pack_len(len(plaintext) + TAG_SIZE))
+            append(self._aead.encrypt(pack_nonce(counter), plaintext, None))
+            counter += 1
+            self.counter = counter
+        return b"".join(parts)
+
+
+class RecordOpener(_Direction):
+    """Incremental decoder and decrypter of records for one direction.
+
+    Args:
+        key: the 32-byte AEAD key of this direction.
+        nonce: the profile's :class:`NonceFormat`.
+        max_record_size: the largest ciphertext length accepted; a larger length prefix is
+            refused before any of the record body is buffered.
+        counter: the first nonce counter expected.
+        rekey_interval: rekey after every this many records (native profile), or ``None``.
+
+    After any error the opener is broken: every later call raises the same error, so a
+    connection can never resynchronise on attacker-chosen bytes.
+    """
+
+    __slots__ = ("_broken", "_buffer", "_eof", "max_record_size")
+
+    def __init__(
+        self,
+        key: bytes,
+        nonce: NonceFormat,
+        *,
+        max_record_size: int,
+        counter: int = 0,
+        rekey_interval: int | None = None,
+    ) -> None:
+        super().__init__(key, nonce, counter, rekey_interval)
+        if max_record_size <= TAG_SIZE:
+            raise ValueError(f"max_record_size must exceed {TAG_SIZE}")
+        self.max_record_size = max_record_size
+        self._buffer = bytearray()
+        self._eof = False
+        self._broken: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete record."""
+        return len(self._buffer)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Feed received bytes (``b""`` means end of stream) and return complete plaintexts.
+
+        Raises:
+            RemoteProtocolError: a length prefix is out of range, or the stream ended in
+                the middle of a record.
+            DecryptionError: a record failed authentication.
+        """
+        if self._broken is not None:
+            raise self._broken
+        if not data:
+            self._eof = True
+            if self._buffer:
+                self._fail(
+                    RemoteProtocolError(
+                        f"connection closed in the middle of a record "
+                        f"({len(self._buffer)} bytes of it received)"
+                    )
+                )
+            return []
+        if self._eof:
+            raise RuntimeError("receive_data called after end of stream")
+        if self._buffer:
+            self._buffer += data
+            view = memoryview(self._buffer)
+        else:
+            view = memoryview(data)
+        try:
+            records, used = self._open_from(view)
+        finally:
+            view.release()
+        if used:
+            if self._buffer:
+                del self._buffer[:used]
+            elif used < len(data):
+                self._buffer = bytearray(data[used:])
+        elif not self._buffer:
+            self._buffer = bytearray(data)
+        return records
+
+    def _open_from(self, view: memoryview) -> tuple[list[bytes], int]:
+        records: list[bytes] = []
+        end = len(view)
+        pos = 0
+        unpack_len = _LENGTH.unpack_from
+        pack_nonce = self._nonce.pack
+        max_record = self.max_record_size
+        while end - pos >= 4:
+            (length,) = unpack_len(view, pos)
+            if length > max_record or length < TAG_SIZE:
+                self._fail(
+                    RemoteProtocolError(
+                        f"record length {length} is outside the allowed range "
+                        f"{TAG_SIZE}..{max_record}; closing the connection"
+                    )
+                )
+            stop = pos + 4 + length
+            if stop > end:
+                break
+            counter = self.counter
+            if counter == self._next_rekey:
+                if counter >= NONCE_LIMIT:
+                    self._fail(RemoteProtocolError("peer exhausted the nonce counter"))
+                self._rekey()
+            self.counter = counter + 1
+            try:
+                records.append(self._aead.decrypt(pack_nonce(counter), view[pos + 4 : stop], None))
+            except InvalidTag:
+                self._fail(
+                    DecryptionError(
+                        "a record failed authentication (tampered, truncated, replayed, "
+                        "reordered or sent with the wrong key); closing the connection"
+                    )
+                )
+            pos = stop
+        return records, pos
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        self._broken = exc
+        self._buffer = bytearray()
+        raise exc

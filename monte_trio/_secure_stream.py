@@ -1,0 +1,170 @@
+"""A :class:`trio.abc.Stream` of encrypted records over any trio Stream.
+
+:class:`SecureStream` is what a handshake yields. It is a byte stream (``send_all`` splits
+data into records, ``receive_some`` returns decrypted bytes) that passes
+:func:`trio.testing.check_two_way_stream`, like :class:`trio.SSLStream`. A
+:class:`~monte_trio.Connection` uses its record API instead: :meth:`SecureStream.send_records`
+seals a whole batch of plaintexts into one ``send_all``, and
+:meth:`SecureStream.receive_records` returns every record completed by one receive.
+
+Transport errors are raised as trio's :class:`trio.BrokenResourceError`; a record that fails
+authentication or framing raises :class:`~monte_trio.RemoteProtocolError` (or its subclass
+:class:`~monte_trio.DecryptionError`) and leaves the stream broken.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._proto._frames import FrameCodec
+from ._proto._records import RecordOpener, RecordSealer
+
+if TYPE_CHECKING:
+    from ._keys import PublicKey
+
+__all__ = ["SecureStream"]
+
+RECEIVE_SIZE = 256 * 1024
+"""Bytes asked of the transport per receive: big enough to take a whole burst at once."""
+
+
+class _Conflict:
+    """Raises BusyResourceError when two tasks use one direction at once (as trio does)."""
+
+    __slots__ = ("_held", "_msg")
+
+    def __init__(self, msg: str) -> None:
+        self._msg = msg
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._msg)
+        self._held = True
+
+    def __exit__(self, *args: object) -> None:
+        self._held = False
+
+
+class SecureStream(trio.abc.Stream):
+    """Encrypted records over ``transport``, produced by a :class:`~monte_trio.Handshake`.
+
+    Attributes:
+        transport: the underlying stream (usually a :class:`trio.SocketStream`).
+        profile: the wire profile agreed in the handshake (``"native"`` or ``"monte-v1"``).
+        codec: the message layer agreed in the handshake.
+        initiator: whether this side dialed the connection.
+        peer_public_key: the peer's authenticated static key (native), else ``None``.
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        sealer: RecordSealer,
+        opener: RecordOpener,
+        *,
+        profile: str,
+        codec: FrameCodec,
+        initiator: bool,
+        peer_public_key: PublicKey | None = None,
+        initial_records: list[bytes] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.profile = profile
+        self.codec = codec
+        self.initiator = initiator
+        self.peer_public_key = peer_public_key
+        self._sealer = sealer
+        self._opener = opener
+        self._pending_records: list[bytes] = list(initial_records or ())
+        self._plain = bytearray()
+        self._eof = False
+        self._closed = False
+        self._send_conflict = _Conflict("another task is already sending on this stream")
+        self._receive_conflict = _Conflict("another task is already receiving on this stream")
+
+    @property
+    def max_plaintext(self) -> int:
+        """The largest plaintext one record can carry towards the peer."""
+        return self._sealer.max_plaintext
+
+    # -- record API (used by Connection) ---------------------------------------------------
+
+    async def send_records(self, plaintexts: list[bytes | None]) -> None:
+        """Seal ``plaintexts`` (skipping ``None``) and write them with one ``send_all``."""
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            data = self._sealer.seal_many(plaintexts)
+            await self.transport.send_all(data)
+
+    async def receive_records(self) -> list[bytes]:
+        """Return the plaintexts of the next records; an empty list means end of stream."""
+        with self._receive_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            if self._pending_records:
+                records, self._pending_records = self._pending_records, []
+                await trio.lowlevel.checkpoint()
+                return records
+            while not self._eof:
+                data = await self.transport.receive_some(RECEIVE_SIZE)
+                if not data:
+                    self._eof = True
+                records = self._opener.receive_data(data)
+                if records:
+                    return records
+            return []
+
+    # -- trio.abc.Stream -------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` as one or more records (part of the byte-stream interface)."""
+        size = self._sealer.max_plaintext
+        view = memoryview(data)
+        chunks: list[bytes | None] = [bytes(view[i : i + size]) for i in range(0, len(view), size)]
+        if not chunks:
+            with self._send_conflict:
+                if self._closed:
+                    raise trio.ClosedResourceError("the stream was closed")
+                await trio.lowlevel.checkpoint()
+            return
+        await self.send_records(chunks)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            await self.transport.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Return decrypted bytes: at least one, or ``b""`` at the end of the stream."""
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if not self._plain:
+            while True:
+                records = await self.receive_records()
+                if not records:
+                    return b""
+                self._plain = bytearray().join(records)
+                if self._plain:
+                    break
+        else:
+            with self._receive_conflict:
+                if self._closed:
+                    raise trio.ClosedResourceError("the stream was closed")
+                await trio.lowlevel.checkpoint()
+        if max_bytes is None or max_bytes >= len(self._plain):
+            chunk = bytes(self._plain)
+            self._plain = bytearray()
+        else:
+            chunk = bytes(self._plain[:max_bytes])
+            del self._plain[:max_bytes]
+        return chunk
+
+    async def aclose(self) -> None:
+        """Close the transport. Idempotent."""
+        self._closed = True
+        await self.transport.aclose()
