@@ -1,0 +1,107 @@
+"""Connected pairs for tests: two :class:`~monte_trio.Connection` objects over memory.
+
+No sockets, no real time: the pair runs under :class:`trio.testing.MockClock` and
+autojump like any trio code, so timing tests are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+import trio.testing
+
+from .._config import ConnectionConfig
+from .._connection import Connection, Handler
+from .._handshake import Handshake
+from .._secure_stream import SecureStream
+
+__all__ = ["open_connection_pair", "secure_stream_pair"]
+
+
+async def secure_stream_pair(
+    handshake: Handshake,
+    *,
+    server_handshake: Handshake | None = None,
+    client_config: ConnectionConfig | None = None,
+    server_config: ConnectionConfig | None = None,
+) -> tuple[SecureStream, SecureStream]:
+    """Run ``handshake`` on both ends of a memory stream pair; return (client, server).
+
+    Args:
+        handshake: the dialing side's handshake (and the accepting side's, unless
+            ``server_handshake`` is given).
+        server_handshake: a different handshake for the accepting side.
+        client_config: the dialing side's limits.
+        server_config: the accepting side's limits.
+    """
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    results: dict[str, SecureStream] = {}
+
+    async def run(
+        name: str, hs: Handshake, raw: trio.abc.Stream, config: ConnectionConfig
+    ) -> None:
+        results[name] = await hs.handshake(
+            raw,
+            initiator=name == "client",
+            peer="memory:0" if name == "client" else None,
+            config=config,
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            run, "client", handshake, client_raw, client_config or ConnectionConfig()
+        )
+        nursery.start_soon(
+            run,
+            "server",
+            server_handshake or handshake,
+            server_raw,
+            server_config or ConnectionConfig(),
+        )
+    return results["client"], results["server"]
+
+
+@asynccontextmanager
+async def open_connection_pair(
+    handshake: Handshake,
+    *,
+    server_handshake: Handshake | None = None,
+    client_handler: Handler | None = None,
+    server_handler: Handler | None = None,
+    config: ConnectionConfig | None = None,
+    client_config: ConnectionConfig | None = None,
+    server_config: ConnectionConfig | None = None,
+) -> AsyncIterator[tuple[Connection, Connection]]:
+    """Open two connected :class:`~monte_trio.Connection` objects over memory streams.
+
+    Yields ``(client, server)``: the client dialed (odd request ids), the server accepted.
+    Both are closed gracefully when the block ends.
+
+    Args:
+        handshake: the handshake both sides run (or the client's, with ``server_handshake``).
+        server_handshake: a different handshake for the server side.
+        client_handler: serves requests the server sends.
+        server_handler: serves requests the client sends.
+        config: limits for both sides, unless overridden per side.
+        client_config: the client's limits.
+        server_config: the server's limits.
+    """
+    client_config = client_config or config
+    server_config = server_config or config
+    client_stream, server_stream = await secure_stream_pair(
+        handshake,
+        server_handshake=server_handshake,
+        client_config=client_config,
+        server_config=server_config,
+    )
+    async with (
+        Connection(
+            client_stream, handler=client_handler, config=client_config, name="client"
+        ) as client,
+        Connection(
+            server_stream, handler=server_handler, config=server_config, name="server"
+        ) as server,
+    ):
+        yield client, server
