@@ -31,6 +31,7 @@ from ._handshake import Handshake as Handshake
 from ._handshake import MonteV1Handshake as MonteV1Handshake
 from ._keys import Identity as Identity
 from ._keys import PublicKey as PublicKey
+from ._native import NoiseHandshake as NoiseHandshake
 from ._secure_stream import SecureStream as SecureStream
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
@@ -62,6 +63,7 @@ __all__ = [
     "LocalProtocolError",
     "MonteError",
     "MonteV1Handshake",
+    "NoiseHandshake",
     "PeerRejected",
     "PinnedKeys",
     "ProtocolError",

@@ -329,6 +329,9 @@ async def open_client(
     else:
         peer = f"{host}:{port}" if host is not None else "peer"
     hs = resolve_handshake(handshake, identity=identity, trust=trust, psk=psk)
+    # Errors of the first dial and of the caller's block are re-raised as themselves after
+    # the nursery, not wrapped in an ExceptionGroup by it.
+    error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         client = Client(
             nursery,
@@ -345,10 +348,19 @@ async def open_client(
         )
         try:
             await client._dial()
-            yield client
-        finally:
-            with trio.CancelScope(shield=True) as scope:
-                # Bounded: each connection's graceful close is limited by its grace period.
-                scope.deadline = trio.current_time() + client._config.grace_period + 1.0
-                await client.aclose()
+        except BaseException as exc:
+            error = exc
             nursery.cancel_scope.cancel()
+        else:
+            try:
+                yield client
+            except BaseException as exc:
+                error = exc
+            finally:
+                with trio.CancelScope(shield=True) as scope:
+                    # Bounded: each connection's graceful close is limited by its grace.
+                    scope.deadline = trio.current_time() + client._config.grace_period + 1.0
+                    await client.aclose()
+                nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error

@@ -302,8 +302,12 @@ class Connection(trio.abc.AsyncResource):
             else:
                 self._finish(ConnectionClosed(f"the connection's block raised {exc!r}"))
         finally:
-            suppress = await self._nursery_manager.__aexit__(exc_type, exc, tb)
-        return suppress
+            # The service tasks never raise (they turn every failure into the connection's
+            # close reason), so the block's own exception is left to propagate as itself
+            # rather than wrapped in an ExceptionGroup by the nursery.
+            self._finish(ConnectionClosed("the connection was closed"))
+            await self._nursery_manager.__aexit__(None, None, None)
+        return None
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

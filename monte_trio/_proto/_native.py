@@ -1,0 +1,299 @@
+"""The native profile's sans-IO parts: preamble, hello, verdict, keys and frames.
+
+The handshake is ``Noise_XX_25519_AESGCM_BLAKE2b`` (``XXpsk3`` with a pre-shared key),
+framed as follows (the full specification, with test vectors, is in docs/wire-native)::
+
+    initiator                                             responder
+    PREAMBLE(version, flags) | u16 len | msg1  ------>
+                                 <------  PREAMBLE(version, status) | u16 len | msg2
+    u16 len | msg3  ------------------------------------>
+                                 <------  record 0: VERDICT (accept / refuse + reason)
+    records ...                  <----->  records ...
+
+* ``msg1`` carries the initiator's ephemeral key and an empty payload (it is not
+  encrypted, so nothing is said there).
+* ``msg2`` and ``msg3`` carry each side's static key and its :class:`Hello`, encrypted: the
+  protocol version, the largest record and message it accepts, and feature bits. The
+  initiator's hello also says whether it refused the responder's key.
+* The responder checks the initiator's key with its trust policy and answers with a
+  verdict in the first transport record, so a refused client learns why before it sends
+  anything, and the client's handshake only completes once it is accepted.
+* The prologue binds the protocol name, the version and the initiator's preamble, so a
+  man in the middle who alters the version or the psk flag makes the handshake fail.
+
+After the handshake each direction has its own key from Noise's ``Split()``; nonces are
+the Noise counters; both sides rekey (Noise ``REKEY``) every :data:`REKEY_INTERVAL` records
+of a direction, keeping every key's use far below AES-GCM's limits. Every record's
+plaintext is a 6-byte header ``u8 kind | u8 flags | u32 id`` then payload bytes; a message
+larger than one record is split across records flagged :data:`FLAG_MORE`.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+import attrs
+
+from .._exceptions import HandshakeError, LocalProtocolError, RemoteProtocolError
+from ._frames import Frame, FrameKind
+from ._noise import CipherState
+from ._records import NOISE_AESGCM_NONCE, NOISE_CHACHAPOLY_NONCE, RecordOpener, RecordSealer
+
+__all__ = [
+    "FLAG_MORE",
+    "HEADER",
+    "MAGIC",
+    "MAX_RECORD",
+    "PREAMBLE_SIZE",
+    "REKEY_INTERVAL",
+    "VERSION",
+    "Hello",
+    "NativeCodec",
+    "Status",
+    "decode_preamble",
+    "decode_verdict",
+    "encode_preamble",
+    "encode_verdict",
+    "prologue",
+    "protocol_name",
+    "transport",
+]
+
+MAGIC: Final = b"MNTRIO"
+"""The first six bytes each side sends."""
+VERSION: Final = 1
+"""The native profile's version, in the preamble, the prologue and the hello."""
+PREAMBLE_SIZE: Final = 8
+FLAG_PSK: Final = 0x01
+"""Initiator preamble flag: a pre-shared key is in use (``XXpsk3``)."""
+MAX_RECORD: Final = 65535
+"""Noise's limit on one transport message, so the largest record (ciphertext and tag)."""
+REKEY_INTERVAL: Final = 1 << 20
+"""Records per direction between two rekeys."""
+HEADER: Final = struct.Struct(">BBI")
+"""A frame header: kind, flags, id."""
+FLAG_MORE: Final = 0x01
+"""Frame flag: the message continues in the next record."""
+VERDICT_ACCEPT: Final = 0
+VERDICT_REFUSE: Final = 1
+HELLO_REFUSED: Final = 0x01
+"""Hello flag (initiator only): the initiator refused the responder's static key."""
+
+_HELLO = struct.Struct(">BBIII")
+
+
+class Status:
+    """The responder preamble's status byte."""
+
+    OK = 0
+    UNSUPPORTED_VERSION = 1
+    PSK_REQUIRED = 2
+    PSK_NOT_CONFIGURED = 3
+
+    MESSAGES: Final = {
+        1: "the server does not support this protocol version",
+        2: "the server requires a pre-shared key (psk) and none was configured here",
+        3: "a pre-shared key (psk) is configured here but the server has none",
+    }
+
+
+def protocol_name(*, psk: bool, cipher: str = "AESGCM") -> str:
+    """The Noise protocol name for the native profile."""
+    return f"Noise_XX{'psk3' if psk else ''}_25519_{cipher}_BLAKE2b"
+
+
+def prologue(name: str, initiator_preamble: bytes) -> bytes:
+    """What both sides mix into the handshake hash before the first message."""
+    return b"monte_trio native/" + bytes([VERSION]) + b"\x00" + name.encode() + initiator_preamble
+
+
+def encode_preamble(byte: int, version: int = VERSION) -> bytes:
+    """A preamble: magic, version, then flags (initiator) or status (responder)."""
+    return MAGIC + bytes([version, byte])
+
+
+def decode_preamble(data: bytes, *, who: str) -> tuple[int, int]:
+    """Return ``(version, flags_or_status)`` from an 8-byte preamble.
+
+    Raises:
+        HandshakeError: the bytes are not a monte_trio native preamble.
+    """
+    if len(data) != PREAMBLE_SIZE or data[: len(MAGIC)] != MAGIC:
+        hint = (
+            "it may be a monte-v1 (Go monte) server: use the monte-v1 profile to talk to it"
+            if who == "server"
+            else "it may be a monte-v1 (Go monte) client, which this server does not accept"
+        )
+        raise HandshakeError(f"the {who} does not speak the monte_trio native profile; {hint}")
+    return data[6], data[7]
+
+
+@attrs.frozen
+class Hello:
+    """What each side tells the other, encrypted, during the handshake.
+
+    Attributes:
+        version: the sender's protocol version.
+        max_record_size: the largest record the sender accepts (at most 65,535).
+        max_message_size: the largest message the sender accepts.
+        features: feature bits (none defined in version 1; unknown bits are ignored).
+        refused: initiator only: it refused the responder's static key.
+    """
+
+    version: int = VERSION
+    max_record_size: int = MAX_RECORD
+    max_message_size: int = 16 * 1024 * 1024
+    features: int = 0
+    refused: bool = False
+
+    def encode(self) -> bytes:
+        """Serialise as ``u8 version, u8 flags, u32 max_record, u32 max_message, u32 features``."""
+        return _HELLO.pack(
+            self.version,
+            HELLO_REFUSED if self.refused else 0,
+            self.max_record_size,
+            self.max_message_size,
+            self.features,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Hello:
+        """Parse a hello; trailing bytes (from a later version) are ignored.
+
+        Raises:
+            RemoteProtocolError: too short, or limits below the protocol's minimums.
+        """
+        if len(data) < _HELLO.size:
+            raise RemoteProtocolError(f"hello of {len(data)} bytes is too short")
+        version, flags, max_record, max_message, features = _HELLO.unpack_from(data)
+        if not 64 < max_record <= MAX_RECORD:
+            raise RemoteProtocolError(f"the peer's max record size {max_record} is invalid")
+        if max_message < 1:
+            raise RemoteProtocolError("the peer's max message size is zero")
+        return cls(version, max_record, max_message, features, bool(flags & HELLO_REFUSED))
+
+
+def encode_verdict(accept: bool, reason: str = "") -> bytes:
+    """The plaintext of the responder's first transport record."""
+    if accept:
+        return bytes([VERDICT_ACCEPT])
+    return bytes([VERDICT_REFUSE]) + reason.encode("utf-8", errors="replace")[:1024]
+
+
+def decode_verdict(plaintext: bytes) -> tuple[bool, str]:
+    """Return ``(accepted, reason)`` from the responder's first transport record.
+
+    Raises:
+        RemoteProtocolError: the record is not a verdict.
+    """
+    if not plaintext or plaintext[0] not in (VERDICT_ACCEPT, VERDICT_REFUSE):
+        raise RemoteProtocolError("the server's first record is not a handshake verdict")
+    return plaintext[0] == VERDICT_ACCEPT, plaintext[1:].decode("utf-8", errors="replace")
+
+
+def transport(
+    send: CipherState, receive: CipherState, *, peer_max_record: int, own_max_record: int
+) -> tuple[RecordSealer, RecordOpener]:
+    """Record sealer and opener from the cipher states of Noise's ``Split()``."""
+    nonce = NOISE_AESGCM_NONCE if send.cipher_name == "AESGCM" else NOISE_CHACHAPOLY_NONCE
+    send_key, receive_key = send.key, receive.key
+    if send_key is None or receive_key is None:
+        raise LocalProtocolError("split cipher states have no key")
+    return (
+        RecordSealer(
+            send_key,
+            nonce,
+            max_record_size=min(peer_max_record, MAX_RECORD),
+            counter=send.nonce,
+            rekey_interval=REKEY_INTERVAL,
+        ),
+        RecordOpener(
+            receive_key,
+            nonce,
+            max_record_size=min(own_max_record, MAX_RECORD),
+            counter=receive.nonce,
+            rekey_interval=REKEY_INTERVAL,
+        ),
+    )
+
+
+class NativeCodec:
+    """The native message layer: ``u8 kind | u8 flags | u32 id | payload`` per record.
+
+    Args:
+        max_record_size: the largest record the peer accepts (from its hello).
+        send_limit: the largest message the peer accepts (from its hello).
+        receive_limit: the largest message this side accepts.
+    """
+
+    profile = "native"
+    kinds: frozenset[FrameKind] = frozenset(FrameKind)
+
+    __slots__ = ("_chunk", "_partial", "_partial_head", "max_message_size", "receive_limit")
+
+    def __init__(self, *, max_record_size: int, send_limit: int, receive_limit: int) -> None:
+        self._chunk = max_record_size - 16 - HEADER.size
+        if self._chunk < 1:
+            raise ValueError("max_record_size leaves no room for a payload")
+        self.max_message_size = send_limit
+        self.receive_limit = receive_limit
+        self._partial: list[bytes] = []
+        self._partial_head: tuple[int, int, int] | None = None  # kind, id, bytes so far
+
+    def encode(self, kind: int, ident: int, payload: bytes, out: list[bytes | None]) -> int:
+        size = len(payload)
+        if size > self.max_message_size:
+            raise LocalProtocolError(
+                f"message of {size} bytes exceeds the peer's maximum of "
+                f"{self.max_message_size} (max_message_size)"
+            )
+        chunk = self._chunk
+        if size <= chunk:
+            plaintext = HEADER.pack(kind, 0, ident) + payload
+            out.append(plaintext)
+            return len(plaintext)
+        view = memoryview(payload)
+        total = 0
+        for start in range(0, size, chunk):
+            stop = start + chunk
+            flags = FLAG_MORE if stop < size else 0
+            plaintext = HEADER.pack(kind, flags, ident) + view[start:stop]
+            out.append(plaintext)
+            total += len(plaintext)
+        return total
+
+    def decode(self, plaintext: bytes) -> Frame | None:
+        if len(plaintext) < HEADER.size:
+            raise RemoteProtocolError(
+                f"native record of {len(plaintext)} bytes is too short for a frame header"
+            )
+        kind, flags, ident = HEADER.unpack_from(plaintext)
+        if kind > FrameKind.GOAWAY:
+            raise RemoteProtocolError(f"unknown frame kind {kind}")
+        head = self._partial_head
+        if head is None and not flags & FLAG_MORE:
+            if len(plaintext) - HEADER.size > self.receive_limit:
+                raise RemoteProtocolError(
+                    f"the peer sent a message larger than our maximum of "
+                    f"{self.receive_limit} bytes (max_message_size)"
+                )
+            return (kind, ident, plaintext[HEADER.size :])
+        if head is not None and (head[0], head[1]) != (kind, ident):
+            raise RemoteProtocolError(
+                f"a record of message {ident} arrived in the middle of message {head[1]}"
+            )
+        size = (head[2] if head is not None else 0) + len(plaintext) - HEADER.size
+        if size > self.receive_limit:
+            raise RemoteProtocolError(
+                f"the peer sent a message larger than our maximum of {self.receive_limit} "
+                "bytes (max_message_size)"
+            )
+        self._partial.append(plaintext[HEADER.size :])
+        if flags & FLAG_MORE:
+            self._partial_head = (kind, ident, size)
+            return None
+        payload = b"".join(self._partial)
+        self._partial = []
+        self._partial_head = None
+        return (kind, ident, payload)
