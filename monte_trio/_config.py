@@ -10,10 +10,7 @@ import attrs
 
 __all__ = ["ConnectionConfig"]
 
-
-def _positive(_: object, attribute: attrs.Attribute[object], value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+_KEEPALIVE_INTERVAL: float | None = 15.0
 
 
 @attrs.frozen(kw_only=True)
@@ -53,16 +50,24 @@ class ConnectionConfig:
             this towards untrusted peers.
     """
 
-    max_record_size: int | None = attrs.field(default=None, validator=_positive)
-    max_message_size: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
-    max_pending_requests: int = attrs.field(default=4096, validator=_positive)
-    max_send_queue: int = attrs.field(default=1024 * 1024, validator=_positive)
-    max_concurrent_handlers: int = attrs.field(default=128, validator=_positive)
-    grace_period: float = attrs.field(default=5.0, validator=_positive)
-    write_timeout: float | None = attrs.field(default=None, validator=_positive)
-    idle_timeout: float | None = attrs.field(default=None, validator=_positive)
-    keepalive_interval: float | None = attrs.field(default=15.0, validator=_positive)
-    keepalive_tolerance: float = attrs.field(default=45.0, validator=_positive)
+    max_record_size: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
+    max_message_size: int = attrs.field(default=16 * 1024 * 1024, validator=attrs.validators.gt(0))
+    max_pending_requests: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
+    max_send_queue: int = attrs.field(default=1024 * 1024, validator=attrs.validators.gt(0))
+    max_concurrent_handlers: int = attrs.field(default=128, validator=attrs.validators.gt(0))
+    grace_period: float = attrs.field(default=5.0, validator=attrs.validators.gt(0.0))
+    write_timeout: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0))
+    )
+    idle_timeout: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0))
+    )
+    keepalive_interval: float | None = attrs.field(
+        default=_KEEPALIVE_INTERVAL, validator=attrs.validators.optional(attrs.validators.gt(0.0))
+    )
+    keepalive_tolerance: float = attrs.field(default=45.0, validator=attrs.validators.gt(0.0))
     expose_errors: bool = True
     expose_tracebacks: bool = False
 

@@ -294,7 +294,7 @@ class Connection(trio.abc.AsyncResource):
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> None:
         assert self._nursery_manager is not None
         try:
             if exc is None:
@@ -307,7 +307,6 @@ class Connection(trio.abc.AsyncResource):
             # rather than wrapped in an ExceptionGroup by the nursery.
             self._finish(ConnectionClosed("the connection was closed"))
             await self._nursery_manager.__aexit__(None, None, None)
-        return None
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

@@ -94,7 +94,7 @@ class MonteV1Handshake(Handshake):
             if out:
                 await transport.send_all(out)
             while state.peer_public is None:
-                rest = state.receive_data(await transport.receive_some(4096))
+                rest = state.receive_data(bytes(await transport.receive_some(4096)))
             out = state.data_to_send()
             if out:
                 await transport.send_all(out)

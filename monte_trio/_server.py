@@ -194,6 +194,9 @@ class Server:
                 nursery.start_soon(conn.close_gracefully, grace)
         await self._stopped.wait()
 
+    def _is_shutting_down(self) -> bool:
+        return self._shutting_down
+
     async def _accept_loop(
         self, listener: trio.abc.Listener[trio.abc.Stream], conn_nursery: trio.Nursery
     ) -> None:
@@ -252,7 +255,7 @@ class Server:
                         "%s: handshake timed out after %s s", peer, self._handshake_timeout
                     )
                 return
-            if self._shutting_down:
+            if self._is_shutting_down():  # it may have started during the handshake
                 return
             conn = Connection(secure, handler=self._handler, config=self.config, name=peer)
             async with conn:
