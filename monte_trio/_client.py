@@ -105,6 +105,7 @@ class Client(trio.abc.AsyncResource):
         self._dial_failures = 0
         self._dial_finished = trio.lowlevel.ParkingLot()
         self._closed = False
+        self._nowait_conn: Connection | None = None
 
     @property
     def connections(self) -> list[Connection]:
@@ -138,7 +139,11 @@ class Client(trio.abc.AsyncResource):
         await conn.send(body)
 
     def send_nowait(self, body: bytes) -> None:
-        """Queue a one-way message on the least loaded open connection.
+        """Queue a one-way message on an open connection and return at once.
+
+        The connection used last is kept while it has room, so a burst of messages is
+        batched into few large writes; when its queue is full, the least loaded other
+        connection with room is used.
 
         Raises:
             trio.WouldBlock: no open connection has room in its send queue (or none is
@@ -146,17 +151,24 @@ class Client(trio.abc.AsyncResource):
                 which waits for room and dials if needed.
             ConnectionClosed: the client is closed.
         """
+        conn = self._nowait_conn
+        if conn is not None and not conn.closed:
+            try:
+                conn.send_nowait(body)
+                return
+            except trio.WouldBlock:
+                pass
         if self._closed:
             raise ConnectionClosed("the client is closed")
-        best: Connection | None = None
-        for conn in self._conns:
-            if not conn.closed and (best is None or conn.load < best.load):
-                best = conn
-                if conn.load == 0:
-                    break
-        if best is None:
-            raise trio.WouldBlock
-        best.send_nowait(body)
+        for candidate in sorted(self.connections, key=_load):
+            if candidate is not conn:
+                try:
+                    candidate.send_nowait(body)
+                except trio.WouldBlock:
+                    continue
+                self._nowait_conn = candidate
+                return
+        raise trio.WouldBlock
 
     async def connection(self) -> Connection:
         """Return a connection of the pool, dialing one if the rule says so."""
@@ -264,6 +276,10 @@ class Client(trio.abc.AsyncResource):
         async with trio.open_nursery() as nursery:
             for conn in list(self._conns):
                 nursery.start_soon(conn.aclose)
+
+
+def _load(conn: Connection) -> int:
+    return conn.load
 
 
 @asynccontextmanager
