@@ -1,0 +1,82 @@
+"""Development sessions: ``nox`` runs tests, lint, typing and docs; ``nox -s NAME`` one.
+
+Every session runs on the interpreter nox itself runs on (``nox -P 3.12 -s tests`` picks
+another). Sessions install with pip; venvs are reused between runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.sessions = ["tests", "lint", "typing", "docs"]
+nox.options.reuse_venv = "yes"
+
+ROOT = Path(__file__).parent
+# examples/ may be empty, and git does not keep empty directories.
+CODE = [
+    p
+    for p in ["monte_trio", "tests", "examples", "benchmarks", "noxfile.py", "docs/conf.py"]
+    if (ROOT / p).exists()
+]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite; soak and fuzz tests are left to their own sessions."""
+    session.install(".[test]")
+    # A later -m in posargs replaces this one: `nox -s tests -- -m soak`.
+    session.run("pytest", "-m", "not soak and not fuzz", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and formatting with ruff."""
+    session.install("ruff")
+    session.run("ruff", "check", *CODE)
+    session.run("ruff", "format", "--check", *CODE)
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    """Type-check the library, tests, examples and benchmarks (files in pyproject.toml)."""
+    session.install(".[test]", "mypy")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the HTML docs into docs/_build/html; every warning is an error."""
+    session.install(".[docs]")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmark suite against the alternatives (`-- --help` for its options)."""
+    session.install(".[bench]")
+    session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Run the fuzz targets (tests marked fuzz): `nox -s fuzz -- --seconds 600`."""
+    args = list(session.posargs)
+    seconds = "60"
+    if "--seconds" in args:
+        i = args.index("--seconds")
+        if i + 1 == len(args):
+            session.error("--seconds needs a number")
+        seconds = args.pop(i + 1)
+        del args[i]
+    session.install(".[test]")
+    session.run("pytest", "-m", "fuzz", *args, env={"MONTE_FUZZ_SECONDS": seconds})
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Run the long soak tests (tests marked soak)."""
+    session.install(".[test]")
+    session.run("pytest", "-m", "soak", *session.posargs)
