@@ -37,6 +37,7 @@ from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve as serve
 from ._trust import AcceptAnyKey as AcceptAnyKey
+from ._trust import KnownKey as KnownKey
 from ._trust import KnownKeysFile as KnownKeysFile
 from ._trust import PinnedKeys as PinnedKeys
 from ._trust import TrustPolicy as TrustPolicy
@@ -58,6 +59,7 @@ __all__ = [
     "HandshakeTimeout",
     "Identity",
     "KeyFileError",
+    "KnownKey",
     "KnownKeysFile",
     "LimitExceeded",
     "LocalProtocolError",

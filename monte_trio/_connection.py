@@ -196,6 +196,7 @@ class Connection(trio.abc.AsyncResource):
         self._outbox: list[bytes | None] = []
         self._outbox_bytes = 0
         self._written: list[_Written] = []
+        self._writing: list[_Written] = []  # waiters of the batch being written now
         self._writer_task: trio.lowlevel.Task | None = None
         self._space = trio.lowlevel.ParkingLot()
         self._max_send_queue = config.max_send_queue
@@ -229,7 +230,7 @@ class Connection(trio.abc.AsyncResource):
 
     @property
     def profile(self) -> str:
-        """The wire profile: ``"native"`` or ``"monte-v1"``."""
+        """The wire profile, ``"native"`` or ``"monte-v1"``."""
         return self._stream.profile
 
     @property
@@ -254,7 +255,7 @@ class Connection(trio.abc.AsyncResource):
 
     @property
     def load(self) -> int:
-        """Outstanding work: pending requests plus queued bytes in records (for pools)."""
+        """How busy the connection is: pending requests, plus 1 if records are queued."""
         return len(self._dispatcher) + (1 if self._outbox else 0)
 
     def statistics(self) -> ConnectionStatistics:
@@ -390,12 +391,13 @@ class Connection(trio.abc.AsyncResource):
             return ConnectionClosed(reason.reason)
 
         self._dispatcher.fail_all(error_for)
-        for waiter in self._written:
+        for waiter in (*self._writing, *self._written):
             if waiter.task is not None:
                 trio.lowlevel.reschedule(
                     waiter.task, outcome.Error(ConnectionClosed(reason.reason))
                 )
                 waiter.task = None
+        self._writing = []
         self._written = []
         self._outbox = []
         self._outbox_bytes = 0
@@ -546,6 +548,7 @@ class Connection(trio.abc.AsyncResource):
                 batch, self._outbox = self._outbox, []
                 self._outbox_bytes = 0
                 written, self._written = self._written, []
+                self._writing = written
                 self._space.unpark_all()
                 if batch:
                     if write_timeout is None:
@@ -555,6 +558,7 @@ class Connection(trio.abc.AsyncResource):
                             await stream.send_records(batch)
                 else:
                     await trio.lowlevel.checkpoint()
+                self._writing = []
                 for waiter in written:
                     if waiter.task is not None:
                         trio.lowlevel.reschedule(waiter.task)
