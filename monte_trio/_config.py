@@ -23,7 +23,7 @@ class ConnectionConfig:
             record is buffered. ``None`` takes the profile's value: 65,535 (the Noise limit)
             for native, 4,096 for monte-v1 (Go monte's default read buffer; raise it on
             both sides to send monte-v1 messages larger than 4,076 bytes).
-        max_message_size: the largest message body sent or accepted. Native messages
+        max_message_size: the largest message body sent or accepted (below 4 GiB). Native messages
             larger than a record are split and reassembled up to this size; monte-v1
             messages must fit in one record.
         max_pending_requests: outgoing requests awaiting a reply at once on this
@@ -40,8 +40,8 @@ class ConnectionConfig:
         idle_timeout: seconds without receiving anything after which the connection is
             closed; ``None`` keeps idle connections (the native profile's keepalive
             detects dead peers instead).
-        keepalive_interval: native only: seconds between pings when the connection is
-            quiet; ``None`` disables keepalive.
+        keepalive_interval: native only: seconds between keepalive pings (sent whether or
+            not the connection is busy); ``None`` disables keepalive.
         keepalive_tolerance: native only: seconds without hearing from the peer after
             which it is declared dead and every waiter fails.
         expose_errors: native only: send a handler's exception type and message to the
@@ -53,7 +53,10 @@ class ConnectionConfig:
     max_record_size: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
     )
-    max_message_size: int = attrs.field(default=16 * 1024 * 1024, validator=attrs.validators.gt(0))
+    max_message_size: int = attrs.field(
+        default=16 * 1024 * 1024,
+        validator=[attrs.validators.gt(0), attrs.validators.lt(2**32)],
+    )
     max_pending_requests: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     max_send_queue: int = attrs.field(default=1024 * 1024, validator=attrs.validators.gt(0))
     max_concurrent_handlers: int = attrs.field(default=128, validator=attrs.validators.gt(0))

@@ -105,11 +105,9 @@ class NoiseHandshake(Handshake):
         """This side's static public key (give it to peers that pin keys)."""
         return self.identity.public_key
 
-    def _hello(self, config: ConnectionConfig, *, refused: bool = False) -> wire.Hello:
+    def _hello(self, config: ConnectionConfig) -> wire.Hello:
         max_record = min(config.max_record_size or wire.MAX_RECORD, wire.MAX_RECORD)
-        return wire.Hello(
-            max_record_size=max_record, max_message_size=config.max_message_size, refused=refused
-        )
+        return wire.Hello(max_record_size=max_record, max_message_size=config.max_message_size)
 
     async def handshake(
         self,
@@ -164,15 +162,15 @@ class NoiseHandshake(Handshake):
         remote = state.remote_static
         assert remote is not None
         server_key = PublicKey(remote)
-        refusal: PeerRejected | None = None
         try:
             await self.trust.verify(server_key, peer=peer)
-        except PeerRejected as exc:
-            refusal = exc
-        msg3 = state.write_message(self._hello(config, refused=refusal is not None).encode())
+        except PeerRejected:
+            # An empty msg3 says "refused" without revealing our static key to a server
+            # we do not trust.
+            await transport.send_all(_U16.pack(0))
+            raise
+        msg3 = state.write_message(self._hello(config).encode())
         await transport.send_all(_U16.pack(len(msg3)) + msg3)
-        if refusal is not None:
-            raise refusal
         send, receive = state.split()
         sealer, opener = wire.transport(
             send,
@@ -219,15 +217,16 @@ class NoiseHandshake(Handshake):
         await transport.send_all(
             wire.encode_preamble(wire.Status.OK) + _U16.pack(len(msg2)) + msg2
         )
-        client_hello = wire.Hello.decode(state.read_message(await reader.message()))
-        remote = state.remote_static
-        assert remote is not None
-        client_key = PublicKey(remote)
-        if client_hello.refused:
+        msg3 = await reader.message()
+        if not msg3:
             raise PeerRejected(
                 f"the client refused this server's key {self.public_key} (its trust policy "
                 "pins other keys or is locked down)"
             )
+        client_hello = wire.Hello.decode(state.read_message(msg3))
+        remote = state.remote_static
+        assert remote is not None
+        client_key = PublicKey(remote)
         send, receive = state.split()
         # split() gives (initiator->responder, responder->initiator): we send the second.
         sealer, opener = wire.transport(
@@ -239,7 +238,8 @@ class NoiseHandshake(Handshake):
         try:
             await self.trust.verify(client_key, peer=None)
         except PeerRejected as exc:
-            await transport.send_all(sealer.seal(wire.encode_verdict(False, str(exc))))
+            verdict = wire.encode_verdict(False, str(exc), max_size=sealer.max_plaintext)
+            await transport.send_all(sealer.seal(verdict))
             raise
         await transport.send_all(sealer.seal(wire.encode_verdict(True)))
         try:

@@ -438,3 +438,53 @@ async def test_handler_error_is_a_remote_error_and_the_connection_lives() -> Non
             with pytest.raises(monte_trio.RemoteError):
                 await client.request(b"y")
         assert not client.closed
+
+
+def test_message_size_must_fit_the_hello() -> None:
+    with pytest.raises(ValueError, match="max_message_size"):
+        ConnectionConfig(max_message_size=2**32)
+
+
+async def test_refusal_reason_reaches_a_client_with_small_records() -> None:
+    stranger = Identity.generate()
+    async with running_server(trust=PinnedKeys([stranger.public_key])) as (_, port):
+        with trio.fail_after(10), pytest.raises(PeerRejected, match="server refused our key"):
+            async with monte_trio.open_client(
+                "127.0.0.1",
+                port,
+                trust=AcceptAnyKey(),
+                config=ConnectionConfig(max_record_size=100),
+            ):
+                pass  # pragma: no cover
+
+
+class _Recording(monte_trio.TrustPolicy):
+    def __init__(self) -> None:
+        self.seen: list[monte_trio.PublicKey] = []
+
+    async def verify(self, key: monte_trio.PublicKey, *, peer: str | None) -> None:
+        self.seen.append(key)
+
+
+async def test_a_refusing_client_does_not_reveal_its_key() -> None:
+    recorder = _Recording()
+    client_side = NoiseHandshake(trust=PinnedKeys([Identity.generate().public_key]))
+    server_side = NoiseHandshake(trust=recorder)
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    errors: dict[str, BaseException] = {}
+
+    async def run(name: str, hs: NoiseHandshake, raw: trio.abc.Stream) -> None:
+        try:
+            await hs.handshake(
+                raw, initiator=name == "client", peer="server:1", config=ConnectionConfig()
+            )
+        except PeerRejected as exc:
+            errors[name] = exc
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "client", client_side, client_raw)
+            nursery.start_soon(run, "server", server_side, server_raw)
+    assert "not one of the 1 pinned" in str(errors["client"])
+    assert "client refused this server's key" in str(errors["server"])
+    assert recorder.seen == []  # the server never learned who the client was

@@ -13,8 +13,10 @@ framed as follows (the full specification, with test vectors, is in docs/wire-na
 * ``msg1`` carries the initiator's ephemeral key and an empty payload (it is not
   encrypted, so nothing is said there).
 * ``msg2`` and ``msg3`` carry each side's static key and its :class:`Hello`, encrypted: the
-  protocol version, the largest record and message it accepts, and feature bits. The
-  initiator's hello also says whether it refused the responder's key.
+  protocol version, the largest record and message it accepts, and feature bits.
+* An initiator whose trust policy refuses the responder's key sends an empty ``msg3``
+  (length 0) instead of the real one, so an impostor never learns the initiator's key, and
+  closes; the responder reports the refusal.
 * The responder checks the initiator's key with its trust policy and answers with a
   verdict in the first transport record, so a refused client learns why before it sends
   anything, and the client's handshake only completes once it is accepted.
@@ -77,8 +79,6 @@ FLAG_MORE: Final = 0x01
 """Frame flag: the message continues in the next record."""
 VERDICT_ACCEPT: Final = 0
 VERDICT_REFUSE: Final = 1
-HELLO_REFUSED: Final = 0x01
-"""Hello flag (initiator only): the initiator refused the responder's static key."""
 
 _HELLO = struct.Struct(">BBIII")
 
@@ -138,20 +138,19 @@ class Hello:
         max_record_size: the largest record the sender accepts (at most 65,535).
         max_message_size: the largest message the sender accepts.
         features: feature bits (none defined in version 1; unknown bits are ignored).
-        refused: initiator only: it refused the responder's static key.
     """
 
     version: int = VERSION
     max_record_size: int = MAX_RECORD
     max_message_size: int = 16 * 1024 * 1024
     features: int = 0
-    refused: bool = False
 
     def encode(self) -> bytes:
-        """Serialise as ``u8 version, u8 flags, u32 max_record, u32 max_message, u32 features``."""
+        """Serialise as ``u8 version, u8 flags (0), u32 max_record, u32 max_message,
+        u32 features``."""
         return _HELLO.pack(
             self.version,
-            HELLO_REFUSED if self.refused else 0,
+            0,
             self.max_record_size,
             self.max_message_size,
             self.features,
@@ -166,19 +165,24 @@ class Hello:
         """
         if len(data) < _HELLO.size:
             raise RemoteProtocolError(f"hello of {len(data)} bytes is too short")
-        version, flags, max_record, max_message, features = _HELLO.unpack_from(data)
+        version, _flags, max_record, max_message, features = _HELLO.unpack_from(data)
         if not 64 < max_record <= MAX_RECORD:
             raise RemoteProtocolError(f"the peer's max record size {max_record} is invalid")
         if max_message < 1:
             raise RemoteProtocolError("the peer's max message size is zero")
-        return cls(version, max_record, max_message, features, bool(flags & HELLO_REFUSED))
+        return cls(version, max_record, max_message, features)
 
 
-def encode_verdict(accept: bool, reason: str = "") -> bytes:
-    """The plaintext of the responder's first transport record."""
+def encode_verdict(accept: bool, reason: str = "", *, max_size: int = 1025) -> bytes:
+    """The plaintext of the responder's first transport record.
+
+    A refusal's reason is cut to at most 1,024 bytes and to ``max_size`` in all (the
+    largest plaintext the initiator's records allow).
+    """
     if accept:
         return bytes([VERDICT_ACCEPT])
-    return bytes([VERDICT_REFUSE]) + reason.encode("utf-8", errors="replace")[:1024]
+    room = max(0, min(1024, max_size - 1))
+    return bytes([VERDICT_REFUSE]) + reason.encode("utf-8", errors="replace")[:room]
 
 
 def decode_verdict(plaintext: bytes) -> tuple[bool, str]:
