@@ -1,0 +1,67 @@
+"""One module per peer; each exposes the same small interface (see ``load``)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from ..common import OpenClient, PeerOptions, ServerState
+
+# peer name -> (module, extra keyword for its functions)
+_MODULES = {
+    "monte-native": "monte",
+    "monte-v1": "monte",
+    "trio-plain": "trio_plain",
+    "trio-ssl": "trio_ssl",
+    "grpc": "grpc_aio",
+    "grpc-insecure": "grpc_aio",
+    "zmq": "zmq_curve",
+}
+
+DESCRIPTIONS = {
+    "monte-native": "monte_trio, native profile (Noise XX, AES-256-GCM)",
+    "monte-v1": "monte_trio, monte-v1 profile (Go monte's wire format)",
+    "trio-plain": "plain trio TCP, same framing, no encryption (the ceiling)",
+    "trio-ssl": "trio.SSLStream TLS 1.3, same framing",
+    "grpc": "grpcio grpc.aio over TLS, raw-bytes generic handlers",
+    "grpc-insecure": "grpcio grpc.aio without TLS (not in the default set)",
+    "zmq": "pyzmq DEALER/ROUTER with CURVE",
+}
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    framework: str  # "trio" or "asyncio"
+    run_server: Callable[[str, int, PeerOptions, ServerState, Callable[[int], None]], None]
+    open_client: Callable[[str], OpenClient]
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def known() -> tuple[str, ...]:
+    return tuple(_MODULES)
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why ``name`` cannot run here (missing dependency or API), or None."""
+    if name not in _MODULES:
+        return f"unknown peer {name!r}"
+    try:
+        mod = importlib.import_module(f".{_MODULES[name]}", __name__)
+    except ImportError as exc:
+        return f"cannot import: {exc}"
+    reason: str | None = mod.unavailable_reason(name)
+    return reason
+
+
+def load(name: str) -> Peer:
+    mod: ModuleType = importlib.import_module(f".{_MODULES[name]}", __name__)
+    return Peer(
+        name=name,
+        framework=mod.FRAMEWORK,
+        run_server=mod.run_server,
+        open_client=mod.client_opener,
+        notes=dict(mod.NOTES.get(name, {})),
+    )

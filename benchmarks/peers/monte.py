@@ -1,0 +1,128 @@
+"""Peers "monte-native" and "monte-v1": monte_trio itself.
+
+Written against the API described in the benchmark brief (Server, open_client, Request,
+ConnectionConfig, MonteV1Handshake, NoiseHandshake, Identity, AcceptAnyKey). If that API is
+not importable, ``unavailable_reason`` says what is missing and the suite skips these peers;
+no figure is ever made up for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .. import BIG_SIZE
+from ..common import BenchClient, OpenClient, PeerOptions, ServerState
+from ._trio_support import run_trio_server
+
+FRAMEWORK = "trio"
+NOTES: dict[str, dict[str, str]] = {}
+
+_NEEDED = {
+    "monte-v1": ("Server", "open_client", "ConnectionConfig", "MonteV1Handshake"),
+    "monte-native": (
+        "Server",
+        "open_client",
+        "ConnectionConfig",
+        "NoiseHandshake",
+        "Identity",
+        "AcceptAnyKey",
+    ),
+}
+SERVER_MAX_CONNS = 20_000
+_BIG_LIMIT = BIG_SIZE + 64 * 1024  # room for the 1 MiB body plus framing
+
+
+def unavailable_reason(name: str) -> str | None:
+    try:
+        import monte_trio
+    except ImportError as exc:
+        return f"monte_trio is not importable ({exc})"
+    missing = [a for a in _NEEDED[name] if not hasattr(monte_trio, a)]
+    if missing:
+        return "monte_trio does not provide " + ", ".join(missing) + " yet"
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _handshake(name: str) -> Any:
+    """One handshake object (so one identity) per process, reused by every connection."""
+    import monte_trio
+
+    if name == "monte-v1":
+        return monte_trio.MonteV1Handshake()
+    return monte_trio.NoiseHandshake(
+        identity=monte_trio.Identity.generate(), trust=monte_trio.AcceptAnyKey()
+    )
+
+
+def _config(name: str, big: bool) -> Any:
+    """A ConnectionConfig that admits 1 MiB messages (one record on monte-v1)."""
+    import monte_trio
+
+    if not big:
+        return monte_trio.ConnectionConfig()
+    if name == "monte-v1":
+        return monte_trio.ConnectionConfig(max_record_size=_BIG_LIMIT, max_message_size=_BIG_LIMIT)
+    # native: records stay at most 64 KiB, a 1 MiB message spans several of them
+    return monte_trio.ConnectionConfig(max_message_size=_BIG_LIMIT)
+
+
+def run_server(
+    name: str, port: int, opts: PeerOptions, state: ServerState, ready: Callable[[int], None]
+) -> None:
+    import monte_trio
+
+    reply = state.reply
+
+    async def handler(req: Any) -> bytes | None:
+        if req.oneway:
+            state.count += 1
+            return None
+        return reply(req.body)
+
+    async def serve(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        kwargs: dict[str, Any] = {}
+        if "max_conns" in inspect.signature(monte_trio.Server).parameters:
+            # the default (1024, like Go monte) would refuse the 10,000 idle connections
+            kwargs["max_conns"] = SERVER_MAX_CONNS
+        server = monte_trio.Server(
+            handler, handshake=_handshake(name), config=_config(name, opts.big), **kwargs
+        )
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(server.serve, port, opts.host)
+            task_status.started(listeners[0].socket.getsockname()[1])
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await server.shutdown(grace_period=0.5)
+
+    run_trio_server(serve, ready)
+
+
+def client_opener(name: str) -> OpenClient:
+    import monte_trio
+
+    @asynccontextmanager
+    async def open_client(
+        port: int, opts: PeerOptions, max_conns: int
+    ) -> AsyncIterator[BenchClient]:
+        async with monte_trio.open_client(
+            opts.host,
+            port,
+            handshake=_handshake(name),
+            max_conns=max_conns,
+            config=_config(name, opts.big),
+        ) as client:
+            yield client
+
+    return open_client
+
+
+__all__ = ["client_opener", "run_server", "unavailable_reason"]
