@@ -108,10 +108,12 @@ class _Direction:
         self._aead = nonce.aead(key)
         self.counter = counter
         self._rekey_interval = rekey_interval
+        # The next counter at which to act: a rekey, or at NONCE_LIMIT the refusal to go
+        # on (capped, since the interval need not divide 2**64 - 1).
         self._next_rekey = (
             NONCE_LIMIT
             if rekey_interval is None
-            else (counter // rekey_interval + 1) * rekey_interval
+            else min((counter // rekey_interval + 1) * rekey_interval, NONCE_LIMIT)
         )
 
     def _rekey(self) -> None:
@@ -120,7 +122,7 @@ class _Direction:
         assert self._rekey_interval is not None
         self._key = self._nonce.rekey(self._key)
         self._aead = self._nonce.aead(self._key)
-        self._next_rekey += self._rekey_interval
+        self._next_rekey = min(self._next_rekey + self._rekey_interval, NONCE_LIMIT)
 
 
 class RecordSealer(_Direction):
