@@ -321,8 +321,12 @@ class Connection(trio.abc.AsyncResource):
                 task_status.started()
         finally:
             self._finish(ConnectionClosed("the connection was closed"))
-            await trio.aclose_forcefully(self._stream)
-            self._closed.set()
+            try:
+                # Raises Cancelled when an enclosing scope is cancelled; _closed must be
+                # set regardless, or close_gracefully() would wait for it forever.
+                await trio.aclose_forcefully(self._stream)
+            finally:
+                self._closed.set()
 
     async def wait_closed(self) -> None:
         """Wait until the connection has ended and its stream is closed."""
