@@ -1,0 +1,198 @@
+"""The programs under examples/, run as real subprocesses on loopback.
+
+Every subprocess is bounded by ``trio.fail_after`` and killed (and reaped) on the way out.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from monte_trio import Identity, PublicKey
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+class Proc:
+    """A running example: its stdout read line by line, its stdin written to."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self._buffer = b""
+        self.seen: list[str] = []
+
+    async def readline(self) -> str:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(4096)
+            if not chunk:
+                raise AssertionError(f"EOF on stdout; the process printed {self.seen!r}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        text = line.decode()
+        self.seen.append(text)
+        return text
+
+    async def expect(self, prefix: str) -> str:
+        """Read lines until one starts with ``prefix``; return it."""
+        while True:
+            line = await self.readline()
+            if line.startswith(prefix):
+                return line
+
+    async def type_line(self, text: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(text.encode() + b"\n")
+
+    async def close_stdin(self) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.aclose()
+
+    async def finish(self) -> tuple[int, str, str]:
+        """Wait for EOF and exit; return (status, rest of stdout, stderr)."""
+        assert self.process.stdout is not None
+        assert self.process.stderr is not None
+        chunks: list[bytes | bytearray] = [self._buffer]
+        while chunk := await self.process.stdout.receive_some(4096):
+            chunks.append(chunk)
+        errors: list[bytes | bytearray] = []
+        while chunk := await self.process.stderr.receive_some(4096):
+            errors.append(chunk)
+        code = await self.process.wait()
+        return code, b"".join(chunks).decode(), b"".join(errors).decode()
+
+
+@asynccontextmanager
+async def spawn(script: str, *args: str) -> AsyncIterator[Proc]:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(EXAMPLES / script), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield Proc(process)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                if pipe is not None:
+                    await pipe.aclose()
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free right now on 127.0.0.1 (bound to port 0, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize("wire", ["monte-v1", "native"])
+async def test_chat(tmp_path: Path, wire: str) -> None:
+    port_a, port_b = free_ports(2)
+    options_a = ["--listen", str(port_a), "--peer", f"127.0.0.1:{port_b}"]
+    options_b = ["--listen", str(port_b), "--peer", f"127.0.0.1:{port_a}"]
+    if wire == "monte-v1":
+        options_a += ["--profile", "monte-v1"]
+        options_b += ["--profile", "monte-v1"]
+    else:  # the documented authenticated set-up: each peer pins the other's key
+        alice, bob = Identity.generate(), Identity.generate()
+        alice.save(tmp_path / "alice.key")
+        bob.save(tmp_path / "bob.key")
+        options_a += [
+            "--identity",
+            str(tmp_path / "alice.key"),
+            "--trust",
+            f"pin:{bob.public_key}",
+        ]
+        options_b += [
+            "--identity",
+            str(tmp_path / "bob.key"),
+            "--trust",
+            f"pin:{alice.public_key}",
+        ]
+
+    with trio.fail_after(10):
+        async with spawn("chat.py", *options_a) as a, spawn("chat.py", *options_b) as b:
+            await a.expect("chat: connected to")
+            await b.expect("chat: connected to")
+            await a.type_line("hello from A")
+            assert await b.expect(f"127.0.0.1:{port_a}:") == f"127.0.0.1:{port_a}: hello from A"
+            await b.type_line("hi from B, with ünïcode")
+            assert await a.expect(f"127.0.0.1:{port_b}:") == (
+                f"127.0.0.1:{port_b}: hi from B, with ünïcode"
+            )
+            await a.close_stdin()
+            code_a, rest_a, err_a = await a.finish()
+            assert code_a == 0, (rest_a, err_a)
+            assert "chat: bye" in rest_a
+            await b.close_stdin()
+            code_b, rest_b, err_b = await b.finish()
+            assert code_b == 0, (rest_b, err_b)
+            assert "chat: bye" in rest_b
+    for stderr in (err_a, err_b):
+        assert "Traceback" not in stderr
+        assert ("not authenticated" in stderr) == (wire == "monte-v1")
+
+
+async def test_chat_gives_up_when_the_peer_never_comes() -> None:
+    port_a, port_b = free_ports(2)
+    with trio.fail_after(10):
+        async with spawn(
+            "chat.py", "--listen", str(port_a), "--peer", f"127.0.0.1:{port_b}",
+            "--profile", "monte-v1", "--connect-timeout", "0.5",
+        ) as a:  # fmt: skip
+            code, rest, stderr = await a.finish()
+    assert code == 1, (rest, stderr)
+    assert "chat: error: could not connect" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("wire", ["monte-v1", "native"])
+async def test_echo_server_and_client(wire: str) -> None:
+    flags = ["--monte-v1"] if wire == "monte-v1" else []
+    with trio.fail_after(10):
+        async with spawn("echo_server.py", "--port", "0", *flags) as server:
+            first = await server.readline()
+            assert first.startswith("listening on 127.0.0.1:")
+            address = first.split()[-1]
+            pin: list[str] = []
+            if wire == "native":
+                key = (await server.readline()).removeprefix("public key: ")
+                PublicKey.parse(key)
+                pin = ["--server-key", key]
+            async with spawn("echo_client.py", address, *flags, *pin, "hello", "wörld") as client:
+                await client.close_stdin()
+                code, rest, stderr = await client.finish()
+            assert code == 0, (rest, stderr)
+            assert rest.splitlines() == ["reply: hello", "reply: wörld"]
+
+            if wire == "native":  # pinning the wrong key is refused, cleanly
+                wrong = str(Identity.generate().public_key)
+                async with spawn("echo_client.py", address, "--server-key", wrong, "x") as bad:
+                    await bad.close_stdin()
+                    code, rest, stderr = await bad.finish()
+                assert code == 1, (rest, stderr)
+                assert stderr.startswith("error: ")
+                assert "pinned" in stderr
+
+            server.process.send_signal(signal.SIGINT)
+            await server.close_stdin()
+            code, rest, stderr = await server.finish()
+    assert code == 0, (rest, stderr)
+    assert "served 2 requests" in rest
