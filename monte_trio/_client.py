@@ -223,6 +223,9 @@ class Client(trio.abc.AsyncResource):
                 if isinstance(exc, HandshakeError):
                     self._dial_failures += 1
                 raise
+            if self._closed:
+                await trio.aclose_forcefully(secure)
+                raise ConnectionClosed("the client was closed while this connection was dialed")
             conn: Connection = await self._nursery.start(self._run_connection, secure)
             self._dials += 1
             return conn
@@ -260,6 +263,8 @@ class Client(trio.abc.AsyncResource):
                 task_status.started(conn)
                 if self._hook is not None:
                     self._hook(conn, ConnectionState.NEW)
+                if self._closed:  # aclose() ran while this connection was starting
+                    await conn.aclose()
                 await conn.wait_closed()
         finally:
             if conn in self._conns:

@@ -369,7 +369,15 @@ class Connection(trio.abc.AsyncResource):
                 self._enqueue(_GOAWAY, self._last_request_accepted, b"")
                 self._wake_writer()
         with trio.move_on_after(grace_period):
-            while (self._busy or self._inbox or len(self._dispatcher)) and not self._closed_now:
+            # Native: also wait for the peer's GOAWAY. Whatever the peer wrote before it
+            # learned that we are closing is ordered before its GOAWAY, so no message it
+            # has already written is lost.
+            while (
+                self._busy
+                or self._inbox
+                or len(self._dispatcher)
+                or (self._native and self._peer_last_processed is None)
+            ) and not self._closed_now:
                 self._idle = trio.Event()
                 await self._idle.wait()
             await self._flush()
@@ -675,7 +683,11 @@ class Connection(trio.abc.AsyncResource):
         elif kind == _GOAWAY:
             self._peer_last_processed = ident
             if self._state is _State.OPEN:
+                # Answer with our own GOAWAY: it tells the peer which of its requests we
+                # accepted, and that nothing new from us follows it.
                 self._state = _State.CLOSING
+                self._enqueue(_GOAWAY, self._last_request_accepted, b"")
+                self._wake_writer()
             # Requests the peer will never process fail now, safe to retry.
             for pending in self._dispatcher.pending_ids():
                 if pending > ident:
