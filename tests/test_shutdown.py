@@ -1,0 +1,353 @@
+"""Closing clients and servers under load, within their grace period, losing nothing.
+
+All over :class:`~monte_trio.testing.FaultyNetwork` (latency 5 ms) under trio's MockClock,
+so durations are measured exactly with :func:`trio.current_time`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+import monte_trio
+from monte_trio import (
+    AcceptAnyKey,
+    Client,
+    Connection,
+    ConnectionClosed,
+    ConnectionConfig,
+    Handshake,
+    HandshakeError,
+    MonteV1Handshake,
+    NoiseHandshake,
+    Request,
+    RequestNotProcessed,
+    Server,
+)
+from monte_trio.testing import FaultyNetwork, secure_stream_pair
+
+PROFILES = ["native", "monte-v1"]
+GRACE = 2.0
+SLACK = 0.1  # seconds beyond the grace period a close may take (a few latencies)
+CONFIG = ConnectionConfig(grace_period=GRACE, keepalive_interval=1, keepalive_tolerance=3)
+CALLS = 100
+
+
+def handshake_for(profile: str) -> Handshake:
+    if profile == "native":
+        return NoiseHandshake(trust=AcceptAnyKey())
+    return MonteV1Handshake()
+
+
+class Live(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.tasks: set[trio.lowlevel.Task] = set()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.tasks.add(task)
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        self.tasks.discard(task)
+
+
+@asynccontextmanager
+async def no_task_left() -> AsyncIterator[None]:
+    live = Live()
+    trio.lowlevel.add_instrument(live)
+    try:
+        yield
+        await trio.testing.wait_all_tasks_blocked()
+        leaked = sorted(task.name for task in live.tasks)
+        assert not leaked, f"tasks left running: {leaked}"
+    finally:
+        trio.lowlevel.remove_instrument(live)
+
+
+class Recorder:
+    """Requests take 10-50 ms (or forever with ``hang``); one-way messages are counted."""
+
+    def __init__(self, *, hang: bool = False) -> None:
+        self.hang = hang
+        self.executions: Counter[bytes] = Counter()
+        self.messages: Counter[bytes] = Counter()
+        self.cancelled = 0
+
+    async def __call__(self, request: Request) -> bytes | None:
+        if request.oneway:
+            self.messages[request.body] += 1
+            return None
+        self.executions[request.body] += 1
+        try:
+            if self.hang:
+                await trio.sleep_forever()
+            await trio.sleep(0.01 * (1 + int(request.body[-2:]) % 5))
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        return b"re:" + request.body
+
+
+@asynccontextmanager
+async def serving(
+    network: FaultyNetwork, handler: Recorder, profile: str
+) -> AsyncIterator[Server]:
+    """Serve on the network's host "server"; shut down (if still serving) on exit."""
+    server = Server(handler, handshake=handshake_for(profile), config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_listeners, [network.listen("server")])
+        yield server
+        with trio.fail_after(GRACE + 5):
+            await server.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def network_client(network: FaultyNetwork, profile: str) -> AsyncIterator[Client]:
+    async with monte_trio.open_client(
+        handshake=handshake_for(profile),
+        config=CONFIG,
+        max_conns=4,
+        connect=lambda: network.connect("server"),
+    ) as client:
+        yield client
+
+
+class Load:
+    """CALLS staggered calls (even: requests, odd: one-way sends) and their outcomes."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.outcomes: dict[bytes, str] = {}
+        self.sent: set[bytes] = set()  # one-way messages whose send() returned normally
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for i in range(CALLS):
+                nursery.start_soon(self.call, i)
+
+    async def call(self, i: int) -> None:
+        body = b"call-%03d" % i
+        await trio.sleep(i * 0.0005)
+        try:
+            with trio.fail_after(30):  # nothing may hang: far beyond any grace period
+                if i % 2 == 0:
+                    assert await self.client.request(body) == b"re:" + body
+                else:
+                    await self.client.send(body)
+                    self.sent.add(body)
+            self.outcomes[body] = "ok"
+        except (ConnectionClosed, HandshakeError) as exc:  # RequestNotProcessed included
+            # HandshakeError: the call needed a new connection, and the server closed it
+            # during the handshake (it was shutting down)
+            self.outcomes[body] = type(exc).__name__
+
+    def check(self, handler: Recorder) -> Counter[str]:
+        assert len(self.outcomes) == CALLS
+        for body, outcome in self.outcomes.items():
+            if int(body[-3:]) % 2 == 0:
+                if outcome == "ok":
+                    assert handler.executions[body] == 1, body
+                elif outcome == "RequestNotProcessed":
+                    assert handler.executions[body] == 0, body
+                else:
+                    assert handler.executions[body] <= 1, body
+        # no message that send() reported as written was lost
+        lost = sorted(self.sent - set(handler.messages))
+        assert not lost, f"one-way messages written but never handled: {lost}"
+        return Counter(self.outcomes.values())
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_client_close_under_load(
+    autojump_clock: trio.testing.MockClock, profile: str
+) -> None:
+    network = FaultyNetwork(seed=4, latency=0.005)
+    handler = Recorder()
+    with trio.fail_after(60):
+        async with no_task_left(), serving(network, handler, profile):
+            async with network_client(network, profile) as client:
+                load = Load(client)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(load.run)
+                    await trio.sleep(0.025)  # half the calls are started, many in flight
+                    start = trio.current_time()
+                    await client.aclose()
+                    elapsed = trio.current_time() - start
+                    open_after_close = client.statistics().open_connections
+                    await trio.sleep(1)
+                    open_a_second_later = client.statistics().open_connections
+                assert elapsed <= GRACE + SLACK
+            await trio.sleep(0.1)  # the server handles what was written before EOF
+            kinds = load.check(handler)
+            assert kinds["ok"] > 0
+            assert kinds["ConnectionClosed"] > 0  # calls made after the close
+            assert kinds["RequestNotProcessed"] == 0  # the server never sent GOAWAY
+    # Client.aclose() closed the pool: dials that were in progress must not add
+    # connections to a closed client (they stay open until the open_client block ends).
+    assert (open_after_close, open_a_second_later) == (0, 0)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("moment", [0.005, 0.025, 0.035])
+async def test_server_shutdown_under_load(
+    autojump_clock: trio.testing.MockClock, profile: str, moment: float
+) -> None:
+    """The server shuts down ``moment`` seconds into the load: while the pool dials, while
+    the calls flow, or as they wind down."""
+    network = FaultyNetwork(seed=5, latency=0.005)
+    handler = Recorder()
+    with trio.fail_after(60):
+        async with (
+            no_task_left(),
+            serving(network, handler, profile) as server,
+            network_client(network, profile) as client,
+        ):
+            load = Load(client)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load.run)
+                await trio.sleep(moment)
+                start = trio.current_time()
+                await server.shutdown()
+                elapsed = trio.current_time() - start
+            assert elapsed <= GRACE + SLACK
+            assert server.statistics().connections_active == 0
+            if profile == "monte-v1":
+                # monte-v1 has no GOAWAY: the client cannot know the server is going, so
+                # one-way messages it wrote in the last latency before the server closed
+                # are lost, as with Go monte. Only the requests are checked.
+                load.sent.clear()
+            kinds = load.check(handler)
+            assert kinds["ok"] > 0
+            if profile == "monte-v1":
+                assert kinds["RequestNotProcessed"] == 0  # no GOAWAY in monte-v1
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_shutdown_cancels_handlers_that_overrun_the_grace_period(
+    autojump_clock: trio.testing.MockClock, profile: str
+) -> None:
+    network = FaultyNetwork(seed=6, latency=0.005)
+    handler = Recorder(hang=True)
+    outcomes: list[str] = []
+    with trio.fail_after(60):
+        async with (
+            no_task_left(),
+            serving(network, handler, profile) as server,
+            network_client(network, profile) as client,
+        ):
+
+            async def call(i: int) -> None:
+                try:
+                    await client.request(b"hang-%02d" % i)
+                except ConnectionClosed as exc:
+                    outcomes.append(type(exc).__name__)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(call, i)
+                await trio.sleep(0.1)
+                assert sum(handler.executions.values()) == 10
+                start = trio.current_time()
+                await server.shutdown(grace_period=1.5)
+                elapsed = trio.current_time() - start
+            assert 1.5 <= elapsed <= 1.5 + SLACK
+            assert handler.cancelled == 10
+    assert outcomes == ["ConnectionClosed"] * 10
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_errors_leave_the_context_managers_as_themselves(
+    autojump_clock: trio.testing.MockClock, profile: str
+) -> None:
+    """With trio's strict exception groups, users still see plain exceptions."""
+    network = FaultyNetwork(seed=7, latency=0.005)
+    handler = Recorder()
+    with trio.fail_after(60):
+        async with no_task_left(), serving(network, handler, profile):
+            # an error in the client's block, with calls in flight on its connections
+            async with trio.open_nursery() as nursery:  # the test's own: outside the block
+
+                async def error_in_client_block() -> None:
+                    async with network_client(network, profile) as client:
+                        nursery.start_soon(Load(client).run)
+                        await trio.sleep(0.02)
+                        raise KeyError("in the client block")
+
+                with pytest.raises(KeyError) as info:
+                    await error_in_client_block()
+            assert type(info.value) is KeyError
+
+            # a call's own error, raised through the client's block
+            async def call_on_dropped_link() -> None:
+                async with network_client(network, profile) as client:
+                    network.drop("client", "server")
+                    await client.request(b"call-000")
+
+            with pytest.raises(ConnectionClosed) as closed:
+                await call_on_dropped_link()
+            assert type(closed.value) is ConnectionClosed
+
+            # cancellation of the whole block, under load: nothing escapes the scope
+            with trio.move_on_after(0.02) as scope:
+                async with network_client(network, profile) as client:
+                    await Load(client).run()
+            assert scope.cancelled_caught
+
+        # a first dial that fails: plain ConnectionClosed, not a group
+        with pytest.raises(ConnectionClosed) as refused:
+            async with network_client(network, profile):
+                raise AssertionError("unreachable")  # pragma: no cover
+        assert type(refused.value) is ConnectionClosed
+
+        # Connection's own context manager, with a request in flight
+        client_stream, server_stream = await secure_stream_pair(handshake_for(profile))
+        seen: list[type[BaseException]] = []
+
+        async def in_flight(conn: Connection) -> None:
+            try:
+                await conn.request(b"call-002")
+            except ConnectionClosed as exc:
+                seen.append(type(exc))
+
+        async with (
+            Connection(server_stream, handler=handler, config=CONFIG) as _server,
+            trio.open_nursery() as nursery,  # the test's own: outside the block
+        ):
+
+            async def error_in_connection_block() -> None:
+                async with Connection(client_stream, config=CONFIG) as conn:
+                    nursery.start_soon(in_flight, conn)
+                    await trio.testing.wait_all_tasks_blocked()
+                    raise ValueError("in the connection block")
+
+            with pytest.raises(ValueError, match="in the connection block") as plain:
+                await error_in_connection_block()
+            assert type(plain.value) is ValueError
+        assert seen == [ConnectionClosed]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_server_shutdown_returns_plainly_and_is_idempotent_for_clients(
+    autojump_clock: trio.testing.MockClock, profile: str
+) -> None:
+    network = FaultyNetwork(seed=8, latency=0.005)
+    handler = Recorder()
+    with trio.fail_after(60):
+        async with no_task_left():
+            server = Server(handler, handshake=handshake_for(profile), config=CONFIG)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve_listeners, [network.listen("server")])
+                async with network_client(network, profile) as client:
+                    assert await client.request(b"call-010") == b"re:call-010"
+                    await server.shutdown()  # returns plainly while a client is connected
+                    with pytest.raises(ConnectionClosed) as after:
+                        await client.request(b"call-012")
+                    assert type(after.value) in (ConnectionClosed, RequestNotProcessed)
+                    await client.aclose()
+                    await client.aclose()  # idempotent
+                nursery.cancel_scope.cancel()
