@@ -66,9 +66,11 @@ class ReplyChannel(trio.abc.ReceiveChannel[Reply]):
             ConnectionClosed: the connection ended first.
         """
         if self._result is not None:
+            # Cancellation first: a receive that raises Cancelled must not consume the reply.
+            await trio.lowlevel.checkpoint_if_cancelled()
             result, self._result = self._result, None
             self._closed = True
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return result.unwrap()
         if self._closed:
             await trio.lowlevel.checkpoint()

@@ -14,6 +14,7 @@ authentication or framing raises :class:`~monte_trio.RemoteProtocolError` (or it
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import trio
@@ -141,8 +142,10 @@ class SecureStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Return decrypted bytes: at least one, or ``b""`` at the end of the stream."""
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)  # TypeError for 1.5, as trio's streams
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         if not self._plain:
             while True:
                 records = await self.receive_records()

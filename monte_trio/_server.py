@@ -110,6 +110,7 @@ class Server:
         self._handshaking: set[trio.CancelScope] = set()
         self._accept_scope: trio.CancelScope | None = None
         self._shutting_down = False
+        self._shutdown_grace = self.config.grace_period
         self._stopped = trio.Event()
         self.listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
         self._accepted = 0
@@ -182,13 +183,14 @@ class Server:
             grace_period: seconds each connection's in-flight work may take to finish;
                 defaults to the configuration's ``grace_period``.
         """
-        self._shutting_down = True
         if self._accept_scope is None:
             raise RuntimeError("the server is not serving")
+        grace = self.config.grace_period if grace_period is None else grace_period
+        self._shutdown_grace = grace
+        self._shutting_down = True
         self._accept_scope.cancel()
         for scope in self._handshaking:
             scope.cancel()
-        grace = self.config.grace_period if grace_period is None else grace_period
         async with trio.open_nursery() as nursery:
             for conn in list(self._connections):
                 nursery.start_soon(conn.close_gracefully, grace)
@@ -262,6 +264,10 @@ class Server:
                 self._connections.add(conn)
                 if self._hook is not None:
                     self._hook(conn, ConnectionState.NEW)
+                if self._is_shutting_down():
+                    # shutdown() began while this connection was starting, so it did not
+                    # see it: close it the same way.
+                    await conn.close_gracefully(self._shutdown_grace)
                 await conn.wait_closed()
         finally:
             if conn is not None and conn in self._connections:
