@@ -213,6 +213,7 @@ class Connection(trio.abc.AsyncResource):
         self._idle.set()
         # peer's goaway
         self._peer_last_processed: int | None = None
+        self._peer_closed = False
         self._last_heard = 0.0
         self._rtt: float | None = None
         # counters
@@ -376,7 +377,7 @@ class Connection(trio.abc.AsyncResource):
                 self._busy
                 or self._inbox
                 or len(self._dispatcher)
-                or (self._native and self._peer_last_processed is None)
+                or (self._native and self._peer_last_processed is None and not self._peer_closed)
             ) and not self._closed_now:
                 self._idle = trio.Event()
                 await self._idle.wait()
@@ -392,17 +393,7 @@ class Connection(trio.abc.AsyncResource):
             return
         self._state = _State.CLOSED
         self._close_reason = reason
-        peer_last = self._peer_last_processed
-
-        def error_for(ident: int) -> ConnectionClosed:
-            if peer_last is not None and ident > peer_last:
-                return RequestNotProcessed(
-                    f"the peer shut down without processing request {ident} "
-                    f"(it processed up to {peer_last}); it is safe to retry"
-                )
-            return ConnectionClosed(reason.reason)
-
-        self._dispatcher.fail_all(error_for)
+        self._fail_pending(reason.reason)
         for waiter in (*self._writing, *self._written):
             if waiter.task is not None:
                 trio.lowlevel.reschedule(
@@ -417,6 +408,20 @@ class Connection(trio.abc.AsyncResource):
         self._idle.set()
         if self._services is not None:
             self._services.cancel_scope.cancel()
+
+    def _fail_pending(self, reason: str) -> None:
+        """Fail this side's requests awaiting replies: safe to retry if the peer said so."""
+        peer_last = self._peer_last_processed
+
+        def error_for(ident: int) -> ConnectionClosed:
+            if peer_last is not None and ident > peer_last:
+                return RequestNotProcessed(
+                    f"the peer shut down without processing request {ident} "
+                    f"(it processed up to {peer_last}); it is safe to retry"
+                )
+            return ConnectionClosed(reason)
+
+        self._dispatcher.fail_all(error_for)
 
     def _closed_error(self) -> ConnectionClosed:
         if self._close_reason is not None:
@@ -609,7 +614,7 @@ class Connection(trio.abc.AsyncResource):
                         self._fail(f"nothing received for {idle_timeout} s (idle_timeout)")
                         return
                 if not records:
-                    self._fail("the peer closed the connection")
+                    await self._drain_after_eof()
                     return
                 if self._native:
                     self._last_heard = trio.current_time()
@@ -640,6 +645,26 @@ class Connection(trio.abc.AsyncResource):
             self._fail(f"the peer broke the protocol: {exc}", exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(f"the connection was lost while reading: {exc}", exc)
+
+    async def _drain_after_eof(self) -> None:
+        """The peer closed its end: finish the work it already handed us, then close.
+
+        Nothing more can arrive, so this side's pending requests fail now; but requests and
+        messages the peer sent before closing still reach the handler, and handlers already
+        running finish, within the grace period. Their replies, which nobody can receive
+        any more, are dropped.
+        """
+        reason = "the peer closed the connection"
+        self._peer_closed = True
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSING
+        self._fail_pending(reason)
+        self._idle.set()
+        with trio.move_on_after(self._config.grace_period):
+            while (self._busy or self._inbox) and not self._closed_now:
+                self._idle = trio.Event()
+                await self._idle.wait()
+        self._fail(reason)
 
     def _take_request(self, frame: Frame) -> None:
         if frame[0] == _REQUEST:
@@ -765,6 +790,8 @@ class Connection(trio.abc.AsyncResource):
         await self._reply(_REPLY, ident, b"" if reply is None else reply)
 
     async def _reply(self, kind: int, ident: int, payload: bytes) -> None:
+        if self._peer_closed:
+            return  # nobody is left to read it
         if self._outbox_bytes >= self._max_send_queue:
             await self._wait_for_space()
         if self._state is _State.CLOSED:
@@ -799,7 +826,7 @@ class Connection(trio.abc.AsyncResource):
             message = "".join(traceback.format_exception(exc))
         else:
             message = f"{type(exc).__name__}: {exc}"
-        if self._state is _State.CLOSED:
+        if self._state is _State.CLOSED or self._peer_closed:
             return
         payload = message.encode("utf-8", errors="replace")[: self._codec.max_message_size]
         self._enqueue(_ERROR, request.id, payload)
