@@ -1,0 +1,147 @@
+"""Shared fixtures and helpers of the core (Trio layer) tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+import monte_trio
+from monte_trio import (
+    Connection,
+    ConnectionConfig,
+    Handler,
+    Handshake,
+    Request,
+    SecureStream,
+    Server,
+)
+from monte_trio.testing import FaultyNetwork
+
+LOCALHOST = "127.0.0.1"
+
+PROFILES = ["monte-v1", "native"]
+
+
+def make_handshake(name: str) -> Handshake:
+    """A fresh handshake of the profile ``name`` (``"monte-v1"`` or ``"native"``)."""
+    if name == "monte-v1":
+        return monte_trio.MonteV1Handshake()
+    noise = getattr(monte_trio, "NoiseHandshake", None)
+    if noise is None:
+        pytest.skip("native profile not built yet")
+    handshake: Handshake = noise(
+        identity=monte_trio.Identity.generate(), trust=monte_trio.AcceptAnyKey()
+    )
+    return handshake
+
+
+@pytest.fixture(params=PROFILES)
+def profile(request: pytest.FixtureRequest) -> Handshake:
+    """A Handshake of each wire profile; native is skipped until it exists."""
+    name: str = request.param
+    return make_handshake(name)
+
+
+@pytest.fixture
+def monte_v1() -> Handshake:
+    """The monte-v1 handshake, for behaviour specific to that profile."""
+    return monte_trio.MonteV1Handshake()
+
+
+@pytest.fixture
+def native() -> Handshake:
+    """The native handshake, for behaviour specific to that profile."""
+    return make_handshake("native")
+
+
+def is_native(handshake: Handshake) -> bool:
+    return handshake.profile == "native"
+
+
+async def echo(request: Request) -> bytes:
+    """A handler that replies with the request body."""
+    await trio.lowlevel.checkpoint()
+    return request.body
+
+
+@asynccontextmanager
+async def running_server(
+    handler: Handler, handshake: Handshake, **kwargs: Any
+) -> AsyncIterator[tuple[Server, int]]:
+    """Serve ``handler`` on 127.0.0.1 (a free port); yield ``(server, port)``.
+
+    The server is shut down gracefully when the block ends (if it was not already).
+    """
+    server = Server(handler, handshake=handshake, **kwargs)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(server.serve, 0, LOCALHOST)
+        port = listeners[0].socket.getsockname()[1]
+        try:
+            yield server, port
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + 10
+                if not server._stopped.is_set():
+                    await server.shutdown(grace_period=1.0)
+            nursery.cancel_scope.cancel()
+
+
+async def handshake_streams(
+    handshake: Handshake,
+    raw_client: trio.abc.Stream,
+    raw_server: trio.abc.Stream,
+    *,
+    client_config: ConnectionConfig | None = None,
+    server_config: ConnectionConfig | None = None,
+) -> tuple[SecureStream, SecureStream]:
+    """Run ``handshake`` on both ends of a raw stream pair; return (client, server)."""
+    results: dict[bool, SecureStream] = {}
+
+    async def run(initiator: bool, raw: trio.abc.Stream, config: ConnectionConfig) -> None:
+        results[initiator] = await handshake.handshake(
+            raw, initiator=initiator, peer="server:0" if initiator else None, config=config
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, True, raw_client, client_config or ConnectionConfig())
+        nursery.start_soon(run, False, raw_server, server_config or ConnectionConfig())
+    return results[True], results[False]
+
+
+@asynccontextmanager
+async def network_connection_pair(
+    handshake: Handshake,
+    net: FaultyNetwork,
+    *,
+    client_handler: Handler | None = None,
+    server_handler: Handler | None = None,
+    config: ConnectionConfig | None = None,
+    client_config: ConnectionConfig | None = None,
+    server_config: ConnectionConfig | None = None,
+) -> AsyncIterator[tuple[Connection, Connection]]:
+    """Like ``open_connection_pair``, over a link of ``net`` (host "client" to "server"),
+    so that tests can stall, drop or cut it."""
+    client_config = client_config or config
+    server_config = server_config or config
+    listener = net.listen("server")
+    try:
+        raw_client = await net.connect("server")
+        raw_server = await listener.accept()
+    finally:
+        await listener.aclose()
+    client_stream, server_stream = await handshake_streams(
+        handshake,
+        raw_client,
+        raw_server,
+        client_config=client_config,
+        server_config=server_config,
+    )
+    async with (
+        Connection(client_stream, handler=client_handler, config=client_config) as client,
+        Connection(server_stream, handler=server_handler, config=server_config) as server,
+    ):
+        yield client, server

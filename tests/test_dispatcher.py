@@ -1,0 +1,256 @@
+"""Unit tests of the Dispatcher (request ids, reply routing) and its ReplyChannel."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from monte_trio import ConnectionClosed, LimitExceeded
+from monte_trio._dispatcher import Dispatcher, ReplyChannel
+
+TIMEOUT = 5
+
+
+# ---- ids ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("first", "expected"), [(1, [1, 3, 5, 7]), (2, [2, 4, 6, 8])])
+def test_ids_have_the_side_parity_and_step_by_two(first: int, expected: list[int]) -> None:
+    d = Dispatcher(first_id=first, max_pending=100)
+    assert [d.allocate()[0] for _ in range(4)] == expected
+    assert len(d) == 4
+
+
+@pytest.mark.parametrize("first", [0, 3, -1])
+def test_first_id_must_be_1_or_2(first: int) -> None:
+    with pytest.raises(ValueError, match="first_id"):
+        Dispatcher(first_id=first, max_pending=1)
+
+
+def test_odd_ids_wrap_within_32_bits_and_skip_pending() -> None:
+    d = Dispatcher(first_id=1, max_pending=100)
+    first, _ = d.allocate()  # id 1 stays pending
+    assert first == 1
+    d._next = 2**32 - 3
+    ids = [d.allocate()[0] for _ in range(3)]
+    # 2**32 - 3, 2**32 - 1, then wraps to 1 (pending: skipped) -> 3
+    assert ids == [2**32 - 3, 2**32 - 1, 3]
+    assert all(0 < i < 2**32 and i % 2 == 1 for i in ids)
+
+
+def test_even_ids_wrap_skipping_zero() -> None:
+    d = Dispatcher(first_id=2, max_pending=100)
+    d._next = 2**32 - 2
+    ids = [d.allocate()[0] for _ in range(3)]
+    assert ids == [2**32 - 2, 2, 4]
+    assert 0 not in ids
+
+
+def test_wrap_skips_every_pending_id() -> None:
+    d = Dispatcher(first_id=2, max_pending=100)
+    held = [d.allocate()[0] for _ in range(3)]  # 2, 4, 6 pending
+    assert held == [2, 4, 6]
+    d._next = 2**32 - 2
+    assert d.allocate()[0] == 2**32 - 2
+    assert d.allocate()[0] == 8  # 2, 4, 6 still pending
+
+
+def test_released_ids_are_reused_after_wrap() -> None:
+    d = Dispatcher(first_id=1, max_pending=100)
+    ident, _ = d.allocate()
+    assert d.discard(ident)
+    d._next = 2**32 - 1
+    assert d.allocate()[0] == 2**32 - 1
+    assert d.allocate()[0] == 1
+
+
+# ---- limits -------------------------------------------------------------------------------
+
+
+def test_limit_exceeded_then_room_again() -> None:
+    d = Dispatcher(first_id=1, max_pending=3)
+    ids = [d.allocate()[0] for _ in range(3)]
+    with pytest.raises(LimitExceeded, match="max_pending_requests"):
+        d.allocate()
+    assert len(d) == 3
+    assert d.deliver(ids[0], (2, b"x"))
+    assert d.allocate()[0] == 7  # one slot free again; ids keep stepping
+    with pytest.raises(LimitExceeded):
+        d.allocate()
+
+
+# ---- deliver / discard / fail -------------------------------------------------------------
+
+
+async def test_deliver_routes_to_the_right_channel() -> None:
+    d = Dispatcher(first_id=1, max_pending=10)
+    (a, ca), (b, cb) = d.allocate(), d.allocate()
+    assert d.deliver(b, (2, b"for b"))
+    assert d.deliver(a, (2, b"for a"))
+    assert await ca.receive() == (2, b"for a")
+    assert await cb.receive() == (2, b"for b")
+    assert len(d) == 0
+    assert d.dropped == 0
+
+
+def test_unknown_or_duplicate_reply_is_dropped_and_counted() -> None:
+    d = Dispatcher(first_id=1, max_pending=10)
+    ident, _ = d.allocate()
+    assert not d.deliver(99, (2, b"unknown"))
+    assert d.dropped == 1
+    assert d.deliver(ident, (2, b"ok"))
+    assert not d.deliver(ident, (2, b"again"))
+    assert d.dropped == 2
+
+
+def test_discard_forgets_and_late_reply_is_dropped() -> None:
+    d = Dispatcher(first_id=1, max_pending=10)
+    ident, _ = d.allocate()
+    assert d.discard(ident) is True
+    assert d.discard(ident) is False
+    assert len(d) == 0
+    assert not d.deliver(ident, (2, b"late"))
+    assert d.dropped == 1
+
+
+def test_delivery_to_a_closed_channel_counts_as_dropped() -> None:
+    d = Dispatcher(first_id=1, max_pending=10)
+    ident, channel = d.allocate()
+    channel._closed = True  # what aclose() does, without awaiting
+    assert not d.deliver(ident, (2, b"late"))
+    assert d.dropped == 1
+    assert len(d) == 0
+
+
+async def test_fail_one() -> None:
+    d = Dispatcher(first_id=1, max_pending=10)
+    (a, ca), (b, _) = d.allocate(), d.allocate()
+    assert d.fail(a, ConnectionClosed("gone"))
+    assert not d.fail(a, ConnectionClosed("again"))
+    assert d.pending_ids() == [b]
+    with pytest.raises(ConnectionClosed, match="gone"):
+        await ca.receive()
+
+
+async def test_fail_all_fails_every_waiter_with_its_own_error() -> None:
+    d = Dispatcher(first_id=2, max_pending=10)
+    channels = [d.allocate() for _ in range(5)]
+    assert d.pending_ids() == [2, 4, 6, 8, 10]
+    results: dict[int, str] = {}
+
+    async def wait(ident: int, channel: ReplyChannel) -> None:
+        try:
+            await channel.receive()
+        except ConnectionClosed as exc:
+            results[ident] = exc.reason
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for ident, channel in channels[:3]:  # these are parked in receive()
+                nursery.start_soon(wait, ident, channel)
+            await trio.testing.wait_all_tasks_blocked()
+            d.fail_all(lambda ident: ConnectionClosed(f"closed {ident}"))
+            for ident, channel in channels[3:]:  # these receive after the failure
+                nursery.start_soon(wait, ident, channel)
+    assert results == {i: f"closed {i}" for i in (2, 4, 6, 8, 10)}
+    assert len(d) == 0
+    assert d.pending_ids() == []
+
+
+def waiting(ch: ReplyChannel) -> bool:
+    return ch._task is not None
+
+
+# ---- ReplyChannel -------------------------------------------------------------------------
+
+
+async def test_channel_receive_after_deliver_then_end_of_channel() -> None:
+    ch = ReplyChannel()
+    assert ch.deliver((2, b"reply"))
+    assert not ch.deliver((2, b"second"))
+    assert not ch.fail(ConnectionClosed("x"))
+    assert await ch.receive() == (2, b"reply")
+    with pytest.raises(trio.EndOfChannel):
+        await ch.receive()
+
+
+async def test_channel_wakes_a_waiting_receiver_once() -> None:
+    ch = ReplyChannel()
+    got: list[tuple[int, bytes]] = []
+
+    async def receiver() -> None:
+        got.append(await ch.receive())
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            assert ch.deliver((3, b"error text"))
+            assert not ch.deliver((2, b"too late"))
+    assert got == [(3, b"error text")]
+    with pytest.raises(trio.EndOfChannel):
+        await ch.receive()
+
+
+async def test_channel_second_receiver_is_busy() -> None:
+    ch = ReplyChannel()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ch.receive)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await ch.receive()
+            ch.deliver((2, b""))
+
+
+async def test_channel_cancel_while_waiting_then_deliver_later() -> None:
+    ch = ReplyChannel()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ch.receive)
+            await trio.testing.wait_all_tasks_blocked()
+            assert waiting(ch)
+            nursery.cancel_scope.cancel()
+        # The cancelled waiter left no trace: a later delivery is kept for a new receiver.
+        assert not waiting(ch)
+        assert ch.deliver((2, b"after cancel"))
+        assert await ch.receive() == (2, b"after cancel")
+
+
+async def test_channel_fail_raises_in_receiver() -> None:
+    ch = ReplyChannel()
+    assert ch.fail(ConnectionClosed("boom"))
+    with pytest.raises(ConnectionClosed, match="boom"):
+        await ch.receive()
+    with pytest.raises(trio.EndOfChannel):
+        await ch.receive()
+
+
+async def test_channel_aclose_ignores_later_delivery() -> None:
+    ch = ReplyChannel()
+    await ch.aclose()
+    assert not ch.deliver((2, b"late"))
+    with pytest.raises(trio.EndOfChannel):
+        await ch.receive()
+
+
+async def test_channel_aclose_discards_a_delivered_reply() -> None:
+    ch = ReplyChannel()
+    assert ch.deliver((2, b"unread"))
+    await ch.aclose()
+    with pytest.raises(trio.EndOfChannel):
+        await ch.receive()
+
+
+async def test_channel_cancelled_receive_does_not_consume_a_ready_reply() -> None:
+    # Trio's rule: an operation that raises Cancelled did not happen. A receive cancelled
+    # with the reply already there must leave it for the next receive.
+    ch = ReplyChannel()
+    ch.deliver((2, b"x"))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await ch.receive()
+    assert scope.cancelled_caught
+    assert await ch.receive() == (2, b"x")
