@@ -54,9 +54,18 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the benchmark suite against the alternatives (`-- --help` for its options)."""
+    """Run the benchmark suite and write docs/benchmarks.rst, its plot and JSON.
+
+    `nox -s bench -- --quick` for a smoke run (its page then shows that run).
+    """
     session.install(".[bench]")
-    session.run("python", "-m", "benchmarks", *session.posargs)
+    session.run(
+        "python", "-m", "benchmarks",
+        "--json", "docs/_static/benchmarks.json",
+        "--plot", "docs/_static/benchmarks.png",
+        "--rst", "docs/benchmarks.rst",
+        *session.posargs,
+    )  # fmt: skip
 
 
 @nox.session

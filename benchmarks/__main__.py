@@ -244,6 +244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", default=str(RESULTS_DIR / "results.json"))
     ap.add_argument("--plot", default=None, help="PNG path (default: none; see --markdown)")
     ap.add_argument("--markdown", default=None, help="write a Markdown results page here")
+    ap.add_argument("--rst", default=None, help="write the Sphinx results page here")
     return ap.parse_args(argv)
 
 
@@ -335,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(report.render_markdown(data, args.plot, args.markdown))
+    if args.rst:
+        Path(args.rst).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.rst).write_text(report.render_rst(data, args.plot, args.rst))
     print(f"\ntotal {data['total_s']:.0f} s; JSON: {args.json}", file=sys.stderr)
     return 1 if any("error" in r for r in data["results"]) else 0
 

@@ -257,57 +257,84 @@ def machine_lines(m: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_markdown(data: dict[str, Any], plot_path: str | None, page_path: str | None) -> str:
-    m = data.get("machine", {})
-    lines = [
-        "# monte_trio benchmarks",
-        "",
-        "Client and server run in separate processes on loopback (127.0.0.1), as deployed. "
-        "Payloads are 1400 random bytes; Request replies are empty, as in Go monte's "
-        "benchmarks; Parallel* runs 64 concurrent callers over one client with up to 4 "
-        "connections. One-way workloads are timed until the server has counted every "
-        "message. CPU is user+system time of both processes per message; RSS is peak RSS. "
-        "The machine is shared and noisy: trust ratios more than absolute figures.",
-        "",
-        "## Machine",
-        "",
-        *machine_lines(m),
-        "",
-        "## Reproduce",
-        "",
-        "```",
-        data.get("command", "python -m benchmarks"),
-        "```",
-        "",
-        "## Peers",
-        "",
-    ]
-    for p in data["peers"]:
-        lines.append(f"- **{p}**: {DESCRIPTIONS.get(p, p)}")
-    for p, reason in data.get("skipped", {}).items():
-        lines.append(f"- **{p}**: not measured: {reason}")
+INTRO = (
+    "Client and server run in separate processes on loopback (127.0.0.1), as deployed. "
+    "Payloads are 1400 random bytes; Request replies are empty, as in Go monte's "
+    "benchmarks; Parallel* runs 64 concurrent callers over one client with up to 4 "
+    "connections. One-way workloads are timed until the server has counted every "
+    "message. CPU is user+system time of both processes per message; RSS is peak RSS. "
+    "The machine is shared and noisy: trust ratios more than absolute figures."
+)
+MIB_NOTE = " Request1MiB: the server echoes 1 MiB; MB/s counts request + reply bytes."
+IDLE_NOTE = (
+    "Idle connections: connected, handshaken, one request done, then held open; "
+    "server RSS growth divided by the number opened."
+)
+
+
+def _peer_lines(data: dict[str, Any], bold: str) -> list[str]:
+    lines = [f"- {bold}{p}{bold}: {DESCRIPTIONS.get(p, p)}" for p in data["peers"]]
     lines += [
-        "",
-        "## Throughput and latency",
-        "",
-        _ratio_legend(data),
-        " Request1MiB: the server echoes 1 MiB; MB/s counts request + reply bytes.",
-        "",
-        _md_table(*throughput_rows(data)),
-        "",
-        "## Connections",
-        "",
-        "Idle connections: connected, handshaken, one request done, then held open; "
-        "server RSS growth divided by the number opened.",
-        "",
-        _md_table(*connection_rows(data)),
-        "",
+        f"- {bold}{p}{bold}: not measured: {reason}"
+        for p, reason in data.get("skipped", {}).items()
     ]
+    return lines
+
+
+def _relative(plot_path: str, page_path: str | None) -> str:
+    if not page_path:
+        return plot_path
+    return os.path.relpath(plot_path, os.path.dirname(os.path.abspath(page_path)))
+
+
+def render_markdown(data: dict[str, Any], plot_path: str | None, page_path: str | None) -> str:
+    lines = [
+        "# monte_trio benchmarks", "", INTRO, "", "## Machine", "",
+        *machine_lines(data.get("machine", {})), "",
+        "## Reproduce", "", "```", data.get("command", "python -m benchmarks"), "```", "",
+        "## Peers", "", *_peer_lines(data, "**"), "",
+        "## Throughput and latency", "", _ratio_legend(data) + MIB_NOTE, "",
+        _md_table(*throughput_rows(data)), "",
+        "## Connections", "", IDLE_NOTE, "", _md_table(*connection_rows(data)), "",
+    ]  # fmt: skip
     if plot_path:
-        rel = plot_path
-        if page_path:
-            rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(page_path)))
-        lines += ["## Plot", "", f"![benchmark plot]({rel})", ""]
+        lines += ["## Plot", "", f"![benchmark plot]({_relative(plot_path, page_path)})", ""]
+    return "\n".join(lines)
+
+
+def _rst_table(header: list[str], rows: list[list[str]]) -> str:
+    out = [".. list-table::", "   :header-rows: 1", ""]
+    for row in [header, *rows]:
+        cells = [c.replace("*", "\\*") or "\\" for c in row]
+        out.append("   * - " + cells[0])
+        out += [f"     - {c}" for c in cells[1:]]
+    return "\n".join(out)
+
+
+def _rst_heading(text: str, mark: str) -> list[str]:
+    return [text, mark * len(text), ""]
+
+
+def render_rst(data: dict[str, Any], plot_path: str | None, page_path: str | None) -> str:
+    """The results page for the Sphinx docs (the same content as the Markdown page)."""
+    lines = [
+        *_rst_heading("Benchmarks", "="), INTRO, "",
+        *_rst_heading("Machine", "-"), *machine_lines(data.get("machine", {})), "",
+        *_rst_heading("Reproduce", "-"), ".. code-block:: console", "",
+        "   " + data.get("command", "python -m benchmarks"), "",
+        *_rst_heading("Peers", "-"), *_peer_lines(data, "**"), "",
+        *_rst_heading("Throughput and latency", "-"), _ratio_legend(data) + MIB_NOTE, "",
+        _rst_table(*throughput_rows(data)), "",
+        *_rst_heading("Connections", "-"), IDLE_NOTE, "",
+        _rst_table(*connection_rows(data)), "",
+    ]  # fmt: skip
+    if plot_path:
+        lines += [
+            *_rst_heading("Plot", "-"),
+            f".. image:: {_relative(plot_path, page_path)}",
+            "   :alt: messages per second per workload and peer",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -392,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report")
     ap.add_argument("json_path")
     ap.add_argument("--markdown")
+    ap.add_argument("--rst")
     ap.add_argument("--plot")
     args = ap.parse_args(argv)
     data = json.loads(Path(args.json_path).read_text())
@@ -400,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(data, args.plot)
     if args.markdown:
         Path(args.markdown).write_text(render_markdown(data, args.plot, args.markdown))
+    if args.rst:
+        Path(args.rst).write_text(render_rst(data, args.plot, args.rst))
     return 0
 
 
