@@ -443,11 +443,7 @@ class Connection(trio.abc.AsyncResource):
             LimitExceeded: too many requests are pending on this connection.
             LocalProtocolError: ``body`` is larger than the message size limit.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._outbox_bytes >= self._max_send_queue:
-            await self._wait_for_space()
-        if self._state is not _State.OPEN:
-            raise self._closed_error()
+        await self._ready_to_queue()
         ident, channel = self._dispatcher.allocate()
         try:
             self._enqueue(_REQUEST, ident, body)
@@ -478,11 +474,7 @@ class Connection(trio.abc.AsyncResource):
             ConnectionClosed: the connection ended before the message was written.
             LocalProtocolError: ``body`` is larger than the message size limit.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._outbox_bytes >= self._max_send_queue:
-            await self._wait_for_space()
-        if self._state is not _State.OPEN:
-            raise self._closed_error()
+        await self._ready_to_queue()
         waiter = _Written(trio.lowlevel.current_task(), self._outbox, len(self._outbox))
         self._enqueue(_ONEWAY, 0, body)
         waiter.stop = len(self._outbox)
@@ -515,6 +507,15 @@ class Connection(trio.abc.AsyncResource):
         self._enqueue(_ONEWAY, 0, body)
         self._messages_sent += 1
         self._wake_writer()
+
+    async def _ready_to_queue(self) -> None:
+        """The start of every call: a cancellation point, room in the send queue, and a
+        connection still open."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._outbox_bytes >= self._max_send_queue:
+            await self._wait_for_space()
+        if self._state is not _State.OPEN:
+            raise self._closed_error()
 
     async def _wait_for_space(self) -> None:
         while self._outbox_bytes >= self._max_send_queue and self._state is not _State.CLOSED:

@@ -21,6 +21,7 @@ import trio
 
 from ._proto._frames import FrameCodec
 from ._proto._records import RecordOpener, RecordSealer
+from ._util import ConflictDetector
 
 if TYPE_CHECKING:
     from ._keys import PublicKey
@@ -29,24 +30,6 @@ __all__ = ["SecureStream"]
 
 RECEIVE_SIZE = 256 * 1024
 """Bytes asked of the transport per receive: big enough to take a whole burst at once."""
-
-
-class _Conflict:
-    """Raises BusyResourceError when two tasks use one direction at once (as trio does)."""
-
-    __slots__ = ("_held", "_msg")
-
-    def __init__(self, msg: str) -> None:
-        self._msg = msg
-        self._held = False
-
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(self._msg)
-        self._held = True
-
-    def __exit__(self, *args: object) -> None:
-        self._held = False
 
 
 class SecureStream(trio.abc.Stream):
@@ -83,8 +66,10 @@ class SecureStream(trio.abc.Stream):
         self._plain = bytearray()
         self._eof = False
         self._closed = False
-        self._send_conflict = _Conflict("another task is already sending on this stream")
-        self._receive_conflict = _Conflict("another task is already receiving on this stream")
+        self._send_conflict = ConflictDetector("another task is already sending on this stream")
+        self._receive_conflict = ConflictDetector(
+            "another task is already receiving on this stream"
+        )
 
     @property
     def max_plaintext(self) -> int:

@@ -92,13 +92,32 @@ NOISE_CHACHAPOLY_NONCE: Final = NonceFormat("Noise ChaChaPoly", "<4xQ", ChaCha20
 
 
 class _Direction:
-    """Key, nonce counter and rekey schedule shared by the sealer and the opener."""
+    """Key, nonce counter, size limit and rekey schedule of one direction's records."""
 
-    __slots__ = ("_aead", "_key", "_next_rekey", "_nonce", "_rekey_interval", "counter")
+    __slots__ = (
+        "_aead",
+        "_key",
+        "_next_rekey",
+        "_nonce",
+        "_rekey_interval",
+        "counter",
+        "max_plaintext",
+        "max_record_size",
+    )
 
     def __init__(
-        self, key: bytes, nonce: NonceFormat, counter: int, rekey_interval: int | None
+        self,
+        key: bytes,
+        nonce: NonceFormat,
+        *,
+        max_record_size: int,
+        counter: int = 0,
+        rekey_interval: int | None = None,
     ) -> None:
+        if max_record_size <= TAG_SIZE:
+            raise ValueError(f"max_record_size must exceed {TAG_SIZE}")
+        self.max_record_size = max_record_size
+        self.max_plaintext = max_record_size - TAG_SIZE
         if len(key) != 32:
             raise ValueError(f"record keys are 32 bytes, got {len(key)}")
         if rekey_interval is not None and rekey_interval < 1:
@@ -136,21 +155,7 @@ class RecordSealer(_Direction):
         rekey_interval: rekey after every this many records (native profile), or ``None``.
     """
 
-    __slots__ = ("max_plaintext",)
-
-    def __init__(
-        self,
-        key: bytes,
-        nonce: NonceFormat,
-        *,
-        max_record_size: int,
-        counter: int = 0,
-        rekey_interval: int | None = None,
-    ) -> None:
-        super().__init__(key, nonce, counter, rekey_interval)
-        if max_record_size <= TAG_SIZE:
-            raise ValueError(f"max_record_size must exceed {TAG_SIZE}")
-        self.max_plaintext = max_record_size - TAG_SIZE
+    __slots__ = ()
 
     def seal(self, plaintext: bytes) -> bytes:
         """Return one record (length prefix included) carrying ``plaintext``."""
@@ -205,7 +210,7 @@ class RecordOpener(_Direction):
     connection can never resynchronise on attacker-chosen bytes.
     """
 
-    __slots__ = ("_broken", "_buffer", "_eof", "max_record_size")
+    __slots__ = ("_broken", "_buffer", "_eof")
 
     def __init__(
         self,
@@ -216,10 +221,13 @@ class RecordOpener(_Direction):
         counter: int = 0,
         rekey_interval: int | None = None,
     ) -> None:
-        super().__init__(key, nonce, counter, rekey_interval)
-        if max_record_size <= TAG_SIZE:
-            raise ValueError(f"max_record_size must exceed {TAG_SIZE}")
-        self.max_record_size = max_record_size
+        super().__init__(
+            key,
+            nonce,
+            max_record_size=max_record_size,
+            counter=counter,
+            rekey_interval=rekey_interval,
+        )
         self._buffer = bytearray()
         self._eof = False
         self._broken: RemoteProtocolError | None = None

@@ -54,6 +54,8 @@ import attrs
 import trio
 from trio.lowlevel import ParkingLot, checkpoint
 
+from .._util import ConflictDetector
+
 __all__ = [
     "ChaosConfig",
     "FaultEvent",
@@ -79,24 +81,6 @@ def _check_non_negative(_instance: object, attribute: attrs.Attribute[Any], valu
 def _check_positive(_instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if value < 1:
         raise ValueError(f"{attribute.name} must be >= 1, got {value!r}")
-
-
-class _ConflictDetector:
-    """Raise :class:`trio.BusyResourceError` if two tasks enter at once (as trio's own)."""
-
-    __slots__ = ("_held", "_msg")
-
-    def __init__(self, msg: str) -> None:
-        self._msg = msg
-        self._held = False
-
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(self._msg)
-        self._held = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._held = False
 
 
 class FaultKind(enum.Enum):
@@ -311,13 +295,13 @@ class NetworkStream(trio.abc.HalfCloseableStream):
     _in: _Pipe = attrs.field(alias="in_")
     _closed: bool = attrs.field(default=False, init=False)
     _eof_sent: bool = attrs.field(default=False, init=False)
-    _send_conflict: _ConflictDetector = attrs.field(
+    _send_conflict: ConflictDetector = attrs.field(
         init=False,
-        factory=lambda: _ConflictDetector("another task is using this stream for send"),
+        factory=lambda: ConflictDetector("another task is using this stream for send"),
     )
-    _receive_conflict: _ConflictDetector = attrs.field(
+    _receive_conflict: ConflictDetector = attrs.field(
         init=False,
-        factory=lambda: _ConflictDetector("another task is already receiving on this stream"),
+        factory=lambda: ConflictDetector("another task is already receiving on this stream"),
     )
 
     @property
