@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import monte_trio
 from monte_trio import (
@@ -24,6 +25,92 @@ from monte_trio.testing import FaultyNetwork
 LOCALHOST = "127.0.0.1"
 
 PROFILES = ["monte-v1", "native"]
+
+
+class LiveTasks(trio.abc.Instrument):
+    """The tasks spawned while this instrument is installed that have not exited yet."""
+
+    def __init__(self) -> None:
+        self.tasks: set[trio.lowlevel.Task] = set()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.tasks.add(task)
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        self.tasks.discard(task)
+
+
+@asynccontextmanager
+async def no_task_left() -> AsyncIterator[LiveTasks]:
+    """Assert, on a clean exit, that every task spawned inside the block has exited."""
+    live = LiveTasks()
+    trio.lowlevel.add_instrument(live)
+    try:
+        yield live
+        await trio.testing.wait_all_tasks_blocked()
+        leaked = sorted(task.name for task in live.tasks)
+        assert not leaked, f"tasks left running: {leaked}"
+    finally:
+        trio.lowlevel.remove_instrument(live)
+
+
+class Proc:
+    """A subprocess under test: its stdout read line by line, its stdin written to."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self._buffer = b""
+        self.seen: list[str] = []
+
+    async def readline(self) -> str:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(4096)
+            if not chunk:
+                raise AssertionError(f"EOF on stdout; the process printed {self.seen!r}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        text = line.decode()
+        self.seen.append(text)
+        return text
+
+    async def expect(self, prefix: str) -> str:
+        """Read lines until one starts with ``prefix``; return it."""
+        while True:
+            line = await self.readline()
+            if line.startswith(prefix):
+                return line
+
+    async def type_line(self, text: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(text.encode() + b"\n")
+
+    async def close_stdin(self) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.aclose()
+
+    async def read_rest(self) -> str:
+        """The rest of stdout, up to EOF."""
+        assert self.process.stdout is not None
+        chunks: list[bytes | bytearray] = [self._buffer]
+        self._buffer = b""
+        while chunk := await self.process.stdout.receive_some(4096):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    async def read_stderr(self) -> str:
+        """All of stderr, up to EOF."""
+        assert self.process.stderr is not None
+        chunks: list[bytes | bytearray] = []
+        while chunk := await self.process.stderr.receive_some(4096):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    async def finish(self) -> tuple[int, str, str]:
+        """Wait for EOF and exit; return (status, rest of stdout, stderr)."""
+        out = await self.read_rest()
+        err = await self.read_stderr()
+        return await self.process.wait(), out, err
 
 
 def make_handshake(name: str) -> Handshake:

@@ -18,15 +18,12 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from conftest import make_handshake
 
 from monte_trio import (
-    AcceptAnyKey,
     Connection,
     ConnectionConfig,
     Handler,
-    Handshake,
-    MonteV1Handshake,
-    NoiseHandshake,
     Request,
 )
 from monte_trio.testing import FaultyNetwork
@@ -34,12 +31,6 @@ from monte_trio.testing import FaultyNetwork
 PROFILES = ["native", "monte-v1"]
 BIG = 3000  # bytes: more than the link buffer, less than a monte-v1 record
 CONFIG = ConnectionConfig(keepalive_interval=None, grace_period=1)
-
-
-def handshake_for(profile: str) -> Handshake:
-    if profile == "native":
-        return NoiseHandshake(trust=AcceptAnyKey())
-    return MonteV1Handshake()
 
 
 class Recorder:
@@ -75,7 +66,7 @@ async def faulty_pair(
 ) -> AsyncIterator[tuple[Connection, Connection]]:
     """Two connections over ``network``: (client, server); the server serves ``handler``."""
     listener = network.listen("server")
-    handshake = handshake_for(profile)
+    handshake = make_handshake(profile)
     streams: dict[str, trio.abc.Stream] = {}
 
     async def server_side() -> None:

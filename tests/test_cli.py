@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import Proc
 
 from monte_trio import Identity, PublicKey
 
@@ -28,42 +29,6 @@ SUMMARY = re.compile(
     r"server stopped: (\d+) connections, (\d+) requests, (\d+) one-way messages, "
     r"(\d+) failed handshakes"
 )
-
-
-class Proc:
-    """A running subprocess whose stdout is read line by line."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self._buffer = b""
-        self.seen: list[str] = []
-
-    async def readline(self) -> str:
-        assert self.process.stdout is not None
-        while b"\n" not in self._buffer:
-            chunk = await self.process.stdout.receive_some(4096)
-            if not chunk:
-                raise AssertionError(f"EOF on stdout; the process printed {self.seen!r}")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        text = line.decode()
-        self.seen.append(text)
-        return text
-
-    async def read_rest(self) -> str:
-        assert self.process.stdout is not None
-        chunks: list[bytes | bytearray] = [self._buffer]
-        self._buffer = b""
-        while chunk := await self.process.stdout.receive_some(4096):
-            chunks.append(chunk)
-        return b"".join(chunks).decode()
-
-    async def read_stderr(self) -> str:
-        assert self.process.stderr is not None
-        chunks: list[bytes | bytearray] = []
-        while chunk := await self.process.stderr.receive_some(4096):
-            chunks.append(chunk)
-        return b"".join(chunks).decode()
 
 
 @asynccontextmanager

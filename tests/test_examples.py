@@ -15,59 +15,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import Proc
 
 from monte_trio import Identity, PublicKey
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-class Proc:
-    """A running example: its stdout read line by line, its stdin written to."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self._buffer = b""
-        self.seen: list[str] = []
-
-    async def readline(self) -> str:
-        assert self.process.stdout is not None
-        while b"\n" not in self._buffer:
-            chunk = await self.process.stdout.receive_some(4096)
-            if not chunk:
-                raise AssertionError(f"EOF on stdout; the process printed {self.seen!r}")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        text = line.decode()
-        self.seen.append(text)
-        return text
-
-    async def expect(self, prefix: str) -> str:
-        """Read lines until one starts with ``prefix``; return it."""
-        while True:
-            line = await self.readline()
-            if line.startswith(prefix):
-                return line
-
-    async def type_line(self, text: str) -> None:
-        assert self.process.stdin is not None
-        await self.process.stdin.send_all(text.encode() + b"\n")
-
-    async def close_stdin(self) -> None:
-        assert self.process.stdin is not None
-        await self.process.stdin.aclose()
-
-    async def finish(self) -> tuple[int, str, str]:
-        """Wait for EOF and exit; return (status, rest of stdout, stderr)."""
-        assert self.process.stdout is not None
-        assert self.process.stderr is not None
-        chunks: list[bytes | bytearray] = [self._buffer]
-        while chunk := await self.process.stdout.receive_some(4096):
-            chunks.append(chunk)
-        errors: list[bytes | bytearray] = []
-        while chunk := await self.process.stderr.receive_some(4096):
-            errors.append(chunk)
-        code = await self.process.wait()
-        return code, b"".join(chunks).decode(), b"".join(errors).decode()
 
 
 @asynccontextmanager

@@ -29,17 +29,14 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from conftest import make_handshake, no_task_left
 
 import monte_trio
 from monte_trio import (
-    AcceptAnyKey,
     Client,
     ConnectionClosed,
     ConnectionConfig,
-    Handshake,
     HandshakeError,
-    MonteV1Handshake,
-    NoiseHandshake,
     Request,
     Server,
 )
@@ -52,39 +49,6 @@ STAGGER = 0.0005  # seconds between the starts of two calls
 CALL_TIMEOUT = 20.0  # the caller's own timeout (virtual seconds)
 SCENARIO_TIMEOUT = 120.0  # the whole test (virtual seconds); nothing may hang
 CONFIG = ConnectionConfig(keepalive_interval=1, keepalive_tolerance=3, grace_period=2)
-
-
-def handshake_for(profile: str) -> Handshake:
-    if profile == "native":
-        return NoiseHandshake(trust=AcceptAnyKey())
-    return MonteV1Handshake()
-
-
-class TaskTracker(trio.abc.Instrument):
-    """Counts the tasks spawned while installed that have not exited yet."""
-
-    def __init__(self) -> None:
-        self.live: set[trio.lowlevel.Task] = set()
-
-    def task_spawned(self, task: trio.lowlevel.Task) -> None:
-        self.live.add(task)
-
-    def task_exited(self, task: trio.lowlevel.Task) -> None:
-        self.live.discard(task)
-
-
-@asynccontextmanager
-async def track_tasks() -> AsyncIterator[TaskTracker]:
-    """Yield a tracker; on a clean exit, assert every task spawned inside has exited."""
-    tracker = TaskTracker()
-    trio.lowlevel.add_instrument(tracker)
-    try:
-        yield tracker
-        await trio.testing.wait_all_tasks_blocked()
-        leaked = sorted(task.name for task in tracker.live)
-        assert not leaked, f"tasks left running: {leaked}"
-    finally:
-        trio.lowlevel.remove_instrument(tracker)
 
 
 class Recorder:
@@ -109,7 +73,7 @@ async def serving(
     network: FaultyNetwork, handler: Recorder, profile: str
 ) -> AsyncIterator[Server]:
     """Serve ``handler`` on the network's host "server"; shut down gracefully on exit."""
-    server = Server(handler, handshake=handshake_for(profile), config=CONFIG)
+    server = Server(handler, handshake=make_handshake(profile), config=CONFIG)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve_listeners, [network.listen("server")])
         try:
@@ -127,7 +91,7 @@ async def network_client(
     network: FaultyNetwork, profile: str, *, max_conns: int = 2
 ) -> AsyncIterator[Client]:
     async with monte_trio.open_client(
-        handshake=handshake_for(profile),
+        handshake=make_handshake(profile),
         config=CONFIG,
         max_conns=max_conns,
         connect=lambda: network.connect("server"),
@@ -205,7 +169,7 @@ async def test_fault_under_load(
         allowed += (trio.TooSlowError,)
     with trio.fail_after(SCENARIO_TIMEOUT):
         async with (
-            track_tasks(),
+            no_task_left(),
             serving(network, handler, profile) as server,
             network_client(network, profile) as client,
         ):
@@ -262,7 +226,7 @@ async def chaos_scenario(seed: int, profile: str) -> tuple[list[str], list[Outco
     handler = Recorder(delay=0.0)
     results: list[Outcome] = []
     async with (
-        track_tasks(),
+        no_task_left(),
         serving(network, handler, profile),
         network_client(network, profile, max_conns=1) as client,
     ):
@@ -303,10 +267,10 @@ async def test_goaway_during_faults_is_retry_safe(
     outcomes: dict[bytes, Outcome] = {}
     failed_at: dict[bytes, float] = {}
     with trio.fail_after(SCENARIO_TIMEOUT):
-        async with track_tasks(), trio.open_nursery() as outer:
+        async with no_task_left(), trio.open_nursery() as outer:
             server = Server(
                 handler,
-                handshake=handshake_for(profile),
+                handshake=make_handshake(profile),
                 config=attrs.evolve(CONFIG, max_concurrent_handlers=4),
             )
             await outer.start(server.serve_listeners, [network.listen("server")])

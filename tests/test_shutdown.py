@@ -13,18 +13,15 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from conftest import make_handshake, no_task_left
 
 import monte_trio
 from monte_trio import (
-    AcceptAnyKey,
     Client,
     Connection,
     ConnectionClosed,
     ConnectionConfig,
-    Handshake,
     HandshakeError,
-    MonteV1Handshake,
-    NoiseHandshake,
     Request,
     RequestNotProcessed,
     Server,
@@ -36,36 +33,6 @@ GRACE = 2.0
 SLACK = 0.1  # seconds beyond the grace period a close may take (a few latencies)
 CONFIG = ConnectionConfig(grace_period=GRACE, keepalive_interval=1, keepalive_tolerance=3)
 CALLS = 100
-
-
-def handshake_for(profile: str) -> Handshake:
-    if profile == "native":
-        return NoiseHandshake(trust=AcceptAnyKey())
-    return MonteV1Handshake()
-
-
-class Live(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.tasks: set[trio.lowlevel.Task] = set()
-
-    def task_spawned(self, task: trio.lowlevel.Task) -> None:
-        self.tasks.add(task)
-
-    def task_exited(self, task: trio.lowlevel.Task) -> None:
-        self.tasks.discard(task)
-
-
-@asynccontextmanager
-async def no_task_left() -> AsyncIterator[None]:
-    live = Live()
-    trio.lowlevel.add_instrument(live)
-    try:
-        yield
-        await trio.testing.wait_all_tasks_blocked()
-        leaked = sorted(task.name for task in live.tasks)
-        assert not leaked, f"tasks left running: {leaked}"
-    finally:
-        trio.lowlevel.remove_instrument(live)
 
 
 class Recorder:
@@ -97,7 +64,7 @@ async def serving(
     network: FaultyNetwork, handler: Recorder, profile: str
 ) -> AsyncIterator[Server]:
     """Serve on the network's host "server"; shut down (if still serving) on exit."""
-    server = Server(handler, handshake=handshake_for(profile), config=CONFIG)
+    server = Server(handler, handshake=make_handshake(profile), config=CONFIG)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve_listeners, [network.listen("server")])
         yield server
@@ -109,7 +76,7 @@ async def serving(
 @asynccontextmanager
 async def network_client(network: FaultyNetwork, profile: str) -> AsyncIterator[Client]:
     async with monte_trio.open_client(
-        handshake=handshake_for(profile),
+        handshake=make_handshake(profile),
         config=CONFIG,
         max_conns=4,
         connect=lambda: network.connect("server"),
@@ -305,7 +272,7 @@ async def test_errors_leave_the_context_managers_as_themselves(
         assert type(refused.value) is ConnectionClosed
 
         # Connection's own context manager, with a request in flight
-        client_stream, server_stream = await secure_stream_pair(handshake_for(profile))
+        client_stream, server_stream = await secure_stream_pair(make_handshake(profile))
         seen: list[type[BaseException]] = []
 
         async def in_flight(conn: Connection) -> None:
@@ -339,7 +306,7 @@ async def test_server_shutdown_returns_plainly_and_is_idempotent_for_clients(
     handler = Recorder()
     with trio.fail_after(60):
         async with no_task_left():
-            server = Server(handler, handshake=handshake_for(profile), config=CONFIG)
+            server = Server(handler, handshake=make_handshake(profile), config=CONFIG)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_listeners, [network.listen("server")])
                 async with network_client(network, profile) as client:

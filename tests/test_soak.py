@@ -32,17 +32,14 @@ from contextlib import AsyncExitStack
 import pytest
 import trio
 import trio.testing
+from conftest import LiveTasks, make_handshake
 
 import monte_trio
 from monte_trio import (
-    AcceptAnyKey,
     Client,
     ConnectionClosed,
     ConnectionConfig,
-    Handshake,
     HandshakeError,
-    MonteV1Handshake,
-    NoiseHandshake,
     Request,
     RequestNotProcessed,
     Server,
@@ -56,26 +53,9 @@ SEED = int(os.environ.get("MONTE_SOAK_SEED", "20240601"))
 CONFIG = ConnectionConfig(grace_period=0.05, keepalive_interval=1, keepalive_tolerance=3)
 
 
-def handshake_for(profile: str) -> Handshake:
-    if profile == "native":
-        return NoiseHandshake(trust=AcceptAnyKey())
-    return MonteV1Handshake()
-
-
 def max_rss_kib() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss // 1024 if sys.platform == "darwin" else rss  # bytes on macOS, KiB on Linux
-
-
-class Live(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.tasks: set[trio.lowlevel.Task] = set()
-
-    def task_spawned(self, task: trio.lowlevel.Task) -> None:
-        self.tasks.add(task)
-
-    def task_exited(self, task: trio.lowlevel.Task) -> None:
-        self.tasks.discard(task)
 
 
 @pytest.mark.soak
@@ -84,7 +64,7 @@ async def test_soak_random_cuts_lose_and_duplicate_nothing(
     autojump_clock: trio.testing.MockClock, profile: str
 ) -> None:
     rss_before = max_rss_kib()
-    live = Live()
+    live = LiveTasks()
     trio.lowlevel.add_instrument(live)
     network = FaultyNetwork(seed=SEED, latency=0.002, jitter=0.001)
     executions: Counter[bytes] = Counter()
@@ -97,7 +77,7 @@ async def test_soak_random_cuts_lose_and_duplicate_nothing(
     outcomes: dict[bytes, str] = {}
     faults: Counter[str] = Counter()
     workers_done = trio.Event()
-    server = Server(handler, handshake=handshake_for(profile), config=CONFIG, max_conns=10_000)
+    server = Server(handler, handshake=make_handshake(profile), config=CONFIG, max_conns=10_000)
 
     async def work(client: Client, ids: range) -> None:
         for ident in ids:
@@ -145,7 +125,7 @@ async def test_soak_random_cuts_lose_and_duplicate_nothing(
                     clients.append(
                         await stack.enter_async_context(
                             monte_trio.open_client(
-                                handshake=handshake_for(profile),
+                                handshake=make_handshake(profile),
                                 config=CONFIG,
                                 max_conns=1,
                                 connect=connect,
