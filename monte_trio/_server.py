@@ -172,8 +172,12 @@ class Server:
                 for listener in self.listeners:
                     await trio.aclose_forcefully(listener)
         finally:
-            for listener in self.listeners:
-                await trio.aclose_forcefully(listener)
+            # Shielded: when serve() is cancelled, aclose_forcefully would re-raise the
+            # enclosing cancellation, skipping the other listeners and _stopped, and a
+            # shutdown() waiting for _stopped would then wait forever.
+            with trio.CancelScope(shield=True):
+                for listener in self.listeners:
+                    await trio.aclose_forcefully(listener)
             self._stopped.set()
 
     async def shutdown(self, grace_period: float | None = None) -> None:

@@ -318,3 +318,35 @@ async def test_server_shutdown_returns_plainly_and_is_idempotent_for_clients(
                     await client.aclose()
                     await client.aclose()  # idempotent
                 nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_shutdown_after_serve_was_cancelled_returns_at_once(
+    autojump_clock: trio.testing.MockClock, profile: str
+) -> None:
+    # serve() cancelled by its nursery, then shutdown() from a shielded finally: the
+    # pattern of a server whose process is told to stop. shutdown() must not wait for a
+    # serve() that has already gone.
+    network = FaultyNetwork(seed=9, latency=0.005)
+    server = Server(Recorder(), handshake=make_handshake(profile), config=CONFIG)
+    took: list[float] = []
+
+    async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_listeners, [network.listen("server")])
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True), trio.fail_after(60):
+                    start = trio.current_time()
+                    await server.shutdown(grace_period=0.5)
+                    took.append(trio.current_time() - start)
+
+    with trio.fail_after(120):
+        async with no_task_left(), trio.open_nursery() as nursery:
+            await nursery.start(run)
+            async with network_client(network, profile) as client:
+                assert await client.request(b"call-010") == b"re:call-010"
+            nursery.cancel_scope.cancel()
+    assert took == [0.0]
