@@ -10,9 +10,11 @@ from ._client import ClientStatistics as ClientStatistics
 from ._client import ConnectionState as ConnectionState
 from ._client import open_client as open_client
 from ._config import ConnectionConfig as ConnectionConfig
+from ._connection import AsyncHandler as AsyncHandler
 from ._connection import Connection as Connection
 from ._connection import ConnectionStatistics as ConnectionStatistics
 from ._connection import Handler as Handler
+from ._connection import InlineHandler as InlineHandler
 from ._connection import Request as Request
 from ._exceptions import ConnectionClosed as ConnectionClosed
 from ._exceptions import DecryptionError as DecryptionError
@@ -45,6 +47,7 @@ from ._version import __version__ as __version__
 
 __all__ = [
     "AcceptAnyKey",
+    "AsyncHandler",
     "Client",
     "ClientStatistics",
     "Connection",
@@ -58,6 +61,7 @@ __all__ = [
     "HandshakeError",
     "HandshakeTimeout",
     "Identity",
+    "InlineHandler",
     "KeyFileError",
     "KnownKey",
     "KnownKeysFile",

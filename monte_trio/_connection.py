@@ -7,24 +7,36 @@ A :class:`Connection` is an async context manager. Entering it opens a nursery w
 service scope holds exactly two long-lived tasks that touch the stream, plus a pool of
 handler workers:
 
-* The **writer** owns ``send``. Callers never write: they encode their frame into the
-  *outbox* (a plain list of record plaintexts) and wake the writer if it is parked. The
-  writer swaps the whole outbox out, seals it into one buffer and performs one
-  ``send_all``, so a burst of N messages costs one wake-up and one system call, not N.
-  ``send`` callers also leave a waiter that the writer wakes once their bytes are written.
-  A caller cancelled while its record is still in the outbox blanks its slot (nothing is
-  sent); once the writer has taken the batch the record goes out whole. Either way, no
-  record is ever cut in half.
+* The **writer** owns ``send``. Callers encode their frame into the *outbox* (a plain list
+  of record plaintexts) and wake the writer if it is parked. The writer swaps the whole
+  outbox out, seals it into one buffer and performs one ``send_all``, so a burst of N
+  messages costs one wake-up and one system call, not N. ``send`` callers also leave a
+  waiter that the writer wakes once their bytes are written. A caller cancelled while its
+  record is still in the outbox blanks its slot (nothing is sent); once the writer has
+  taken the batch the record goes out whole. Either way, no record is ever cut in half.
+
+  One exception saves two task switches per call when the connection is quiet: a caller
+  of ``send`` or ``request`` (or a handler worker with a reply) that finds the writer
+  parked and the outbox empty, and no other request or handler in flight, writes its
+  record itself. The stream is record-safe (see
+  :class:`~monte_trio.SecureStream`): if that caller is cancelled part-way, the stream
+  keeps the unsent rest and the writer sends it next. The writer is not woken while such
+  a *direct write* is in progress; whatever was queued meanwhile is handed to it when the
+  write ends.
 * The **reader** owns ``receive``. It decrypts every record of a chunk, routes replies to
   the waiting callers through the :class:`~monte_trio._dispatcher.Dispatcher` (one
   wake-up each), and appends incoming requests to the *inbox*.
-* **Handler workers** take requests from the inbox and run the user's handler, so a
-  handler may itself call back over the same connection without deadlocking (Go monte runs
-  handlers inline in its reader and deadlocks there). Workers are long-lived and started
+* **Handler workers** take requests from the inbox and run the user's async handler, so
+  a handler may itself call back over the same connection without deadlocking (Go monte
+  runs handlers inline in its reader and deadlocks there). Workers are long-lived and started
   only as concurrency requires, up to ``max_concurrent_handlers``; at most one idle worker
   is woken per burst, and it wakes another only if the inbox still holds work once it
   starts a handler. When the inbox holds ``max_concurrent_handlers`` requests the reader
   stops reading, so a fast peer is held back by TCP instead of buffered in memory.
+* A handler that is a plain function (not ``async def``) cannot await anything, so it
+  cannot deadlock: the reader calls it **inline**, with no hand-off to a worker, and
+  queues its reply. The reader stops reading while the send queue is full, so a peer
+  whose requests outrun the replies is held back by TCP here too.
 
 Closing: :meth:`Connection.aclose` is graceful: new calls are refused, the native profile
 sends GOAWAY, in-flight handlers and requests get ``grace_period`` seconds to finish, the
@@ -36,7 +48,10 @@ still waiting gets :class:`~monte_trio.ConnectionClosed` (or its retry-safe subc
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
+import inspect
 import logging
 import struct
 import traceback
@@ -65,7 +80,14 @@ from ._secure_stream import SecureStream
 if TYPE_CHECKING:
     from ._keys import PublicKey
 
-__all__ = ["Connection", "ConnectionStatistics", "Handler", "Request"]
+__all__ = [
+    "AsyncHandler",
+    "Connection",
+    "ConnectionStatistics",
+    "Handler",
+    "InlineHandler",
+    "Request",
+]
 
 logger = logging.getLogger("monte_trio")
 
@@ -79,6 +101,14 @@ _PONG = FrameKind.PONG.value
 _GOAWAY = FrameKind.GOAWAY.value
 _U32 = struct.Struct(">I")
 _PING_PAYLOAD = struct.Struct(">d")
+# What a failed write raises: each ends the connection (see Connection._write_failed).
+_WRITE_ERRORS = (
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+    LocalProtocolError,
+)
 
 
 @attrs.frozen
@@ -103,9 +133,32 @@ class Request:
         return self.connection.peer_public_key
 
 
-Handler = Callable[[Request], Awaitable[bytes | None]]
-"""An async function serving requests: it returns the reply body (``None`` means an empty
-reply); for one-way messages the return value is ignored."""
+AsyncHandler = Callable[[Request], Awaitable[bytes | None]]
+"""An ``async def`` handler: it runs in a handler worker task and may await anything,
+including calls back to the peer over ``request.connection``."""
+
+InlineHandler = Callable[[Request], bytes | None]
+"""A plain-function handler: the connection's reader calls it inline, which saves a task
+switch per request. It must return promptly and never block: while it runs, nothing more
+is read from that connection."""
+
+Handler = AsyncHandler | InlineHandler
+"""What serves requests and one-way messages: it returns the reply body (``None`` means an
+empty reply); for one-way messages the return value is ignored.
+
+An ``async def`` function (or any callable whose call is a coroutine function) runs in a
+handler worker, concurrently with others, up to ``max_concurrent_handlers``. A plain
+function runs inline in the connection's reader: the fastest choice for handlers that
+compute their reply without waiting for anything."""
+
+
+def is_async_handler(handler: object) -> bool:
+    """Whether ``handler`` is called as a coroutine function (else it runs inline)."""
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 (an instance with async __call__)
+    )
 
 
 @attrs.frozen
@@ -155,6 +208,25 @@ class _Written:
         self.stop = len(batch)
 
 
+def _reply_body(reply: object) -> bytes:
+    """Check what a handler returned: the reply body, bytes-like or ``None``."""
+    if reply is None:
+        return b""
+    if isinstance(reply, bytes | bytearray | memoryview):
+        return reply  # type: ignore[return-value]  # the codecs take any bytes-like body
+    hint = ""
+    if inspect.isawaitable(reply):
+        if inspect.iscoroutine(reply):
+            reply.close()
+        hint = (
+            "; it is awaitable, but the handler is not an async function, so it was "
+            "called inline: define it with async def"
+        )
+    raise TypeError(
+        f"the handler returned a {type(reply).__name__}; it must return bytes or None{hint}"
+    )
+
+
 async def _no_handler(request: Request) -> bytes | None:
     raise LocalProtocolError("this side accepts no requests (no handler was given)")
 
@@ -168,7 +240,9 @@ class Connection(trio.abc.AsyncResource):
 
     Args:
         stream: the secure stream a :class:`~monte_trio.Handshake` produced.
-        handler: serves the peer's requests and one-way messages; ``None`` refuses them.
+        handler: serves the peer's requests and one-way messages (see :data:`Handler`:
+            an ``async def`` function runs in a worker task, a plain function inline in the
+            reader); ``None`` refuses them.
         config: limits and timers; defaults to :class:`~monte_trio.ConnectionConfig`\\ ().
         name: a label for logs (for example the peer's address).
     """
@@ -183,7 +257,14 @@ class Connection(trio.abc.AsyncResource):
     ) -> None:
         self._stream = stream
         self._codec = stream.codec
-        self._handler: Handler = handler or _no_handler
+        self._handler: AsyncHandler = _no_handler
+        self._inline: InlineHandler | None = None
+        if handler is None:
+            pass
+        elif is_async_handler(handler):
+            self._handler = handler  # type: ignore[assignment]
+        else:
+            self._inline = handler  # type: ignore[assignment]
         self._config = config = config or ConnectionConfig()
         self.name = name or ("client" if stream.initiator else "server") + " connection"
         self._native = FrameKind.CANCEL in self._codec.kinds
@@ -198,6 +279,7 @@ class Connection(trio.abc.AsyncResource):
         self._written: list[_Written] = []
         self._writing: list[_Written] = []  # waiters of the batch being written now
         self._writer_task: trio.lowlevel.Task | None = None
+        self._direct = False  # a caller is writing (see the module docstring)
         self._space = trio.lowlevel.ParkingLot()
         self._max_send_queue = config.max_send_queue
         # reader / handler side
@@ -257,7 +339,7 @@ class Connection(trio.abc.AsyncResource):
     @property
     def load(self) -> int:
         """How busy the connection is: pending requests, plus 1 if records are queued."""
-        return len(self._dispatcher) + (1 if self._outbox else 0)
+        return len(self._dispatcher) + (1 if self._outbox or self._direct else 0)
 
     def statistics(self) -> ConnectionStatistics:
         """Return a snapshot of this connection's counters."""
@@ -444,14 +526,26 @@ class Connection(trio.abc.AsyncResource):
             LocalProtocolError: ``body`` is larger than the message size limit.
         """
         await self._ready_to_queue()
+        # Direct only when no other request is in flight: callers that run together
+        # (many requests on one connection) are better served by one batched write.
+        direct = not self._dispatcher and self._writer_idle
         ident, channel = self._dispatcher.allocate()
+        records: list[bytes | None] = [] if direct else self._outbox
         try:
-            self._enqueue(_REQUEST, ident, body)
+            size = self._codec.encode(_REQUEST, ident, body, records)
         except BaseException:
             self._dispatcher.discard(ident)
             raise
         self._requests_sent += 1
-        self._wake_writer()
+        if direct:
+            try:
+                await self._write_directly(records)
+            except BaseException:
+                self._dispatcher.discard(ident)
+                raise
+        else:
+            self._outbox_bytes += size
+            self._wake_writer()
         try:
             kind, payload = await channel.receive()
         except BaseException:
@@ -475,6 +569,12 @@ class Connection(trio.abc.AsyncResource):
             LocalProtocolError: ``body`` is larger than the message size limit.
         """
         await self._ready_to_queue()
+        if self._writer_idle:
+            records: list[bytes | None] = []
+            self._codec.encode(_ONEWAY, 0, body, records)
+            self._messages_sent += 1
+            await self._write_directly(records)
+            return
         waiter = _Written(trio.lowlevel.current_task(), self._outbox, len(self._outbox))
         self._enqueue(_ONEWAY, 0, body)
         waiter.stop = len(self._outbox)
@@ -526,9 +626,49 @@ class Connection(trio.abc.AsyncResource):
 
     def _wake_writer(self) -> None:
         task = self._writer_task
-        if task is not None:
+        if task is not None and not self._direct:
             self._writer_task = None
             trio.lowlevel.reschedule(task)
+
+    @property
+    def _writer_idle(self) -> bool:
+        """Whether a caller may write directly: the writer is parked with nothing queued,
+        and the stream is record-safe (a cancelled write cannot cut a record)."""
+        return (
+            self._writer_task is not None
+            and not self._direct
+            and not self._outbox
+            and not self._written
+            and self._stream.record_safe
+            and not self._stream.has_unsent
+        )
+
+    async def _write_directly(self, records: list[bytes | None]) -> None:
+        """Write ``records`` from the calling task while the writer is idle.
+
+        The stream is record-safe: if the caller is cancelled part-way, the unsent rest
+        of its records is kept by the stream and the writer sends it next, so no record
+        is ever cut in half. Records queued meanwhile go to the writer afterwards, in
+        order. The write is bounded by ``write_timeout`` like the writer's.
+
+        Raises:
+            ConnectionClosed: the write failed; the connection is closed.
+        """
+        write_timeout = self._config.write_timeout
+        self._direct = True
+        try:
+            if write_timeout is None:
+                await self._stream.send_records(records)
+            else:
+                with trio.fail_after(write_timeout):
+                    await self._stream.send_records(records)
+        except _WRITE_ERRORS as exc:
+            self._write_failed(exc, write_timeout)
+            raise self._closed_error() from exc
+        finally:
+            self._direct = False
+            if self._outbox or self._written or self._stream.has_unsent:
+                self._wake_writer()
 
     async def _flush(self) -> None:
         """Wait until everything queued so far has been written."""
@@ -554,7 +694,7 @@ class Connection(trio.abc.AsyncResource):
         write_timeout = self._config.write_timeout
         try:
             while True:
-                if not self._outbox and not self._written:
+                if not self._outbox and not self._written and not stream.has_unsent:
                     self._writer_task = trio.lowlevel.current_task()
 
                     def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
@@ -568,7 +708,7 @@ class Connection(trio.abc.AsyncResource):
                 written, self._written = self._written, []
                 self._writing = written
                 self._space.unpark_all()
-                if batch:
+                if batch or stream.has_unsent:
                     if write_timeout is None:
                         await stream.send_records(batch)
                     else:
@@ -581,12 +721,16 @@ class Connection(trio.abc.AsyncResource):
                     if waiter.task is not None:
                         trio.lowlevel.reschedule(waiter.task)
                         waiter.task = None
-        except trio.TooSlowError:
+        except _WRITE_ERRORS as exc:
+            self._write_failed(exc, write_timeout)
+
+    def _write_failed(self, exc: BaseException, write_timeout: float | None) -> None:
+        if isinstance(exc, trio.TooSlowError):
             self._fail(f"a write blocked for more than {write_timeout} s (write_timeout)")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._fail(f"the connection was lost while writing: {exc}", exc)
-        except LocalProtocolError as exc:
+        elif isinstance(exc, LocalProtocolError):
             self._fail(f"could not seal a record: {exc}", exc)
+        else:
+            self._fail(f"the connection was lost while writing: {exc}", exc)
 
     def _fail(self, reason: str, cause: BaseException | None = None) -> None:
         if self._state is not _State.CLOSED:
@@ -603,6 +747,7 @@ class Connection(trio.abc.AsyncResource):
         deliver = self._dispatcher.deliver
         inbox = self._inbox
         limit = self._config.max_concurrent_handlers
+        inline = self._inline is not None
         idle_timeout = self._config.idle_timeout
         try:
             while True:
@@ -629,6 +774,8 @@ class Connection(trio.abc.AsyncResource):
                             continue
                     elif kind in (_REQUEST, _ONEWAY):
                         self._take_request(frame)
+                        if self._outbox_bytes >= self._max_send_queue and inline:
+                            await self._wait_for_space()  # inline replies outran the writer
                     else:
                         self._control(frame)
                 if self._state is _State.CLOSING and not self._busy and not inbox:
@@ -674,6 +821,9 @@ class Connection(trio.abc.AsyncResource):
                 # the peer fails them as safe to retry.
                 return
             self._last_request_accepted = frame[1]
+        if self._inline is not None:
+            self._serve_inline(frame)
+            return
         self._inbox.append(frame)
         if self._spare == 0:
             self._add_worker()
@@ -763,32 +913,50 @@ class Connection(trio.abc.AsyncResource):
         finally:
             self._workers -= 1
 
-    async def _serve(self, frame: Frame) -> None:
+    def _request_for(self, frame: Frame) -> Request:
+        """The handler's view of an incoming request or message (and count it)."""
         kind, ident, body = frame
         oneway = kind == _ONEWAY
         if oneway:
             self._messages_received += 1
         else:
             self._requests_received += 1
-        request = Request(body, ident, oneway, self)
+        return Request(body, ident, oneway, self)
+
+    async def _serve(self, frame: Frame) -> None:
+        request = self._request_for(frame)
+        ident, oneway = request.id, request.oneway
         try:
             if self._native and not oneway:
                 with trio.CancelScope() as scope:
                     self._handler_scopes[ident] = scope
                     try:
-                        reply = await self._handler(request)
+                        reply = _reply_body(await self._handler(request))
                     finally:
                         del self._handler_scopes[ident]
                 if scope.cancelled_caught:
                     return  # the caller cancelled: it expects no reply
             else:
-                reply = await self._handler(request)
+                reply = _reply_body(await self._handler(request))
         except Exception as exc:
             self._handler_failed(request, exc)
             return
         if oneway or self._state is _State.CLOSED:
             return
-        await self._reply(_REPLY, ident, b"" if reply is None else reply)
+        await self._reply(_REPLY, ident, reply)
+
+    def _serve_inline(self, frame: Frame) -> None:
+        """Run a plain-function handler in the reader and queue its reply."""
+        assert self._inline is not None
+        request = self._request_for(frame)
+        try:
+            reply = _reply_body(self._inline(request))
+        except Exception as exc:
+            self._handler_failed(request, exc)
+            return
+        if request.oneway or self._state is _State.CLOSED or self._peer_closed:
+            return
+        self._reply_nowait(_REPLY, request.id, reply)
 
     async def _reply(self, kind: int, ident: int, payload: bytes) -> None:
         if self._peer_closed:
@@ -797,14 +965,35 @@ class Connection(trio.abc.AsyncResource):
             await self._wait_for_space()
         if self._state is _State.CLOSED:
             return
+        if self._busy == 1 and not self._inbox and self._writer_idle:  # the only handler
+            records: list[bytes | None] = []
+            if self._encode_reply(kind, ident, payload, records) is not None:
+                with contextlib.suppress(ConnectionClosed):  # the connection has ended
+                    await self._write_directly(records)
+            return
+        self._reply_nowait(kind, ident, payload)
+
+    def _reply_nowait(self, kind: int, ident: int, payload: bytes) -> None:
+        """Queue a reply for the writer, without waiting for room in the send queue."""
+        size = self._encode_reply(kind, ident, payload, self._outbox)
+        if size is not None:
+            self._outbox_bytes += size
+            self._wake_writer()
+
+    def _encode_reply(
+        self, kind: int, ident: int, payload: bytes, out: list[bytes | None]
+    ) -> int | None:
+        """Encode a reply into ``out`` and return its size. A reply too large to send
+        becomes an error reply (native), or ends the connection (monte-v1 cannot report
+        it): ``None``."""
         try:
-            self._enqueue(kind, ident, payload)
+            return self._codec.encode(kind, ident, payload, out)
         except LocalProtocolError as exc:
             if not self._native:
                 self._fail(f"a handler's reply could not be sent: {exc}", exc)
-                return
-            self._enqueue(_ERROR, ident, f"the reply could not be sent: {exc}".encode())
-        self._wake_writer()
+                return None
+            message = f"the reply could not be sent: {exc}".encode()
+            return self._codec.encode(_ERROR, ident, message, out)
 
     def _handler_failed(self, request: Request, exc: Exception) -> None:
         if request.oneway:

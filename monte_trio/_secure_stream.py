@@ -10,11 +10,20 @@ seals a whole batch of plaintexts into one ``send_all``, and
 Transport errors are raised as trio's :class:`trio.BrokenResourceError`; a record that fails
 authentication or framing raises :class:`~monte_trio.RemoteProtocolError` (or its subclass
 :class:`~monte_trio.DecryptionError`) and leaves the stream broken.
+
+Over a :class:`trio.SocketStream`, :meth:`SecureStream.send_records` is *record-safe*:
+it writes through the socket's ``send``, which either sends some bytes or is cancelled
+having sent none, so it always knows how much went out. If it is cancelled part-way, the
+unsent tail is kept and written first by the next send, and the peer never sees a record
+cut in half. Over other transports a cancelled send leaves the stream in an unknown state,
+as trio's contract allows; :attr:`SecureStream.record_safe` tells which.
 """
 
 from __future__ import annotations
 
+import errno
 import operator
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -63,6 +72,11 @@ class SecureStream(trio.abc.Stream):
         self._sealer = sealer
         self._opener = opener
         self._pending_records: list[bytes] = list(initial_records or ())
+        # A record-safe transport's partial send, and what a cancelled send left unsent.
+        self._send_some = (
+            transport.socket.send if isinstance(transport, trio.SocketStream) else None
+        )
+        self._unsent = b""
         self._plain = bytearray()
         self._eof = False
         self._closed = False
@@ -76,15 +90,58 @@ class SecureStream(trio.abc.Stream):
         """The largest plaintext one record can carry towards the peer."""
         return self._sealer.max_plaintext
 
+    @property
+    def record_safe(self) -> bool:
+        """Whether a cancelled :meth:`send_records` keeps its unsent bytes for the next one
+        (the transport is a :class:`trio.SocketStream`), so no record is ever cut."""
+        return self._send_some is not None
+
+    @property
+    def has_unsent(self) -> bool:
+        """Whether a cancelled send left bytes that the next send will write first."""
+        return bool(self._unsent)
+
     # -- record API (used by Connection) ---------------------------------------------------
 
     async def send_records(self, plaintexts: list[bytes | None]) -> None:
-        """Seal ``plaintexts`` (skipping ``None``) and write them with one ``send_all``."""
+        """Seal ``plaintexts`` (skipping ``None``) and write them in one go.
+
+        On a :attr:`record_safe` stream, bytes left unsent by an earlier cancelled call
+        go first, and if this call is cancelled part-way its own unsent bytes are kept
+        in turn (the records are sealed either way). An empty list just flushes them.
+        """
         with self._send_conflict:
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
             data = self._sealer.seal_many(plaintexts)
-            await self.transport.send_all(data)
+            if self._send_some is None:
+                await self.transport.send_all(data)
+                return
+            if self._unsent:
+                data, self._unsent = self._unsent + data, b""
+            if not data:
+                await trio.lowlevel.checkpoint()
+                return
+            await self._send_keeping_tail(data, self._send_some)
+
+    async def _send_keeping_tail(
+        self, data: bytes, send_some: Callable[[memoryview], Awaitable[int]]
+    ) -> None:
+        # trio's socket send is cancelled only before it has sent anything, so ``sent``
+        # is exact when Cancelled arrives.
+        sent = 0
+        try:
+            with memoryview(data) as view:
+                while sent < len(data):
+                    with view[sent:] as rest:
+                        sent += await send_some(rest)
+        except trio.Cancelled:
+            self._unsent = data[sent:]
+            raise
+        except OSError as exc:
+            if self._closed or exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("the stream was closed") from None
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
     async def receive_records(self) -> list[bytes]:
         """Return the plaintexts of the next records; an empty list means end of stream."""

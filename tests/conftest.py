@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pytest
 import trio
@@ -17,10 +17,12 @@ from monte_trio import (
     Handler,
     Handshake,
     Request,
-    SecureStream,
     Server,
 )
-from monte_trio.testing import FaultyNetwork
+from monte_trio.testing import FaultyNetwork, open_connection_pair
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
 
 LOCALHOST = "127.0.0.1"
 
@@ -177,58 +179,45 @@ async def running_server(
             nursery.cancel_scope.cancel()
 
 
-async def handshake_streams(
-    handshake: Handshake,
-    raw_client: trio.abc.Stream,
-    raw_server: trio.abc.Stream,
-    *,
-    client_config: ConnectionConfig | None = None,
-    server_config: ConnectionConfig | None = None,
-) -> tuple[SecureStream, SecureStream]:
-    """Run ``handshake`` on both ends of a raw stream pair; return (client, server)."""
-    results: dict[bool, SecureStream] = {}
+class PairOptions(TypedDict, total=False):
+    """What ``open_connection_pair`` takes besides the handshake and the transports."""
 
-    async def run(initiator: bool, raw: trio.abc.Stream, config: ConnectionConfig) -> None:
-        results[initiator] = await handshake.handshake(
-            raw, initiator=initiator, peer="server:0" if initiator else None, config=config
-        )
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run, True, raw_client, client_config or ConnectionConfig())
-        nursery.start_soon(run, False, raw_server, server_config or ConnectionConfig())
-    return results[True], results[False]
+    client_handler: Handler | None
+    server_handler: Handler | None
+    config: ConnectionConfig | None
+    client_config: ConnectionConfig | None
+    server_config: ConnectionConfig | None
 
 
 @asynccontextmanager
 async def network_connection_pair(
-    handshake: Handshake,
-    net: FaultyNetwork,
-    *,
-    client_handler: Handler | None = None,
-    server_handler: Handler | None = None,
-    config: ConnectionConfig | None = None,
-    client_config: ConnectionConfig | None = None,
-    server_config: ConnectionConfig | None = None,
+    handshake: Handshake, net: FaultyNetwork, **options: Unpack[PairOptions]
 ) -> AsyncIterator[tuple[Connection, Connection]]:
     """Like ``open_connection_pair``, over a link of ``net`` (host "client" to "server"),
     so that tests can stall, drop or cut it."""
-    client_config = client_config or config
-    server_config = server_config or config
     listener = net.listen("server")
     try:
         raw_client = await net.connect("server")
         raw_server = await listener.accept()
     finally:
         await listener.aclose()
-    client_stream, server_stream = await handshake_streams(
-        handshake,
-        raw_client,
-        raw_server,
-        client_config=client_config,
-        server_config=server_config,
-    )
-    async with (
-        Connection(client_stream, handler=client_handler, config=client_config) as client,
-        Connection(server_stream, handler=server_handler, config=server_config) as server,
-    ):
-        yield client, server
+    async with open_connection_pair(
+        handshake, transports=(raw_client, raw_server), **options
+    ) as pair:
+        yield pair
+
+
+def socket_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two connected ``trio.SocketStream`` (a socket pair): real sockets, no network."""
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+@asynccontextmanager
+async def socket_connection_pair(
+    handshake: Handshake, **options: Unpack[PairOptions]
+) -> AsyncIterator[tuple[Connection, Connection]]:
+    """Like ``open_connection_pair``, over a socket pair, so that the paths that need a
+    record-safe stream (direct writes) are taken."""
+    async with open_connection_pair(handshake, transports=socket_stream_pair(), **options) as pair:
+        yield pair

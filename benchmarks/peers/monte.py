@@ -80,7 +80,9 @@ def run_server(
 
     reply = state.reply
 
-    async def handler(req: Any) -> bytes | None:
+    # A plain function: monte_trio runs it inline in the connection's reader (it never
+    # awaits), as the trio peers answer inline in theirs and Go monte runs its handlers.
+    def handler(req: Any) -> bytes | None:
         if req.oneway:
             state.count += 1
             return None

@@ -1,7 +1,8 @@
 """Connected pairs for tests: two :class:`~monte_trio.Connection` objects over memory.
 
 No sockets, no real time: the pair runs under :class:`trio.testing.MockClock` and
-autojump like any trio code, so timing tests are deterministic.
+autojump like any trio code, so timing tests are deterministic. Other raw streams (a
+socket pair, a :class:`~monte_trio.testing.FaultyNetwork` link) can be given instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ async def secure_stream_pair(
     server_handshake: Handshake | None = None,
     client_config: ConnectionConfig | None = None,
     server_config: ConnectionConfig | None = None,
+    transports: tuple[trio.abc.Stream, trio.abc.Stream] | None = None,
 ) -> tuple[SecureStream, SecureStream]:
     """Run ``handshake`` on both ends of a memory stream pair; return (client, server).
 
@@ -35,32 +37,32 @@ async def secure_stream_pair(
         server_handshake: a different handshake for the accepting side.
         client_config: the dialing side's limits.
         server_config: the accepting side's limits.
+        transports: ``(client, server)`` raw streams to use instead of a memory stream
+            pair: for example a :func:`trio.socket.socketpair` wrapped in
+            :class:`trio.SocketStream`, or two ends of a
+            :class:`~monte_trio.testing.FaultyNetwork` link.
     """
-    client_raw, server_raw = trio.testing.memory_stream_pair()
-    results: dict[str, SecureStream] = {}
+    client_raw, server_raw = transports or trio.testing.memory_stream_pair()
+    peer = "memory:0" if transports is None else "transport:0"
+    results: dict[bool, SecureStream] = {}
 
     async def run(
-        name: str, hs: Handshake, raw: trio.abc.Stream, config: ConnectionConfig
+        initiator: bool, hs: Handshake, raw: trio.abc.Stream, config: ConnectionConfig
     ) -> None:
-        results[name] = await hs.handshake(
-            raw,
-            initiator=name == "client",
-            peer="memory:0" if name == "client" else None,
-            config=config,
+        results[initiator] = await hs.handshake(
+            raw, initiator=initiator, peer=peer if initiator else None, config=config
         )
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            run, "client", handshake, client_raw, client_config or ConnectionConfig()
-        )
+        nursery.start_soon(run, True, handshake, client_raw, client_config or ConnectionConfig())
         nursery.start_soon(
             run,
-            "server",
+            False,
             server_handshake or handshake,
             server_raw,
             server_config or ConnectionConfig(),
         )
-    return results["client"], results["server"]
+    return results[True], results[False]
 
 
 @asynccontextmanager
@@ -73,6 +75,7 @@ async def open_connection_pair(
     config: ConnectionConfig | None = None,
     client_config: ConnectionConfig | None = None,
     server_config: ConnectionConfig | None = None,
+    transports: tuple[trio.abc.Stream, trio.abc.Stream] | None = None,
 ) -> AsyncIterator[tuple[Connection, Connection]]:
     """Open two connected :class:`~monte_trio.Connection` objects over memory streams.
 
@@ -87,6 +90,8 @@ async def open_connection_pair(
         config: limits for both sides, unless overridden per side.
         client_config: the client's limits.
         server_config: the server's limits.
+        transports: ``(client, server)`` raw streams to use instead of memory streams
+            (see :func:`secure_stream_pair`).
     """
     client_config = client_config or config
     server_config = server_config or config
@@ -95,6 +100,7 @@ async def open_connection_pair(
         server_handshake=server_handshake,
         client_config=client_config,
         server_config=server_config,
+        transports=transports,
     )
     async with (
         Connection(
