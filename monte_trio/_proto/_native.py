@@ -75,6 +75,10 @@ REKEY_INTERVAL: Final = 1 << 20
 """Records per direction between two rekeys."""
 HEADER: Final = struct.Struct(">BBI")
 """A frame header: kind, flags, id."""
+# For the decoder's hot path: plain ints and a bound method, not enum members.
+_HEADER_SIZE: Final = HEADER.size
+_unpack_header: Final = HEADER.unpack_from
+_LAST_KIND: Final = max(FrameKind).value
 FLAG_MORE: Final = 0x01
 """Frame flag: the message continues in the next record."""
 VERDICT_ACCEPT: Final = 0
@@ -268,21 +272,22 @@ class NativeCodec:
         return total
 
     def decode(self, plaintext: bytes) -> Frame | None:
-        if len(plaintext) < HEADER.size:
+        size = len(plaintext)
+        if size < _HEADER_SIZE:
             raise RemoteProtocolError(
-                f"native record of {len(plaintext)} bytes is too short for a frame header"
+                f"native record of {size} bytes is too short for a frame header"
             )
-        kind, flags, ident = HEADER.unpack_from(plaintext)
-        if kind > FrameKind.GOAWAY:
+        kind, flags, ident = _unpack_header(plaintext)
+        if kind > _LAST_KIND:
             raise RemoteProtocolError(f"unknown frame kind {kind}")
         head = self._partial_head
         if head is None and not flags & FLAG_MORE:
-            if len(plaintext) - HEADER.size > self.receive_limit:
+            if size - _HEADER_SIZE > self.receive_limit:
                 raise RemoteProtocolError(
                     f"the peer sent a message larger than our maximum of "
                     f"{self.receive_limit} bytes (max_message_size)"
                 )
-            return (kind, ident, plaintext[HEADER.size :])
+            return (kind, ident, plaintext[_HEADER_SIZE:])
         if head is not None and (head[0], head[1]) != (kind, ident):
             raise RemoteProtocolError(
                 f"a record of message {ident} arrived in the middle of message {head[1]}"

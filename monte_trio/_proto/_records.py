@@ -170,27 +170,35 @@ class RecordSealer(_Direction):
             LocalProtocolError: a plaintext is larger than ``max_plaintext`` (nothing is
                 sealed in that case), or the nonce counter is exhausted.
         """
+        # The hot path of every write: attributes are read into locals once per batch.
         pack_len = _LENGTH.pack
         pack_nonce = self._nonce.pack
         limit = self.max_plaintext
+        encrypt = self._aead.encrypt
+        next_rekey = self._next_rekey
         parts: list[bytes] = []
         append = parts.append
         counter = self.counter
-        for plaintext in plaintexts:
-            if plaintext is None:
-                continue
-            if len(plaintext) > limit:
-                raise LocalProtocolError(
-                    f"record plaintext of {len(plaintext)} bytes exceeds the maximum of "
-                    f"{limit}; split the message or raise max_record_size on both sides"
-                )
-            if counter == self._next_rekey:
-                if counter >= NONCE_LIMIT:
-                    raise LocalProtocolError("nonce counter exhausted: open a new connection")
-                self._rekey()
-            append(pack_len(len(plaintext) + TAG_SIZE))
-            append(self._aead.encrypt(pack_nonce(counter), plaintext, None))
-            counter += 1
+        try:
+            for plaintext in plaintexts:
+                if plaintext is None:
+                    continue
+                size = len(plaintext)
+                if size > limit:
+                    raise LocalProtocolError(
+                        f"record plaintext of {size} bytes exceeds the maximum of {limit}; "
+                        "split the message or raise max_record_size on both sides"
+                    )
+                if counter == next_rekey:
+                    if counter >= NONCE_LIMIT:
+                        raise LocalProtocolError("nonce counter exhausted: open a new connection")
+                    self._rekey()
+                    encrypt = self._aead.encrypt
+                    next_rekey = self._next_rekey
+                append(pack_len(size + TAG_SIZE))
+                append(encrypt(pack_nonce(counter), plaintext, None))
+                counter += 1
+        finally:
             self.counter = counter
         return b"".join(parts)
 
@@ -259,60 +267,86 @@ class RecordOpener(_Direction):
             return []
         if self._eof:
             raise RuntimeError("receive_data called after end of stream")
-        if self._buffer:
-            self._buffer += data
-            view = memoryview(self._buffer)
-        else:
-            view = memoryview(data)
-        try:
-            records, used = self._open_from(view)
-        finally:
-            view.release()
-        if used:
-            if self._buffer:
-                del self._buffer[:used]
-            elif used < len(data):
-                self._buffer = bytearray(data[used:])
-        elif not self._buffer:
-            self._buffer = bytearray(data)
+        records: list[bytes] = []
+        with memoryview(data) as view:
+            rest = self._complete_buffered(view, records) if self._buffer else view
+            if rest:
+                used = self._open_from(rest, records)
+                if used < len(rest):
+                    self._buffer = bytearray(rest[used:])  # only ever a partial record
         return records
 
-    def _open_from(self, view: memoryview) -> tuple[list[bytes], int]:
-        records: list[bytes] = []
+    def _complete_buffered(self, view: memoryview, records: list[bytes]) -> memoryview:
+        """Complete the buffered partial record from the start of ``view``: copy just the
+        bytes it lacks, open it, and return the rest of ``view`` (empty if it is still
+        incomplete)."""
+        buffer = self._buffer
+        if len(buffer) < 4:
+            take = 4 - len(buffer)
+            buffer += view[:take]
+            view = view[take:]
+            if len(buffer) < 4:
+                return view
+        (length,) = _LENGTH.unpack_from(buffer)
+        self._check_length(length)
+        take = 4 + length - len(buffer)  # > 0: the buffer never holds a whole record
+        buffer += view[:take]
+        view = view[take:]
+        with memoryview(buffer) as whole:
+            if self._open_from(whole, records):
+                self._buffer = bytearray()
+        return view
+
+    def _check_length(self, length: int) -> None:
+        if length > self.max_record_size or length < TAG_SIZE:
+            self._fail(
+                RemoteProtocolError(
+                    f"record length {length} is outside the allowed range "
+                    f"{TAG_SIZE}..{self.max_record_size}; closing the connection"
+                )
+            )
+
+    def _open_from(self, view: memoryview, records: list[bytes]) -> int:
+        """Open the complete records at the start of ``view`` into ``records``; return how
+        many bytes they took."""
         end = len(view)
         pos = 0
+        # The hot path of every read: attributes are read into locals once per chunk.
         unpack_len = _LENGTH.unpack_from
         pack_nonce = self._nonce.pack
         max_record = self.max_record_size
-        while end - pos >= 4:
-            (length,) = unpack_len(view, pos)
-            if length > max_record or length < TAG_SIZE:
-                self._fail(
-                    RemoteProtocolError(
-                        f"record length {length} is outside the allowed range "
-                        f"{TAG_SIZE}..{max_record}; closing the connection"
+        decrypt = self._aead.decrypt
+        next_rekey = self._next_rekey
+        append = records.append
+        counter = self.counter
+        try:
+            while end - pos >= 4:
+                (length,) = unpack_len(view, pos)
+                if length > max_record or length < TAG_SIZE:
+                    self._check_length(length)  # raises
+                stop = pos + 4 + length
+                if stop > end:
+                    break
+                if counter == next_rekey:
+                    if counter >= NONCE_LIMIT:
+                        self._fail(RemoteProtocolError("peer exhausted the nonce counter"))
+                    self._rekey()
+                    decrypt = self._aead.decrypt
+                    next_rekey = self._next_rekey
+                try:
+                    append(decrypt(pack_nonce(counter), view[pos + 4 : stop], None))
+                except InvalidTag:
+                    self._fail(
+                        DecryptionError(
+                            "a record failed authentication (tampered, truncated, replayed, "
+                            "reordered or sent with the wrong key); closing the connection"
+                        )
                     )
-                )
-            stop = pos + 4 + length
-            if stop > end:
-                break
-            counter = self.counter
-            if counter == self._next_rekey:
-                if counter >= NONCE_LIMIT:
-                    self._fail(RemoteProtocolError("peer exhausted the nonce counter"))
-                self._rekey()
-            self.counter = counter + 1
-            try:
-                records.append(self._aead.decrypt(pack_nonce(counter), view[pos + 4 : stop], None))
-            except InvalidTag:
-                self._fail(
-                    DecryptionError(
-                        "a record failed authentication (tampered, truncated, replayed, "
-                        "reordered or sent with the wrong key); closing the connection"
-                    )
-                )
-            pos = stop
-        return records, pos
+                counter += 1
+                pos = stop
+        finally:
+            self.counter = counter
+        return pos
 
     def _fail(self, exc: RemoteProtocolError) -> None:
         self._broken = exc
