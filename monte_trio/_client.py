@@ -183,15 +183,17 @@ class Client(trio.abc.AsyncResource):
             if self._closed:
                 raise ConnectionClosed("the client is closed")
             best: Connection | None = None
+            best_load = 0
             open_count = 0
-            for conn in self._conns:
+            for conn in self._conns:  # on every call: each load is computed once
                 if conn.closed:
                     continue
                 open_count += 1
-                if conn.load == 0:
+                load = conn.load
+                if load == 0:
                     return conn
-                if best is None or conn.load < best.load:
-                    best = conn
+                if best is None or load < best_load:
+                    best, best_load = conn, load
             if open_count + self._dialing < self._max_conns:
                 return await self._dial()
             if best is not None:
