@@ -3,9 +3,10 @@
 Run it against ``echo_server.py``::
 
     python examples/echo_client.py 127.0.0.1:5000 hello world
-    python examples/echo_client.py 127.0.0.1:5000 --server-key KEY hello world
+    python examples/echo_client.py 127.0.0.1:5000 --server-key=KEY hello world
 
-``--server-key`` pins the server's public key (the ``public key:`` line the server prints):
+``--server-key`` pins the server's public key (the ``public key:`` line the server prints).
+Write it with ``=``: a key may start with ``-``, which would otherwise read as an option.
 the connection is refused unless the server proves it holds that key. Without it the client
 accepts any server key, which still encrypts but does not authenticate the server.
 ``--monte-v1`` speaks Go monte's protocol instead (to talk to a Go monte server).
@@ -55,7 +56,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="A minimal monte_trio echo client.")
     parser.add_argument("address", metavar="HOST:PORT")
     parser.add_argument("words", nargs="+", metavar="WORD", help="messages to send")
-    parser.add_argument("--server-key", metavar="KEY", help="pin the server's public key")
+    parser.add_argument(
+        "--server-key", metavar="KEY", help="pin the server's public key (write --server-key=KEY)"
+    )
     parser.add_argument("--monte-v1", action="store_true", help="speak Go monte's protocol")
     args = parser.parse_args()
     host, _, port = args.address.rpartition(":")

@@ -6,7 +6,7 @@ Run it (Ctrl-C stops it gracefully)::
     python examples/echo_server.py --port 5000 --identity server.key
 
 It prints ``listening on HOST:PORT`` and, for the native profile, ``public key: KEY``: give
-that key to clients so they can pin it (``echo_client.py --server-key KEY``). With
+that key to clients so they can pin it (``echo_client.py --server-key=KEY``). With
 ``--identity`` the key is stable across restarts (create the file with
 ``python -m monte_trio keygen server.key``); without it a fresh key is made each run.
 

@@ -127,7 +127,7 @@ async def test_echo_server_and_client(wire: str) -> None:
             if wire == "native":
                 key = (await server.readline()).removeprefix("public key: ")
                 PublicKey.parse(key)
-                pin = ["--server-key", key]
+                pin = [f"--server-key={key}"]  # "=": a key may start with "-"
             async with spawn("echo_client.py", address, *flags, *pin, "hello", "wörld") as client:
                 await client.close_stdin()
                 code, rest, stderr = await client.finish()
@@ -136,7 +136,7 @@ async def test_echo_server_and_client(wire: str) -> None:
 
             if wire == "native":  # pinning the wrong key is refused, cleanly
                 wrong = str(Identity.generate().public_key)
-                async with spawn("echo_client.py", address, "--server-key", wrong, "x") as bad:
+                async with spawn("echo_client.py", address, f"--server-key={wrong}", "x") as bad:
                     await bad.close_stdin()
                     code, rest, stderr = await bad.finish()
                 assert code == 1, (rest, stderr)
