@@ -269,11 +269,9 @@ class Connection(trio.abc.AsyncResource):
         self._codec = stream.codec
         self._handler: AsyncHandler = _no_handler
         self._inline: InlineHandler | None = None
-        if handler is None:
-            pass
-        elif is_async_handler(handler):
+        if handler is not None and is_async_handler(handler):
             self._handler = handler  # type: ignore[assignment]
-        else:
+        elif handler is not None:
             self._inline = handler  # type: ignore[assignment]
         self._config = config = config or ConnectionConfig()
         self.name = name or ("client" if stream.initiator else "server") + " connection"
