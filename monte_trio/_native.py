@@ -8,6 +8,7 @@ message flow).
 from __future__ import annotations
 
 import struct
+import unicodedata
 
 import trio
 
@@ -21,9 +22,40 @@ from ._proto._records import RecordOpener, RecordSealer
 from ._secure_stream import SecureStream
 from ._trust import TrustPolicy
 
-__all__ = ["NoiseHandshake"]
+__all__ = ["NoiseHandshake", "escape_peer_text"]
 
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _U16 = struct.Struct(">H")
+
+PEER_TEXT_LIMIT = 1024
+"""The most characters of peer-supplied text :func:`escape_peer_text` keeps."""
+
+
+def escape_peer_text(text: str, limit: int = PEER_TEXT_LIMIT) -> str:
+    """Make text a peer sent safe to put in an exception message, a log or a terminal.
+
+    Control characters (C0, DEL, C1, including ESC, so no terminal escape sequence
+    survives), format characters (bidirectional overrides, zero-width characters),
+    unassigned and private-use code points and line or paragraph separators are replaced
+    by their Python escape (``\\x1b``, ``\\u202e``); the result is cut to ``limit``
+    characters of the original, with a note saying so.
+
+    Args:
+        text: the peer's text.
+        limit: how many characters of ``text`` to keep.
+
+    Returns:
+        A printable, single-line rendering of ``text``.
+    """
+    out = [
+        char.encode("unicode_escape").decode("ascii")
+        if char == "\\" or unicodedata.category(char) in _UNSAFE_CATEGORIES
+        else char
+        for char in text[:limit]
+    ]
+    if len(text) > limit:
+        out.append(f"... [cut at {limit} characters]")
+    return "".join(out)
 
 
 class _Reader:
@@ -191,7 +223,9 @@ class NoiseHandshake(Handshake):
             records = opener.receive_data(data)
         accepted, reason = wire.decode_verdict(records[0])
         if not accepted:
-            raise PeerRejected(f"the server refused our key {self.public_key}: {reason}")
+            raise PeerRejected(
+                f"the server refused our key {self.public_key}: {escape_peer_text(reason)}"
+            )
         initial = records[1:]
         return self._secure(
             transport, sealer, opener, server_hello, server_key, config, True, initial
@@ -237,8 +271,11 @@ class NoiseHandshake(Handshake):
         )
         try:
             await self.trust.verify(client_key, peer=None)
-        except PeerRejected as exc:
-            verdict = wire.encode_verdict(False, str(exc), max_size=sealer.max_plaintext)
+        except PeerRejected:
+            # The client learns that it was refused and by which kind of policy; the
+            # details (files, lines, counts) stay here, in the exception and the log.
+            reason = f"this server's trust policy ({self.trust.kind}) does not accept it"
+            verdict = wire.encode_verdict(False, reason, max_size=sealer.max_plaintext)
             await transport.send_all(sealer.seal(verdict))
             raise
         await transport.send_all(sealer.seal(wire.encode_verdict(True)))

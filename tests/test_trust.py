@@ -117,20 +117,59 @@ async def test_client_names_are_separate(tmp_path: Path) -> None:
     ]
 
 
-async def test_client_accepts_key_listed_under_star(tmp_path: Path) -> None:
+async def test_client_accepts_key_listed_under_server_star(tmp_path: Path) -> None:
     path = tmp_path / "known"
     key, other = new_key(), new_key()
-    path.write_text(f"{key} *\n")
+    path.write_text(f"{key} server:*\n")
     path.chmod(0o444)
     policy = KnownKeysFile(path)
     await policy.verify(key, peer=SERVER)
     with pytest.raises(PeerRejected, match="lockdown"):
         await policy.verify(other, peer=SERVER)
-    # A name-specific entry takes precedence over "*".
+    # A name-specific entry takes precedence over "server:*".
     path.chmod(0o644)
-    path.write_text(f"{key} *\n{other} {SERVER}\n")
+    path.write_text(f"{key} server:*\n{other} {SERVER}\n")
     with pytest.raises(PeerRejected, match="man-in-the-middle"):
         await policy.verify(key, peer=SERVER)
+
+
+async def test_key_accepted_through_server_star_is_recorded_under_host_port(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "known"
+    key, impostor = new_key(), new_key()
+    path.write_text(f"{key} server:*\n")
+    policy = KnownKeysFile(path)
+    await policy.verify(key, peer=SERVER)
+    assert data_lines(path) == [f"{key} server:*", f"{key} {SERVER}"]
+    # So another key at that address is refused, not learned.
+    with pytest.raises(PeerRejected, match="man-in-the-middle"):
+        await policy.verify(impostor, peer=SERVER)
+    await policy.verify(key, peer=SERVER)  # not recorded twice
+    assert len(data_lines(path)) == 2
+
+
+@pytest.mark.parametrize("name", ["*", "client:*"])
+async def test_client_key_never_authorises_a_server(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "known"
+    key = new_key()
+    path.write_text(f"{key} {name}\n")
+    path.chmod(0o444)
+    with pytest.raises(PeerRejected, match=r"listed for clients \(line 1\)") as info:
+        await KnownKeysFile(path).verify(key, peer=SERVER)
+    assert f"{key} server:*" in str(info.value)  # how to accept it for servers
+    # A client presenting it is accepted.
+    await KnownKeysFile(path).verify(key, peer=None)
+
+
+async def test_server_key_never_authorises_a_client(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    a, b = new_key(), new_key()
+    path.write_text(f"{a} {SERVER}\n{b} server:*\n")
+    path.chmod(0o444)
+    for key in (a, b):
+        with pytest.raises(PeerRejected, match=r"lockdown.*listed for a server"):
+            await KnownKeysFile(path).verify(key, peer=None)
 
 
 async def test_several_keys_for_one_name(tmp_path: Path) -> None:
@@ -144,12 +183,20 @@ async def test_several_keys_for_one_name(tmp_path: Path) -> None:
         await policy.verify(c, peer=SERVER)
 
 
-async def test_invalid_peer_argument(tmp_path: Path) -> None:
-    policy = KnownKeysFile(tmp_path / "known")
-    for peer in ("", "*", "a b:1", "#x:1"):
-        with pytest.raises(ValueError, match="host:port"):
+async def test_invalid_peer_is_refused_and_never_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    policy = KnownKeysFile(path)
+    peers = ["", "*", "peer", "client:*", "server:*", "a b:1", "#x:1", "h:0", "h:65536"]
+    peers += ["h:x", "h\x1b[2J:1", "*.example:1", "h:1 extra"]
+    for peer in peers:
+        with pytest.raises(PeerRejected, match="records servers by address") as info:
             await policy.verify(new_key(), peer=peer)
-    assert not (tmp_path / "known").exists()
+        assert "\x1b" not in str(info.value)
+    assert not path.exists()
+    # Valid names, IPv6 included, are recorded and read back.
+    await policy.verify(new_key(), peer="::1:4433")
+    await policy.verify(new_key(), peer="[::1]:4434")
+    assert [e.name for e in policy.entries()] == ["::1:4433", "[::1]:4434"]
 
 
 # --- KnownKeysFile: server side ----------------------------------------------------------
@@ -162,14 +209,17 @@ async def test_server_learns_client_keys_as_star(tmp_path: Path) -> None:
     await policy.verify(a, peer=None)
     await policy.verify(b, peer=None)
     await policy.verify(a, peer=None)
-    assert data_lines(path) == [f"{a} *", f"{b} *"]
+    assert data_lines(path) == [f"{a} client:*", f"{b} client:*"]
+    assert [e.role for e in policy.entries()] == ["client", "client"]
 
 
-async def test_server_accepts_key_under_any_name(tmp_path: Path) -> None:
+async def test_server_accepts_old_star_entries_as_clients(tmp_path: Path) -> None:
     path = tmp_path / "known"
     key = new_key()
-    path.write_text(f"{key} {SERVER}\n")
+    path.write_text(f"{key} *\n")  # what earlier versions recorded for clients
     await KnownKeysFile(path, lockdown=True).verify(key, peer=None)
+    await KnownKeysFile(path).verify(key, peer=None)
+    assert data_lines(path) == [f"{key} *"]
 
 
 # --- KnownKeysFile: lockdown -------------------------------------------------------------
@@ -191,19 +241,19 @@ async def test_read_only_file_is_lockdown(tmp_path: Path) -> None:
     # Making the file writable again switches back to learning, without a new object.
     path.chmod(0o644)
     await policy.verify(unknown, peer=None)
-    assert data_lines(path)[-1] == f"{unknown} *"
+    assert data_lines(path)[-1] == f"{unknown} client:*"
 
 
 async def test_explicit_lockdown(tmp_path: Path) -> None:
     path = tmp_path / "known"
     known, unknown = new_key(), new_key()
-    path.write_text(f"{known} *\n")
+    path.write_text(f"{known} client:*\n{known} server:*\n")
     policy = KnownKeysFile(path, lockdown=True)
     await policy.verify(known, peer=None)
     await policy.verify(known, peer=SERVER)
     with pytest.raises(PeerRejected, match="lockdown"):
         await policy.verify(unknown, peer=None)
-    assert len(data_lines(path)) == 1
+    assert len(data_lines(path)) == 2
 
 
 @pytest.mark.parametrize("peer", [SERVER, None])
@@ -234,19 +284,36 @@ async def test_learning_fails_when_file_cannot_be_written(tmp_path: Path) -> Non
         ("notakey host:1", "not a public key"),
         ("{key} hostwithoutport", "neither"),
         ("{key} host:notaport", "neither"),
+        ("{key} host:99999", "neither"),
+        ("{key} client:", "neither"),
     ],
 )
-async def test_malformed_line(tmp_path: Path, bad_line: str, match: str) -> None:
+async def test_damaged_line_is_skipped_and_stops_learning(
+    tmp_path: Path, bad_line: str, match: str, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "known"
-    key = new_key()
-    path.write_text(f"# comment\n\n{key} *\n{bad_line.format(key=key)}\n")
+    key, server_key, unknown = new_key(), new_key(), new_key()
+    path.write_text(f"# comment\n\n{key} *\n{bad_line.format(key=key)}\n{server_key} {SERVER}\n")
     policy = KnownKeysFile(path)
-    with pytest.raises(KeyFileError, match=match) as info:
+    # The listed keys are still accepted: one damaged line does not poison every check.
+    with caplog.at_level("WARNING", logger="monte_trio._trust"):
         await policy.verify(key, peer=None)
-    assert "line 4" in str(info.value)
-    assert str(path) in str(info.value)
-    with pytest.raises(KeyFileError, match="line 4"):
+        await policy.verify(server_key, peer=SERVER)
+    assert "line 4" in caplog.text
+    assert len(caplog.records) == 1  # once per change of the file, not per check
+    # But nothing new is learned while it is damaged: fail closed.
+    for peer in (None, "other.example:1"):
+        with pytest.raises(PeerRejected, match=r"damaged line \(line 4") as info:
+            await policy.verify(unknown, peer=peer)
+        assert str(path) in str(info.value)
+    # entries() is strict and says where and why.
+    with pytest.raises(KeyFileError, match=match) as error:
         policy.entries()
+    assert "line 4" in str(error.value)
+    # Fixing the file (deleting the line) restores learning, without a new object.
+    path.write_text(f"{key} *\n{server_key} {SERVER}\n")
+    await policy.verify(unknown, peer=None)
+    assert data_lines(path)[-1] == f"{unknown} client:*"
 
 
 async def test_comments_blank_lines_and_standard_base64(tmp_path: Path) -> None:
@@ -263,7 +330,7 @@ async def test_append_after_missing_final_newline(tmp_path: Path) -> None:
     a, b = new_key(), new_key()
     path.write_text(f"{a} *")  # no trailing newline
     await KnownKeysFile(path).verify(b, peer=None)
-    assert data_lines(path) == [f"{a} *", f"{b} *"]
+    assert data_lines(path) == [f"{a} *", f"{b} client:*"]
 
 
 async def test_unreadable_file(tmp_path: Path) -> None:
@@ -283,7 +350,7 @@ async def test_concurrent_verifies_record_a_new_key_once(tmp_path: Path) -> None
         for _ in range(10):
             nursery.start_soon(lambda: policy.verify(server_key, peer=SERVER))
             nursery.start_soon(lambda: policy.verify(client_key, peer=None))
-    assert sorted(data_lines(path)) == sorted([f"{server_key} {SERVER}", f"{client_key} *"])
+    assert sorted(data_lines(path)) == sorted([f"{server_key} {SERVER}", f"{client_key} client:*"])
 
 
 async def test_two_objects_on_one_file_concurrently(tmp_path: Path) -> None:
@@ -294,28 +361,25 @@ async def test_two_objects_on_one_file_concurrently(tmp_path: Path) -> None:
         for _ in range(10):
             for policy in policies:
                 nursery.start_soon(functools.partial(policy.verify, key, peer=None))
-    # No error; the key may have been recorded more than once, which is harmless.
-    assert {e.key for e in policies[0].entries()} == {key}
+    # The file lock and the re-check under it record the key exactly once.
+    assert data_lines(path) == [f"{key} client:*"]
 
 
-async def test_file_created_by_someone_else_meanwhile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_edits_take_effect_without_a_new_object(tmp_path: Path) -> None:
     path = tmp_path / "known"
     key = new_key()
-    path.write_text(f"{key} *\n")
-    real_read = KnownKeysFile._read
-    calls = 0
-
-    def read_missing_once(self: KnownKeysFile) -> str | None:
-        nonlocal calls
-        calls += 1
-        return None if calls == 1 else real_read(self)
-
-    monkeypatch.setattr(KnownKeysFile, "_read", read_missing_once)
-    await KnownKeysFile(path).verify(key, peer=None)
-    assert calls == 2
-    assert data_lines(path) == [f"{key} *"]
+    policy = KnownKeysFile(path)
+    await policy.verify(key, peer=SERVER)
+    # The operator replaces the server's key (same size, same second): it is re-read.
+    other = new_key()
+    path.write_text(path.read_text().replace(str(key), str(other)))
+    await policy.verify(other, peer=SERVER)
+    with pytest.raises(PeerRejected, match="man-in-the-middle"):
+        await policy.verify(key, peer=SERVER)
+    # Deleting the file forgets every key.
+    path.unlink()
+    await policy.verify(key, peer=SERVER)
+    assert data_lines(path) == [f"{key} {SERVER}"]
 
 
 # --- parse_trust -------------------------------------------------------------------------
