@@ -33,9 +33,9 @@ from monte_trio import (
     TrustPolicy,
     open_client,
 )
-from monte_trio._native import escape_peer_text
 from monte_trio._proto import _native as wire
 from monte_trio._proto._noise import HandshakeState
+from monte_trio._util import escape_peer_text
 
 LOCALHOST = "127.0.0.1"
 SERVER = "example.com:4433"
