@@ -11,6 +11,8 @@ import attrs
 __all__ = ["ConnectionConfig"]
 
 _KEEPALIVE_INTERVAL: float | None = 15.0
+_MIN_MESSAGE_SIZE = 1024  # the native profile's floor (monte_trio._proto._native)
+_MIN_RECORD_SIZE = 65
 
 
 @attrs.frozen(kw_only=True)
@@ -23,7 +25,8 @@ class ConnectionConfig:
             record is buffered. ``None`` takes the profile's value: 65,535 (the Noise limit)
             for native, 4,096 for monte-v1 (Go monte's default read buffer; raise it on
             both sides to send monte-v1 messages larger than 4,076 bytes).
-        max_message_size: the largest message body sent or accepted (below 4 GiB). Native messages
+        max_message_size: the largest message body sent or accepted (1,024 bytes, the
+            protocol's floor, to below 4 GiB). Native messages
             larger than a record are split and reassembled up to this size; monte-v1
             messages must fit in one record.
         max_pending_requests: outgoing requests awaiting a reply at once on this
@@ -55,7 +58,7 @@ class ConnectionConfig:
     )
     max_message_size: int = attrs.field(
         default=16 * 1024 * 1024,
-        validator=[attrs.validators.gt(0), attrs.validators.lt(2**32)],
+        validator=[attrs.validators.ge(_MIN_MESSAGE_SIZE), attrs.validators.lt(2**32)],
     )
     max_pending_requests: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     max_send_queue: int = attrs.field(default=1024 * 1024, validator=attrs.validators.gt(0))
@@ -75,8 +78,11 @@ class ConnectionConfig:
     expose_tracebacks: bool = False
 
     def __attrs_post_init__(self) -> None:
-        if self.max_record_size is not None and self.max_record_size <= 64:
-            raise ValueError("max_record_size must be larger than 64 bytes")
+        if self.max_record_size is not None and self.max_record_size < _MIN_RECORD_SIZE:
+            raise ValueError(
+                f"max_record_size must be at least {_MIN_RECORD_SIZE} bytes (the protocol's "
+                f"floor), got {self.max_record_size}"
+            )
         if (
             self.keepalive_interval is not None
             and self.keepalive_tolerance <= self.keepalive_interval

@@ -74,7 +74,8 @@ from ._exceptions import (
     RemoteProtocolError,
     RequestNotProcessed,
 )
-from ._proto._frames import Frame, FrameKind
+from ._proto._frames import Frame, FrameKind, id_after
+from ._proto._native import CONTROL_BURST, CONTROL_RATE, fit_text
 from ._secure_stream import SecureStream
 
 if TYPE_CHECKING:
@@ -297,7 +298,9 @@ class Connection(trio.abc.AsyncResource):
         self._spare = 0  # workers woken or started that have not taken a request yet
         self._busy = 0
         self._reader_parked: trio.lowlevel.Task | None = None
-        self._handler_scopes: dict[int, trio.CancelScope] = {}
+        # native: the peer's requests in progress, queued (None) or running (their scope)
+        self._handler_scopes: dict[int, trio.CancelScope | None] = {}
+        self._reader_paused = False  # held back by our own back-pressure
         self._last_request_accepted = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -306,6 +309,9 @@ class Connection(trio.abc.AsyncResource):
         self._peer_closed = False
         self._last_heard = 0.0
         self._rtt: float | None = None
+        self._pong: tuple[int, bytes] | None = None  # the PONG owed (the latest PING's)
+        self._control_tokens = float(CONTROL_BURST)
+        self._control_at = 0.0
         # counters
         self._requests_sent = 0
         self._replies_received = 0
@@ -404,11 +410,13 @@ class Connection(trio.abc.AsyncResource):
         try:
             async with trio.open_nursery() as services:
                 self._services = services
-                self._last_heard = trio.current_time()
-                services.start_soon(self._reader, name=f"{self.name} reader")
-                services.start_soon(self._writer, name=f"{self.name} writer")
+                self._last_heard = self._control_at = trio.current_time()
+                services.start_soon(self._guarded, self._reader, name=f"{self.name} reader")
+                services.start_soon(self._guarded, self._writer, name=f"{self.name} writer")
                 if self._native and self._config.keepalive_interval is not None:
-                    services.start_soon(self._keepalive, name=f"{self.name} keepalive")
+                    services.start_soon(
+                        self._guarded, self._keepalive, name=f"{self.name} keepalive"
+                    )
                 task_status.started()
         finally:
             self._finish(ConnectionClosed("the connection was closed"))
@@ -418,6 +426,14 @@ class Connection(trio.abc.AsyncResource):
                 await trio.aclose_forcefully(self._stream)
             finally:
                 self._closed.set()
+
+    async def _guarded(self, service: Callable[[], Awaitable[None]]) -> None:
+        """Run a service task; whatever it raises ends this connection, never more."""
+        try:
+            await service()
+        except Exception as exc:
+            logger.error("%s: closing after an internal error", self.name, exc_info=exc)
+            self._fail(f"the connection failed: {exc!r}", exc)
 
     async def wait_closed(self) -> None:
         """Wait until the connection has ended and its stream is closed."""
@@ -457,8 +473,7 @@ class Connection(trio.abc.AsyncResource):
         if self._state is _OPEN:
             self._state = _CLOSING
             if self._native:
-                self._enqueue(_GOAWAY, self._last_request_accepted, b"")
-                self._wake_writer()
+                self._send_control(_GOAWAY, self._last_request_accepted)
         with trio.move_on_after(grace_period):
             # Native: also wait for the peer's GOAWAY. Whatever the peer wrote before it
             # learned that we are closing is ordered before its GOAWAY, so no message it
@@ -504,7 +519,7 @@ class Connection(trio.abc.AsyncResource):
         peer_last = self._peer_last_processed
 
         def error_for(ident: int) -> ConnectionClosed:
-            if peer_last is not None and ident > peer_last:
+            if peer_last is not None and (peer_last == 0 or id_after(ident, peer_last)):
                 return RequestNotProcessed(
                     f"the peer shut down without processing request {ident} "
                     f"(it processed up to {peer_last}); it is safe to retry"
@@ -558,8 +573,7 @@ class Connection(trio.abc.AsyncResource):
             kind, payload = await channel.receive()
         except BaseException:
             if self._dispatcher.discard(ident) and self._native and self._state is _OPEN:
-                self._enqueue(_CANCEL, ident, b"")
-                self._wake_writer()
+                self._send_control(_CANCEL, ident)
             raise
         self._replies_received += 1
         if kind == _ERROR:
@@ -632,6 +646,17 @@ class Connection(trio.abc.AsyncResource):
     def _enqueue(self, kind: int, ident: int, payload: bytes) -> None:
         self._outbox_bytes += self._codec.encode(kind, ident, payload, self._outbox)
 
+    def _send_control(self, kind: int, ident: int, payload: bytes = b"") -> None:
+        """Queue a frame written on behalf of the protocol. It never raises: a frame that
+        cannot be encoded ends this connection (with a logged reason) instead."""
+        try:
+            self._enqueue(kind, ident, payload)
+        except LocalProtocolError as exc:
+            logger.warning("%s: closing: could not send a protocol frame: %s", self.name, exc)
+            self._fail(f"could not send a protocol frame: {exc}", exc)
+            return
+        self._wake_writer()
+
     def _wake_writer(self) -> None:
         task = self._writer_task
         if task is not None and not self._direct:
@@ -647,6 +672,7 @@ class Connection(trio.abc.AsyncResource):
             and not self._direct
             and not self._outbox
             and not self._written
+            and self._pong is None
             and self._stream.record_safe
             and not self._stream.has_unsent
         )
@@ -675,7 +701,7 @@ class Connection(trio.abc.AsyncResource):
             raise self._closed_error() from exc
         finally:
             self._direct = False
-            if self._outbox or self._written or self._stream.has_unsent:
+            if self._outbox or self._written or self._pong or self._stream.has_unsent:
                 self._wake_writer()
 
     async def _flush(self) -> None:
@@ -702,7 +728,12 @@ class Connection(trio.abc.AsyncResource):
         write_timeout = self._config.write_timeout
         try:
             while True:
-                if not self._outbox and not self._written and not stream.has_unsent:
+                if (
+                    not self._outbox
+                    and not self._written
+                    and self._pong is None
+                    and not stream.has_unsent
+                ):
                     self._writer_task = trio.lowlevel.current_task()
 
                     def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
@@ -713,6 +744,9 @@ class Connection(trio.abc.AsyncResource):
                     continue
                 batch, self._outbox = self._outbox, []
                 self._outbox_bytes = 0
+                if self._pong is not None:  # after whole messages: never inside one
+                    (ping_id, ping_payload), self._pong = self._pong, None
+                    self._codec.encode(_PONG, ping_id, ping_payload, batch)
                 written, self._written = self._written, []
                 self._writing = written
                 self._space.unpark_all()
@@ -783,24 +817,39 @@ class Connection(trio.abc.AsyncResource):
                     elif kind in (_REQUEST, _ONEWAY):
                         self._take_request(frame)
                         if self._outbox_bytes >= self._max_send_queue and inline:
-                            await self._wait_for_space()  # inline replies outran the writer
+                            # inline replies outran the writer
+                            self._reader_paused = True
+                            try:
+                                await self._wait_for_space()
+                            finally:
+                                self._resume_reading()
                     else:
                         self._control(frame)
                 if self._state is _CLOSING and not self._busy and not inbox:
                     self._idle.set()
                 while len(inbox) >= limit:
                     self._reader_parked = trio.lowlevel.current_task()
+                    self._reader_paused = True
 
                     def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
                         self._reader_parked = None
                         return trio.lowlevel.Abort.SUCCEEDED
 
-                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    try:
+                        await trio.lowlevel.wait_task_rescheduled(abort)
+                    finally:
+                        self._resume_reading()
         except RemoteProtocolError as exc:
             logger.warning("%s: closing: %s", self.name, exc)
             self._fail(f"the peer broke the protocol: {exc}", exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(f"the connection was lost while reading: {exc}", exc)
+
+    def _resume_reading(self) -> None:
+        """The reader is no longer held back by us. What the peer sent meanwhile waited in
+        buffers, so its silence is counted from now on, not from before the pause."""
+        self._reader_paused = False
+        self._last_heard = trio.current_time()
 
     async def _drain_after_eof(self) -> None:
         """The peer closed its end: finish the work it already handed us, then close.
@@ -828,7 +877,16 @@ class Connection(trio.abc.AsyncResource):
                 # After our GOAWAY, requests beyond the id it announced are not processed:
                 # the peer fails them as safe to retry.
                 return
-            self._last_request_accepted = frame[1]
+            ident = frame[1]
+            self._last_request_accepted = ident
+            if self._native and self._inline is None:
+                scopes = self._handler_scopes
+                if ident in scopes:
+                    raise RemoteProtocolError(
+                        f"the peer sent request {ident} again while it is still in "
+                        "progress; a request id is reused only after its reply"
+                    )
+                scopes[ident] = None  # queued
         if self._inline is not None:
             self._serve_inline(frame)
             return
@@ -844,12 +902,13 @@ class Connection(trio.abc.AsyncResource):
             assert self._services is not None
             self._workers += 1
             self._spare += 1
-            self._services.start_soon(self._worker, name=f"{self.name} handler")
+            self._services.start_soon(self._guarded, self._worker, name=f"{self.name} handler")
 
     def _control(self, frame: Frame) -> None:
         kind, ident, payload = frame
-        if kind == _CANCEL:
-            scope = self._handler_scopes.get(ident)
+        scopes = self._handler_scopes
+        if kind == _CANCEL and ident in scopes:
+            scope = scopes.pop(ident)
             if scope is not None:
                 scope.cancel()
             else:  # not started yet: drop it from the inbox
@@ -857,8 +916,12 @@ class Connection(trio.abc.AsyncResource):
                     if queued[1] == ident and queued[0] == _REQUEST:
                         self._inbox.remove(queued)
                         break
-        elif kind == _PING:
-            self._enqueue(_PONG, ident, payload)
+            return
+        # Every other control frame costs us work and carries no request: budgeted.
+        self._spend_control_budget(kind)
+        if kind == _PING:
+            # At most one PONG is owed: the latest PING's, written by the writer.
+            self._pong = (ident, payload)
             self._wake_writer()
         elif kind == _PONG:
             if len(payload) == _PING_PAYLOAD.size:
@@ -870,11 +933,11 @@ class Connection(trio.abc.AsyncResource):
                 # Answer with our own GOAWAY: it tells the peer which of its requests we
                 # accepted, and that nothing new from us follows it.
                 self._state = _CLOSING
-                self._enqueue(_GOAWAY, self._last_request_accepted, b"")
-                self._wake_writer()
-            # Requests the peer will never process fail now, safe to retry.
+                self._send_control(_GOAWAY, self._last_request_accepted)
+            # Requests the peer will never process fail now, safe to retry. Ids are
+            # compared in allocation order (serial-number arithmetic); 0: none processed.
             for pending in self._dispatcher.pending_ids():
-                if pending > ident:
+                if ident == 0 or id_after(pending, ident):
                     self._dispatcher.fail(
                         pending,
                         RequestNotProcessed(
@@ -883,6 +946,18 @@ class Connection(trio.abc.AsyncResource):
                         ),
                     )
             self._idle.set()
+
+    def _spend_control_budget(self, kind: int) -> None:
+        """A token bucket: CONTROL_BURST frames at once, CONTROL_RATE per second after."""
+        now = trio.current_time()
+        tokens = self._control_tokens + (now - self._control_at) * CONTROL_RATE
+        self._control_at = now
+        if tokens < 1.0:
+            raise RemoteProtocolError(
+                f"the peer sent control frames ({FrameKind(kind).name} last) faster than "
+                f"{CONTROL_RATE} per second after a burst of {CONTROL_BURST}"
+            )
+        self._control_tokens = min(float(CONTROL_BURST), tokens) - 1.0
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -936,12 +1011,14 @@ class Connection(trio.abc.AsyncResource):
         ident, oneway = request.id, request.oneway
         try:
             if self._native and not oneway:
+                scopes = self._handler_scopes
                 with trio.CancelScope() as scope:
-                    self._handler_scopes[ident] = scope
+                    scopes[ident] = scope
                     try:
                         reply = _reply_body(await self._handler(request))
                     finally:
-                        del self._handler_scopes[ident]
+                        if scopes.get(ident) is scope:
+                            del scopes[ident]
                 if scope.cancelled_caught:
                     return  # the caller cancelled: it expects no reply
             else:
@@ -1002,7 +1079,7 @@ class Connection(trio.abc.AsyncResource):
             if not self._native:
                 self._fail(f"a handler's reply could not be sent: {exc}", exc)
                 return None
-            message = f"the reply could not be sent: {exc}".encode()
+            message = fit_text(f"the reply could not be sent: {exc}", self._codec.max_message_size)
             return self._codec.encode(_ERROR, ident, message, out)
 
     def _handler_failed(self, request: Request, exc: Exception) -> None:
@@ -1028,9 +1105,7 @@ class Connection(trio.abc.AsyncResource):
             message = f"{type(exc).__name__}: {exc}"
         if self._state is _CLOSED or self._peer_closed:
             return
-        payload = message.encode("utf-8", errors="replace")[: self._codec.max_message_size]
-        self._enqueue(_ERROR, request.id, payload)
-        self._wake_writer()
+        self._send_control(_ERROR, request.id, fit_text(message, self._codec.max_message_size))
 
     # -- keepalive (native) ----------------------------------------------------------------
 
@@ -1041,7 +1116,8 @@ class Connection(trio.abc.AsyncResource):
         ping_id = 0
         while True:
             await trio.sleep(interval)
-            silent = trio.current_time() - self._last_heard
+            # Time the reader spends held back by our own back-pressure is not silence.
+            silent = 0.0 if self._reader_paused else trio.current_time() - self._last_heard
             if silent >= tolerance:
                 self._fail(
                     f"the peer was silent for {silent:.1f} s (keepalive_tolerance "
@@ -1049,5 +1125,4 @@ class Connection(trio.abc.AsyncResource):
                 )
                 return
             ping_id = (ping_id + 1) % 2**32
-            self._enqueue(_PING, ping_id, _PING_PAYLOAD.pack(trio.current_time()))
-            self._wake_writer()
+            self._send_control(_PING, ping_id, _PING_PAYLOAD.pack(trio.current_time()))

@@ -206,13 +206,19 @@ def native_codec_roundtrip_target(data: bytes) -> str:
     """Encode frames described by ``data``, then decode them: they must come back whole."""
     if len(data) < 2:
         return "short"
-    record = 16 + wire.HEADER.size + 1 + data[0] % 64
+    # room for a whole control frame in one record: control frames are never split
+    record = 16 + wire.HEADER.size + wire.MAX_CONTROL_PAYLOAD + data[0] % 64
     frames = []
     pos = 1
     while pos + 6 <= len(data):
         kind = data[pos] % 8
         (ident,) = _U32.unpack_from(data, pos + 1)
-        size = data[pos + 5] * 3
+        # control frames (CANCEL and up) carry at most MAX_CONTROL_PAYLOAD bytes
+        size = (
+            data[pos + 5] * 3
+            if kind < FrameKind.CANCEL
+            else data[pos + 5] % (wire.MAX_CONTROL_PAYLOAD + 1)
+        )
         frames.append((kind, ident, data[pos + 6 : pos + 6 + size]))
         pos += 6 + size
     encoder = wire.NativeCodec(max_record_size=record, send_limit=1 << 20, receive_limit=1 << 20)
@@ -231,8 +237,11 @@ def native_codec_roundtrip_target(data: bytes) -> str:
 
 def hello_target(data: bytes) -> str:
     hello = wire.Hello.decode(data)
-    check(64 < hello.max_record_size <= wire.MAX_RECORD, "hello record size out of range")
-    check(hello.max_message_size >= 1, "hello message size zero")
+    check(
+        wire.MIN_RECORD_SIZE <= hello.max_record_size <= wire.MAX_RECORD,
+        "hello record size out of range",
+    )
+    check(hello.max_message_size >= wire.MIN_MESSAGE_SIZE, "hello message size below the floor")
     again = hello.encode()
     check(again[0] == data[0] and again[2:] == data[2 : len(again)], "hello not re-encoded")
     check(again[1] == 0, "hello flags are not zero")

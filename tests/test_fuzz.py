@@ -305,18 +305,31 @@ def test_monte_v1_codec_on_arbitrary_plaintext(plaintext: bytes, initiator: bool
 # NativeCodec
 # ---------------------------------------------------------------------------------------
 
+_ids = st.integers(min_value=0, max_value=2**32 - 1)
 native_frames = st.lists(
-    st.tuples(
-        st.integers(min_value=0, max_value=int(FrameKind.GOAWAY)),
-        st.integers(min_value=0, max_value=2**32 - 1),
-        st.binary(max_size=600),
+    st.one_of(
+        # messages: any size, split across records
+        st.tuples(
+            st.integers(min_value=0, max_value=int(FrameKind.ERROR)),
+            _ids,
+            st.binary(max_size=600),
+        ),
+        # control frames: at most MAX_CONTROL_PAYLOAD bytes, never split
+        st.tuples(
+            st.integers(min_value=int(FrameKind.CANCEL), max_value=int(FrameKind.GOAWAY)),
+            _ids,
+            st.binary(max_size=wire.MAX_CONTROL_PAYLOAD),
+        ),
     ),
     max_size=8,
 )
 
 
 @FAST
-@given(frames=native_frames, chunk=st.integers(min_value=1, max_value=120))
+@given(
+    frames=native_frames,
+    chunk=st.integers(min_value=wire.MAX_CONTROL_PAYLOAD, max_value=120),
+)
 def test_native_codec_round_trip_with_fragmentation(frames: list[Frame], chunk: int) -> None:
     record = TAG_SIZE + wire.HEADER.size + chunk  # small: most messages are split
     sender = wire.NativeCodec(max_record_size=record, send_limit=1 << 20, receive_limit=1 << 20)
@@ -398,7 +411,9 @@ def test_native_codec_on_arbitrary_plaintexts(plaintexts: list[bytes], limit: in
             frame = codec.decode(plaintext)
             if frame is not None:
                 assert frame[0] <= FrameKind.GOAWAY
-                assert len(frame[2]) <= limit  # the reassembly limit holds on any input
+                # the reassembly limit holds on any input; control frames have their own
+                bound = limit if frame[0] < FrameKind.CANCEL else wire.MAX_CONTROL_PAYLOAD
+                assert len(frame[2]) <= bound
     except RemoteProtocolError:
         pass
 
@@ -418,8 +433,8 @@ def test_native_codec_refuses_interleaved_fragments() -> None:
 @FAST
 @given(
     version=st.integers(0, 255),
-    max_record=st.integers(65, wire.MAX_RECORD),
-    max_message=st.integers(1, 2**32 - 1),
+    max_record=st.integers(wire.MIN_RECORD_SIZE, wire.MAX_RECORD),
+    max_message=st.integers(wire.MIN_MESSAGE_SIZE, 2**32 - 1),
     features=st.integers(0, 2**32 - 1),
     trailing=st.binary(max_size=20),
 )
@@ -442,8 +457,8 @@ def test_hello_decode_on_arbitrary_bytes(data: bytes) -> None:
         hello = wire.Hello.decode(data)
     except RemoteProtocolError:
         return
-    assert 64 < hello.max_record_size <= wire.MAX_RECORD
-    assert hello.max_message_size >= 1
+    assert wire.MIN_RECORD_SIZE <= hello.max_record_size <= wire.MAX_RECORD
+    assert hello.max_message_size >= wire.MIN_MESSAGE_SIZE
     assert wire.Hello.decode(hello.encode()) == hello
 
 

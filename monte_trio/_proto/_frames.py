@@ -20,7 +20,7 @@ from typing import Final, Protocol
 
 from .._exceptions import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["Frame", "FrameCodec", "FrameKind", "MonteV1Codec", "id_parity"]
+__all__ = ["Frame", "FrameCodec", "FrameKind", "MonteV1Codec", "id_after", "id_parity"]
 
 
 class FrameKind(enum.IntEnum):
@@ -54,6 +54,12 @@ def id_parity(initiator: bool) -> int:
     return 1 if initiator else 0
 
 
+def id_after(a: int, b: int) -> bool:
+    """Whether request id ``a`` was allocated after ``b``: serial-number arithmetic on u32
+    ids (RFC 1982), ``0 < (a - b) mod 2**32 < 2**31``, so the order survives wraparound."""
+    return 0 < (a - b) % 2**32 < 2**31
+
+
 class FrameCodec(Protocol):
     """Maps frames to record plaintexts and back, for one connection.
 
@@ -66,6 +72,11 @@ class FrameCodec(Protocol):
     profile: str
     kinds: frozenset[FrameKind]
     max_message_size: int
+
+    @property
+    def reassembling(self) -> int:
+        """Payload bytes of a message received in part, held until its last record."""
+        ...
 
     def encode(self, kind: int, ident: int, payload: bytes, out: list[bytes | None]) -> int:
         """Append the plaintexts of one frame to ``out``; return how many bytes they hold.
@@ -107,6 +118,9 @@ class MonteV1Codec:
     kinds: frozenset[FrameKind] = frozenset({FrameKind.ONEWAY, FrameKind.REQUEST, FrameKind.REPLY})
 
     __slots__ = ("_reply_parity", "max_message_size")
+
+    reassembling: Final = 0
+    """monte-v1 messages are one record each: nothing is ever held in part."""
 
     def __init__(self, *, initiator: bool, max_record_size: int) -> None:
         self._reply_parity = id_parity(initiator)

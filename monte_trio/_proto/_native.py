@@ -43,10 +43,16 @@ from ._noise import CipherState
 from ._records import NOISE_AESGCM_NONCE, NOISE_CHACHAPOLY_NONCE, RecordOpener, RecordSealer
 
 __all__ = [
+    "CONTROL_BURST",
+    "CONTROL_RATE",
     "FLAG_MORE",
     "HEADER",
     "MAGIC",
+    "MAX_CONTROL_PAYLOAD",
     "MAX_RECORD",
+    "MAX_VERDICT_REASON",
+    "MIN_MESSAGE_SIZE",
+    "MIN_RECORD_SIZE",
     "PREAMBLE_SIZE",
     "REKEY_INTERVAL",
     "VERSION",
@@ -57,6 +63,7 @@ __all__ = [
     "decode_verdict",
     "encode_preamble",
     "encode_verdict",
+    "fit_text",
     "prologue",
     "protocol_name",
     "transport",
@@ -71,6 +78,21 @@ FLAG_PSK: Final = 0x01
 """Initiator preamble flag: a pre-shared key is in use (``XXpsk3``)."""
 MAX_RECORD: Final = 65535
 """Noise's limit on one transport message, so the largest record (ciphertext and tag)."""
+MIN_RECORD_SIZE: Final = 65
+"""The smallest ``max_record_size`` a hello may announce: a 16-byte tag, a 6-byte frame
+header and 43 bytes of payload, more than any control frame needs."""
+MIN_MESSAGE_SIZE: Final = 1024
+"""The smallest ``max_message_size`` a hello may announce: room for every control frame
+and for a useful error text."""
+MAX_CONTROL_PAYLOAD: Final = 16
+"""The largest payload of a control frame (CANCEL, PING, PONG, GOAWAY)."""
+MAX_VERDICT_REASON: Final = 1024
+"""The largest refusal reason (UTF-8 bytes) a verdict may carry."""
+CONTROL_BURST: Final = 1000
+"""Control frames that cost the receiver work without carrying a request (PING, PONG,
+GOAWAY, CANCEL of an id not in progress) a peer may send at once..."""
+CONTROL_RATE: Final = 100
+"""... and per second after that burst; a peer that sends more is disconnected."""
 REKEY_INTERVAL: Final = 1 << 20
 """Records per direction between two rekeys."""
 HEADER: Final = struct.Struct(">BBI")
@@ -79,6 +101,7 @@ HEADER: Final = struct.Struct(">BBI")
 _HEADER_SIZE: Final = HEADER.size
 _unpack_header: Final = HEADER.unpack_from
 _LAST_KIND: Final = max(FrameKind).value
+_FIRST_CONTROL: Final = FrameKind.CANCEL.value
 FLAG_MORE: Final = 0x01
 """Frame flag: the message continues in the next record."""
 VERDICT_ACCEPT: Final = 0
@@ -139,8 +162,10 @@ class Hello:
 
     Attributes:
         version: the sender's protocol version.
-        max_record_size: the largest record the sender accepts (at most 65,535).
-        max_message_size: the largest message the sender accepts.
+        max_record_size: the largest record the sender accepts (:data:`MIN_RECORD_SIZE`
+            to :data:`MAX_RECORD`).
+        max_message_size: the largest message the sender accepts (at least
+            :data:`MIN_MESSAGE_SIZE`).
         features: feature bits (none defined in version 1; unknown bits are ignored).
     """
 
@@ -165,15 +190,24 @@ class Hello:
         """Parse a hello; trailing bytes (from a later version) are ignored.
 
         Raises:
-            RemoteProtocolError: too short, or limits below the protocol's minimums.
+            RemoteProtocolError: too short, or limits outside the protocol's ranges (the
+                message names the field, the value and the allowed range).
         """
         if len(data) < _HELLO.size:
-            raise RemoteProtocolError(f"hello of {len(data)} bytes is too short")
+            raise RemoteProtocolError(
+                f"hello of {len(data)} bytes is too short (at least {_HELLO.size})"
+            )
         version, _flags, max_record, max_message, features = _HELLO.unpack_from(data)
-        if not 64 < max_record <= MAX_RECORD:
-            raise RemoteProtocolError(f"the peer's max record size {max_record} is invalid")
-        if max_message < 1:
-            raise RemoteProtocolError("the peer's max message size is zero")
+        if not MIN_RECORD_SIZE <= max_record <= MAX_RECORD:
+            raise RemoteProtocolError(
+                f"the peer announced max_record_size {max_record}, outside the allowed "
+                f"range {MIN_RECORD_SIZE}..{MAX_RECORD}"
+            )
+        if max_message < MIN_MESSAGE_SIZE:
+            raise RemoteProtocolError(
+                f"the peer announced max_message_size {max_message}, below the floor of "
+                f"{MIN_MESSAGE_SIZE}"
+            )
         return cls(version, max_record, max_message, features)
 
 
@@ -185,19 +219,36 @@ def encode_verdict(accept: bool, reason: str = "", *, max_size: int = 1025) -> b
     """
     if accept:
         return bytes([VERDICT_ACCEPT])
-    room = max(0, min(1024, max_size - 1))
-    return bytes([VERDICT_REFUSE]) + reason.encode("utf-8", errors="replace")[:room]
+    room = max(0, min(MAX_VERDICT_REASON, max_size - 1))
+    return bytes([VERDICT_REFUSE]) + fit_text(reason, room)
 
 
 def decode_verdict(plaintext: bytes) -> tuple[bool, str]:
     """Return ``(accepted, reason)`` from the responder's first transport record.
 
     Raises:
-        RemoteProtocolError: the record is not a verdict.
+        RemoteProtocolError: the record is not a verdict, or its reason is longer than
+            :data:`MAX_VERDICT_REASON` bytes.
     """
     if not plaintext or plaintext[0] not in (VERDICT_ACCEPT, VERDICT_REFUSE):
         raise RemoteProtocolError("the server's first record is not a handshake verdict")
+    if len(plaintext) - 1 > MAX_VERDICT_REASON:
+        raise RemoteProtocolError(
+            f"the server's verdict carries a reason of {len(plaintext) - 1} bytes, more than "
+            f"the {MAX_VERDICT_REASON} the protocol allows"
+        )
     return plaintext[0] == VERDICT_ACCEPT, plaintext[1:].decode("utf-8", errors="replace")
+
+
+def fit_text(text: str, limit: int) -> bytes:
+    """``text`` in UTF-8, cut to at most ``limit`` bytes on a character boundary."""
+    data = text.encode("utf-8", errors="replace")
+    if len(data) <= limit:
+        return data
+    cut = max(0, limit)
+    while cut and (data[cut] & 0xC0) == 0x80:  # a continuation byte: back to a boundary
+        cut -= 1
+    return data[:cut]
 
 
 def transport(
@@ -246,8 +297,15 @@ class NativeCodec:
             raise ValueError("max_record_size leaves no room for a payload")
         self.max_message_size = send_limit
         self.receive_limit = receive_limit
-        self._partial: list[bytes] = []
-        self._partial_head: tuple[int, int, int] | None = None  # kind, id, bytes so far
+        # The message being reassembled: its payload so far in one buffer, so that its
+        # memory is its payload whatever the fragment sizes; and (kind, id).
+        self._partial = bytearray()
+        self._partial_head: tuple[int, int] | None = None
+
+    @property
+    def reassembling(self) -> int:
+        """Payload bytes of a message received in part (held until its last record)."""
+        return len(self._partial)
 
     def encode(self, kind: int, ident: int, payload: bytes, out: list[bytes | None]) -> int:
         size = len(payload)
@@ -278,8 +336,8 @@ class NativeCodec:
                 f"native record of {size} bytes is too short for a frame header"
             )
         kind, flags, ident = _unpack_header(plaintext)
-        if kind > _LAST_KIND:
-            raise RemoteProtocolError(f"unknown frame kind {kind}")
+        if kind >= _FIRST_CONTROL:
+            return self._decode_control(kind, flags, ident, plaintext)
         head = self._partial_head
         if head is None and not flags & FLAG_MORE:
             if size - _HEADER_SIZE > self.receive_limit:
@@ -288,21 +346,48 @@ class NativeCodec:
                     f"{self.receive_limit} bytes (max_message_size)"
                 )
             return (kind, ident, plaintext[_HEADER_SIZE:])
-        if head is not None and (head[0], head[1]) != (kind, ident):
+        if head is not None and (head[0] != kind or head[1] != ident):
             raise RemoteProtocolError(
                 f"a record of message {ident} arrived in the middle of message {head[1]}"
             )
-        size = (head[2] if head is not None else 0) + len(plaintext) - HEADER.size
-        if size > self.receive_limit:
+        partial = self._partial
+        if len(partial) + size - _HEADER_SIZE > self.receive_limit:
             raise RemoteProtocolError(
                 f"the peer sent a message larger than our maximum of {self.receive_limit} "
                 "bytes (max_message_size)"
             )
-        self._partial.append(plaintext[HEADER.size :])
         if flags & FLAG_MORE:
-            self._partial_head = (kind, ident, size)
+            if size == _HEADER_SIZE:
+                raise RemoteProtocolError(
+                    f"the peer sent an empty fragment flagged MORE (message {ident}); every "
+                    "fragment but the last must carry payload"
+                )
+            with memoryview(plaintext) as view:
+                partial += view[_HEADER_SIZE:]
+            self._partial_head = (kind, ident)
             return None
-        payload = b"".join(self._partial)
-        self._partial = []
+        with memoryview(plaintext) as view:
+            partial += view[_HEADER_SIZE:]
+        payload = bytes(partial)
+        self._partial = bytearray()
         self._partial_head = None
         return (kind, ident, payload)
+
+    def _decode_control(self, kind: int, flags: int, ident: int, plaintext: bytes) -> Frame:
+        if kind > _LAST_KIND:
+            raise RemoteProtocolError(f"unknown frame kind {kind}")
+        name = FrameKind(kind).name
+        if self._partial_head is not None:
+            raise RemoteProtocolError(
+                f"a {name} frame arrived in the middle of message {self._partial_head[1]}"
+            )
+        if flags & FLAG_MORE:
+            raise RemoteProtocolError(
+                f"a {name} frame was flagged MORE; control frames are never split"
+            )
+        if len(plaintext) - _HEADER_SIZE > MAX_CONTROL_PAYLOAD:
+            raise RemoteProtocolError(
+                f"a {name} frame carried {len(plaintext) - _HEADER_SIZE} bytes of payload, "
+                f"more than the {MAX_CONTROL_PAYLOAD} control frames may carry"
+            )
+        return (kind, ident, plaintext[_HEADER_SIZE:])
