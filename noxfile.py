@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import nox
+from packaging.requirements import Requirement
 
 nox.needs_version = ">=2024.3.2"
 nox.options.sessions = ["tests", "lint", "typing", "docs"]
@@ -27,6 +28,46 @@ CODE = [
 def tests(session: nox.Session) -> None:
     """Run the test suite (the soak test runs at its small default size)."""
     session.install(".[test]")
+    session.run("pytest", *session.posargs)
+
+
+def lowest_pins(pyproject: dict[str, object], extras: list[str]) -> list[str]:
+    """Pin every dependency (and those of ``extras``) to its declared floor: ``NAME==FLOOR``.
+
+    Every requirement must have exactly one ``>=`` floor; a marker is kept.
+
+    Raises:
+        ValueError: if a requirement has no floor, or more than one lower bound.
+    """
+    project = pyproject["project"]
+    assert isinstance(project, dict)
+    specs: list[str] = list(project["dependencies"])
+    for extra in extras:
+        specs += project["optional-dependencies"][extra]
+    pins = []
+    for spec in specs:
+        req = Requirement(spec)
+        floors = [s.version for s in req.specifier if s.operator == ">="]
+        if len(floors) != 1:
+            raise ValueError(f"{spec!r} in pyproject.toml needs exactly one '>=' floor")
+        marker = f"; {req.marker}" if req.marker else ""
+        pins.append(f"{req.name}=={floors[0]}{marker}")
+    return pins
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """Run the test suite on exactly the lowest versions pyproject.toml declares.
+
+    The constraints file pins each direct dependency (and the ``test`` extra) to its floor;
+    their own dependencies resolve as usual. Extra arguments go to pytest.
+    """
+    pins = lowest_pins(nox.project.load_toml("pyproject.toml"), ["test"])
+    constraints = Path(session.create_tmp()) / "constraints-lowest.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    session.log("pins: %s", ", ".join(pins))
+    session.install("-c", str(constraints), ".[test]")
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
     session.run("pytest", *session.posargs)
 
 

@@ -6,9 +6,10 @@ Run one peer per terminal::
     python examples/chat.py --listen 5002 --peer 127.0.0.1:5001
 
 Each line typed on stdin reaches the other peer as a one-way message, which prints it as
-``<peer>: line`` (``<peer>`` being the address given with ``--peer``). End a peer with EOF
-(Ctrl-D). A peer keeps dialing the other, with backoff, until it is up (at most
-``--connect-timeout`` seconds).
+``<peer>: line`` (``<peer>`` being the address given with ``--peer``; control characters and
+terminal escapes in the line are shown escaped). End a peer with EOF (Ctrl-D), or stop it
+with Ctrl-C (exit status 130). A peer keeps dialing the other, with backoff, until it is up
+(at most ``--connect-timeout`` seconds).
 
 Authenticated chat (native profile): give each peer a key and pin the other's::
 
@@ -19,7 +20,10 @@ Authenticated chat (native profile): give each peer a key and pin the other's::
     python examples/chat.py --listen 5002 --peer 127.0.0.1:5001 \\
         --identity bob.key --trust pin:<alice's key>
 
-Without ``--trust`` a peer accepts any key (encrypted, not authenticated) and says so.
+Or trust on first use: each peer records the other's key in its FILE the first time and
+refuses a different key afterwards (``--trust tofu:alice.known`` and
+``--trust tofu:bob.known``). ``--trust any`` accepts any key (encrypted, not authenticated)
+and says so; the native profile needs one of the three, as ``monte-trio serve`` does.
 ``--profile monte-v1`` speaks Go monte's protocol (no authentication at all).
 """
 
@@ -27,7 +31,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import unicodedata
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import trio
@@ -69,15 +76,13 @@ class Options:
                 if args.identity
                 else monte_trio.Identity.generate()
             )
-            if args.trust is None:
+            self.trust = args.trust
+            if isinstance(self.trust, monte_trio.AcceptAnyKey):
                 print(
-                    "chat: warning: no --trust: accepting any peer key (not authenticated)",
+                    "chat: warning: --trust any: accepting any peer key (not authenticated)",
                     file=sys.stderr,
                     flush=True,
                 )
-                self.trust = monte_trio.AcceptAnyKey()
-            else:
-                self.trust = args.trust
 
     def handshake(self) -> monte_trio.Handshake | None:
         # A fresh MonteV1Handshake per use; None means the native profile.
@@ -107,6 +112,40 @@ async def dial(
                 raise
         await trio.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so that a peer cannot drive our terminal."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")
+        else char
+        for char in text
+    )
+
+
+async def until_ctrl_c(main: Callable[[], Awaitable[int]]) -> int:
+    """Run ``main()``; Ctrl-C (SIGINT) cancels it, and the exit status is then 130.
+
+    Trio delivers SIGINT as a KeyboardInterrupt raised wherever the program happens to be
+    (inside an ExceptionGroup, if that is in a nursery); receiving the signal turns it into a
+    plain cancellation instead.
+    """
+    interrupted = False
+    status = 130
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_ctrl_c() -> None:
+                nonlocal interrupted
+                async for _ in signals:
+                    interrupted = True
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_ctrl_c)
+            status = await main()
+            nursery.cancel_scope.cancel()
+    return 130 if interrupted else status
 
 
 async def read_lines(stream: trio.abc.ReceiveStream, send: trio.MemorySendChannel[str]) -> None:
@@ -139,14 +178,13 @@ async def converse(host: str, port: int, options: Options, patience: float) -> N
                     print(f"chat: not delivered: {exc}", file=sys.stderr, flush=True)
 
 
-async def chat(args: argparse.Namespace) -> int:
-    options = Options(args)
+async def chat(args: argparse.Namespace, options: Options) -> int:
     peer_host, peer_port = args.peer
     peer_name = f"{peer_host}:{peer_port}"
 
     async def show(request: monte_trio.Request) -> bytes | None:
         # Called for every message the peer sends us.
-        print(f"{peer_name}: {request.body.decode(errors='replace')}", flush=True)
+        print(f"{peer_name}: {printable(request.body.decode(errors='replace'))}", flush=True)
         return None
 
     server = monte_trio.Server(
@@ -160,7 +198,7 @@ async def chat(args: argparse.Namespace) -> int:
                 print(f"chat: my public key: {options.identity.public_key}", flush=True)
             await converse(peer_host, peer_port, options, args.connect_timeout)
         except (monte_trio.MonteError, OSError) as exc:  # port taken, peer down or refused
-            print(f"chat: error: {exc}", file=sys.stderr, flush=True)
+            print(f"chat: error: {printable(str(exc))}", file=sys.stderr, flush=True)
             nursery.cancel_scope.cancel()
             return 1
         # EOF: our connection to the peer is closed; stop serving, gracefully.
@@ -179,17 +217,27 @@ def main() -> int:
     parser.add_argument("--profile", choices=["native", "monte-v1"], default="native")
     parser.add_argument("--identity", metavar="FILE", help="this peer's private key file")
     parser.add_argument(
-        "--trust", type=parse_trust, metavar="SPEC", help="any | pin:KEY[,KEY] | tofu:FILE"
+        "--trust",
+        type=parse_trust,
+        metavar="SPEC",
+        help="which peer keys to accept (native profile: required): pin:KEY[,KEY] (exactly "
+        "these), tofu:FILE (trust on first use, recorded in FILE) or any (no authentication)",
     )
     parser.add_argument("--connect-timeout", type=float, default=20.0, metavar="SECONDS")
     args = parser.parse_args()
+    if args.profile == "native" and args.trust is None:
+        parser.error("the native profile needs --trust pin:KEY[,KEY], tofu:FILE or any")
     try:
-        return trio.run(chat, args)
+        options = Options(args)
+        status = trio.run(until_ctrl_c, lambda: chat(args, options))
     except monte_trio.MonteError as exc:  # e.g. an unreadable key file
-        print(f"chat: error: {exc}", file=sys.stderr)
+        print(f"chat: error: {printable(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C before until_ctrl_c was listening for it
+        status = 130
+    if status == 130:
+        print("chat: interrupted", file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -8,20 +8,32 @@ Run it against ``echo_server.py``::
 ``--server-key`` pins the server's public key (the ``public key:`` line the server prints).
 Write it with ``=``: a key may start with ``-``, which would otherwise read as an option.
 the connection is refused unless the server proves it holds that key. Without it the client
-accepts any server key, which still encrypts but does not authenticate the server.
+accepts any server key (and warns), which still encrypts but does not authenticate the server.
 ``--monte-v1`` speaks Go monte's protocol instead (to talk to a Go monte server).
 
-Exits 0 if every reply equals what was sent.
+Exits 0 if every reply equals what was sent, 1 on an error, 130 if stopped with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import unicodedata
 
 import trio
 
 import monte_trio
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so that a server cannot drive our terminal."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")
+        else char
+        for char in text
+    )
 
 
 async def main(
@@ -35,6 +47,7 @@ async def main(
             # Only a server holding this key gets through the handshake.
             trust = monte_trio.PinnedKeys([server_key])
         else:
+            print("warning: no --server-key: accepting any server", file=sys.stderr, flush=True)
             trust = monte_trio.AcceptAnyKey()
         # identity= is this client's own key; by default a fresh one per run. Load one
         # with monte_trio.Identity.load("client.key") if the server pins client keys.
@@ -45,11 +58,37 @@ async def main(
         for word in words:
             body = word.encode()
             reply = await c.request(body)
-            print(f"reply: {reply.decode(errors='replace')}", flush=True)
+            print(f"reply: {printable(reply.decode(errors='replace'))}", flush=True)
             if reply != body:
                 print("the reply differs from the request!", file=sys.stderr)
                 return 1
     return 0
+
+
+async def until_ctrl_c(
+    host: str, port: int, server_key: str | None, monte_v1: bool, words: list[str]
+) -> int:
+    """Run :func:`main`: its status, 1 on an error, 130 if Ctrl-C (SIGINT) cancelled it.
+
+    Without this, Trio raises KeyboardInterrupt wherever the program happens to be (inside
+    an ExceptionGroup if that is in a nursery); with it, Ctrl-C is a plain cancellation.
+    """
+    with trio.open_signal_receiver(signal.SIGINT) as signals, trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def on_ctrl_c() -> None:
+                async for _ in signals:
+                    scope.cancel()
+
+            nursery.start_soon(on_ctrl_c)
+            try:
+                return await main(host, port, server_key, monte_v1, words)
+            except monte_trio.MonteError as exc:  # e.g. the server's key is not the pinned one
+                print(f"error: {printable(str(exc))}", file=sys.stderr)
+                return 1
+            finally:
+                nursery.cancel_scope.cancel()
+    return 130
 
 
 if __name__ == "__main__":
@@ -63,8 +102,9 @@ if __name__ == "__main__":
     args = parser.parse_args()
     host, _, port = args.address.rpartition(":")
     try:
-        status = trio.run(main, host, int(port), args.server_key, args.monte_v1, args.words)
-    except monte_trio.MonteError as exc:  # for example: the server's key is not the pinned one
-        print(f"error: {exc}", file=sys.stderr)
-        status = 1
+        status = trio.run(
+            until_ctrl_c, host, int(port), args.server_key, args.monte_v1, args.words
+        )
+    except KeyboardInterrupt:  # Ctrl-C before until_ctrl_c was listening for it
+        status = 130
     sys.exit(status)

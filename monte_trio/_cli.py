@@ -4,9 +4,14 @@ Every subcommand prepares its options synchronously (reading key, passphrase and
 parsing trust specifications), so that bad usage is reported by argparse (exit status 2)
 before any event loop starts, then runs one :func:`trio.run`.
 
-Exit statuses: 0 success; 1 a :class:`~monte_trio.MonteError` or :class:`OSError` (one line
-on stderr, ``monte-trio: error: ...``, no traceback) or a failed check; 2 bad usage; 130
-interrupted.
+Exit statuses: 0 success (``serve`` stopped by SIGTERM included); 1 a
+:class:`~monte_trio.MonteError` or :class:`OSError` (one line on stderr,
+``monte-trio: error: ...``, no traceback) or a failed check; 2 bad usage (a missing
+``serve --trust`` included); 130 interrupted (Ctrl-C, or SIGTERM for the commands other than
+``serve``).
+
+Text that a peer chose (a remote error's message, a refusal's reason) is printed with its
+control characters and terminal escape sequences escaped (``monte_trio._util.printable``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import functools
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -26,11 +32,13 @@ import trio
 from ._client import Client, open_client
 from ._config import ConnectionConfig
 from ._connection import Request
-from ._exceptions import MonteError
+from ._exceptions import KeyFileError, MonteError
 from ._handshake import Handshake, MonteV1Handshake
-from ._keys import Identity, PublicKey
+from ._keys import Identity, PublicKey, read_secret_file
 from ._server import Server
 from ._trust import AcceptAnyKey, PinnedKeys, TrustPolicy, parse_trust
+from ._util import printable
+from ._version import __version__
 
 __all__ = ["main"]
 
@@ -61,6 +69,9 @@ def _warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
 
 
+# Characters a terminal may act on: C0 and C1 controls (ESC starts an escape sequence), DEL,
+# format characters (bidirectional overrides, zero-width joiners) and line/paragraph
+# separators. Everything else prints as itself.
 # -- option parsing --------------------------------------------------------------------------
 
 
@@ -111,18 +122,21 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _read_secret_file(parser: argparse.ArgumentParser, option: str, path: str) -> bytes:
+def _read_secret_file(
+    parser: argparse.ArgumentParser, option: str, path: str, *, what: str
+) -> bytes:
+    """Read a psk or passphrase file (a usage error if it is unreadable or not private)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(4096)
-    except OSError as exc:
-        parser.error(f"{option} {path}: cannot read it: {exc.strerror or exc}")
+        return read_secret_file(path, what=what)
+    except KeyFileError as exc:
+        parser.error(f"{option} {path}: {exc}")
 
 
 def _read_passphrase(parser: argparse.ArgumentParser, path: str | None) -> bytes | None:
+    """The passphrase in ``path`` as bytes (one trailing newline dropped), or ``None``."""
     if path is None:
         return None
-    data = _read_secret_file(parser, "--passphrase-file", path)
+    data = _read_secret_file(parser, "--passphrase-file", path, what="passphrase file")
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):
@@ -146,7 +160,7 @@ def _decode_psk(data: bytes) -> bytes | None:
 
 def read_psk(parser: argparse.ArgumentParser, path: str) -> bytes:
     """Read a pre-shared key file: 32 raw bytes, or 64 hexadecimal characters."""
-    data = _read_secret_file(parser, "--psk", path)
+    data = _read_secret_file(parser, "--psk", path, what="psk file")
     psk = _decode_psk(data)
     if psk is None:
         parser.error(
@@ -168,38 +182,80 @@ class Security:
     psk: bytes | None
 
 
+_TRUST_CHOICES = (
+    "'pin:KEY[,KEY...]' accepts exactly these {who} keys; "
+    "'tofu:FILE' trusts on first use: new {who} keys are learned into FILE (a read-only "
+    "FILE admits only the keys already in it); "
+    "'any' accepts every {who} key: the traffic is encrypted but {who}s are not authenticated"
+)
+
+
 def _add_security_options(parser: argparse.ArgumentParser, *, who: str) -> None:
     parser.add_argument(
         "--profile",
         choices=PROFILES,
         default=NATIVE,
-        help="wire profile: native (Noise, authenticated; default) or monte-v1 (Go monte's "
-        "protocol, unauthenticated: for talking to Go monte only)",
+        help="wire profile: native (Noise, authenticated) or monte-v1 (Go monte's protocol, "
+        "unauthenticated: for talking to Go monte only)",
     )
     parser.add_argument(
         "--identity",
         metavar="FILE",
-        help="native: this side's private key file (from 'monte-trio keygen'); default: a "
-        "fresh key for this run",
+        help=f"native: this side's private key file (create one with '{PROG} keygen FILE') "
+        "(default: a fresh key for this run)",
     )
     parser.add_argument(
         "--passphrase-file",
-        metavar="F",
-        help="the passphrase of the --identity file, if it is encrypted",
+        metavar="FILE",
+        help="the passphrase of the --identity file, if it is encrypted; FILE must be "
+        "readable by its owner only (default: the key is not encrypted)",
     )
-    parser.add_argument(
-        "--trust",
-        metavar="SPEC",
-        help=f"native: which {who} keys to accept: 'any' (no authentication), "
-        f"'pin:KEY[,KEY...]' (exactly these keys) or 'tofu:FILE' (trust on first use, "
-        "recorded in FILE); default 'any', with a warning",
-    )
+    if who == "client":  # serve: no default, the operator must choose
+        trust_help = "native, required: which client keys to accept: " + _TRUST_CHOICES.format(
+            who=who
+        )
+    else:
+        trust_help = (
+            f"native: which {who} keys to accept: "
+            + _TRUST_CHOICES.format(who=who)
+            + " (default: any, with a warning)"
+        )
+    parser.add_argument("--trust", metavar="SPEC", help=trust_help)
     parser.add_argument(
         "--psk",
         metavar="FILE",
         help="native: a pre-shared key both sides must hold; FILE holds 32 raw bytes or "
-        "64 hexadecimal characters",
+        "64 hexadecimal characters and is readable by its owner only (default: none)",
     )
+
+
+def _identity_hint(path: str, message: str, passphrase_file: str | None) -> str:
+    """The command-line fix for a key file that did not load (``""`` if none applies)."""
+    text = message.lower()
+    if "chmod" in text:  # the message already says what to run
+        return ""
+    if not os.path.lexists(path):
+        if f"{PROG} keygen" in text:
+            return ""
+        return f"; create one with `{PROG} keygen {shlex.quote(path)}`"
+    if "not encrypted" in text and passphrase_file is not None:
+        return "; drop --passphrase-file"
+    if "passphrase" in text or "encrypt" in text or "decrypt" in text:
+        if passphrase_file is None:
+            return "; pass --passphrase-file FILE (a file holding the passphrase, mode 0600)"
+        return f"; check the passphrase in --passphrase-file {passphrase_file}"
+    if f"{PROG} keygen" not in text and ("x25519" in text or "pem" in text or "pkcs" in text):
+        return f"; is it the right file? `{PROG} keygen FILE` creates a key"
+    return ""
+
+
+def _load_identity(path: str, passphrase: bytes | None, passphrase_file: str | None) -> Identity:
+    """:meth:`Identity.load`; its :class:`KeyFileError` names the flag that fixes it."""
+    try:
+        return Identity.load(path, passphrase=passphrase)
+    except KeyFileError as exc:
+        hint = _identity_hint(path, str(exc), passphrase_file)
+        raise KeyFileError(f"--identity {path}: {exc}{hint}") from exc
 
 
 def _resolve_security(
@@ -225,6 +281,11 @@ def _resolve_security(
             "talk to Go monte"
         )
         return Security(MONTE_V1, MonteV1Handshake(), None, None, None)
+    if args.trust is None and who == "client":
+        parser.error(
+            "the native profile needs --trust, the policy deciding which clients may "
+            "connect: " + _TRUST_CHOICES.format(who=who)
+        )
     if args.passphrase_file is not None and args.identity is None:
         parser.error("--passphrase-file needs --identity")
     passphrase = _read_passphrase(parser, args.passphrase_file)
@@ -240,8 +301,13 @@ def _resolve_security(
             trust = parse_trust(args.trust)
         except ValueError as exc:
             parser.error(f"--trust: {exc}")
+        if isinstance(trust, AcceptAnyKey):
+            _warn(
+                f"--trust any: accepting any {who} key, so {who}s are not authenticated "
+                "(the traffic is still encrypted)"
+            )
     identity = (
-        Identity.load(args.identity, passphrase=passphrase)
+        _load_identity(args.identity, passphrase, args.passphrase_file)
         if args.identity is not None
         else Identity.generate()
     )
@@ -287,9 +353,17 @@ async def _serve(args: argparse.Namespace, security: Security) -> int:
         config=config,
         max_conns=args.max_conns,
     )
+    status = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(server.serve, args.port, args.host)
+            try:
+                listeners = await nursery.start(server.serve, args.port, args.host)
+            except OSError as exc:
+                address = format_address(args.host, args.port)
+                detail = _describe(exc)
+                if address in detail:
+                    raise
+                raise CommandFailed(f"cannot listen on {address}: {detail}") from exc
             _say(f"listening on {_listener_address(listeners[0])}")
             if security.identity is not None:
                 _say(f"public key: {security.identity.public_key}")
@@ -297,6 +371,9 @@ async def _serve(args: argparse.Namespace, security: Security) -> int:
                 _say(f"also listening on {_listener_address(extra)}")
             async for signum in signals:
                 _say(f"received {signal.Signals(signum).name}, shutting down gracefully")
+                # Ctrl-C: the conventional status of an interrupted command; SIGTERM: the
+                # normal way to stop a service, so a success.
+                status = 130 if signum == signal.SIGINT else 0
                 break
 
             async def shut_down(stopper: trio.Nursery) -> None:
@@ -316,7 +393,7 @@ async def _serve(args: argparse.Namespace, security: Security) -> int:
         f"{stats.requests_received} requests, {stats.messages_received} one-way messages, "
         f"{stats.handshake_failures} failed handshakes"
     )
-    return 0
+    return status
 
 
 # -- bench -----------------------------------------------------------------------------------
@@ -670,29 +747,59 @@ async def _interruptible(command: Callable[[trio.CancelScope], Awaitable[int]]) 
 # -- main ------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after every option that has a default and does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default is argparse.SUPPRESS
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``monte-trio``."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fast, fully-encrypted, bidirectional RPC over TCP for Trio: tools.",
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     keygen = commands.add_parser(
-        "keygen", help="generate a static key pair and save its private key"
+        "keygen",
+        help="generate a static key pair and save its private key",
+        description="Generate a static X25519 key pair, write the private key to PATH "
+        "(mode 0600) and print the public key to give to peers.",
+        formatter_class=_HelpFormatter,
     )
+    keygen.set_defaults(command_parser=keygen)  # for its usage errors
     keygen.add_argument("path", metavar="PATH", help="where to write the private key (0600)")
     keygen.add_argument(
-        "--passphrase-file", metavar="F", help="encrypt the key with the passphrase in F"
+        "--passphrase-file",
+        metavar="FILE",
+        help="encrypt the key with the passphrase in FILE, which must be readable by its "
+        "owner only (default: the key is not encrypted)",
     )
-    keygen.add_argument("--force", action="store_true", help="replace an existing PATH")
+    keygen.add_argument(
+        "--force", action="store_true", help="replace an existing PATH (default: refuse)"
+    )
 
     serve = commands.add_parser(
         "serve",
         help="run an echo server",
         description="An echo server: replies to each request with its body and counts "
-        "one-way messages. SIGINT or SIGTERM stops it gracefully.",
+        "one-way messages. The native profile needs --trust. SIGINT (Ctrl-C) or SIGTERM "
+        "stops it gracefully (exit status 130 after SIGINT, 0 after SIGTERM).",
+        formatter_class=_HelpFormatter,
     )
+    serve.set_defaults(command_parser=serve)  # for its usage errors
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=_port, default=0, help="port to listen on (0: a free port)")
     _add_security_options(serve, who="client")
@@ -713,15 +820,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="drive an echo server and measure throughput and latency",
         description="Sends N messages of S random bytes with C concurrent tasks over up to "
         "M connections. request mode checks every echoed reply; the send modes end with "
-        "one request per connection to check delivery.",
+        "one request per connection to check delivery. Ctrl-C stops it (exit status 130).",
+        formatter_class=_HelpFormatter,
     )
+    bench.set_defaults(command_parser=bench)  # for its usage errors
     bench.add_argument("address", type=_address, metavar="HOST:PORT", help="the server")
     _add_security_options(bench, who="server")
     bench.add_argument("--mode", choices=MODES, default="request", help="what to send")
     bench.add_argument("-n", type=_positive_int, default=10_000, help="messages in total")
-    bench.add_argument(
-        "--size", type=_non_negative_int, default=1400, help="bytes per message (default 1400)"
-    )
+    bench.add_argument("--size", type=_non_negative_int, default=1400, help="bytes per message")
     bench.add_argument(
         "--concurrency", type=_positive_int, default=16, help="concurrent sending tasks"
     )
@@ -730,7 +837,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="two peers in one process calling each other over loopback",
+        description="Two peers in one process calling each other over loopback, every "
+        "exchange checked. Ctrl-C stops it (exit status 130).",
+        formatter_class=_HelpFormatter,
     )
+    demo.set_defaults(command_parser=demo)  # for its usage errors
     demo.add_argument("--profile", choices=PROFILES, default=NATIVE, help="wire profile")
     return parser
 
@@ -746,18 +857,54 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 _EXPECTED_ERRORS = (MonteError, OSError, CommandFailed)
 
 
+def _os_causes(exc: BaseException) -> list[str]:
+    """The system errors (``Connection refused``...) behind ``exc``, each named once.
+
+    trio reports a failed connect as ``OSError("all attempts to connect ... failed")`` whose
+    ``__cause__`` groups one error per address tried; a library error may wrap that again.
+    """
+    found: list[str] = []
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending and len(seen) < 100:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno:
+            reason = os.strerror(current.errno)
+            if reason not in found:
+                found.append(reason)
+        inner = getattr(current, "exceptions", None)
+        if isinstance(inner, tuple):
+            pending.extend(e for e in inner if isinstance(e, BaseException))
+        if current.__cause__ is not None:
+            pending.append(current.__cause__)
+        elif current.__context__ is not None and not current.__suppress_context__:
+            pending.append(current.__context__)
+    return found
+
+
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror and exc.filename:
-        return f"{exc.filename}: {exc.strerror}"
-    return str(exc) or type(exc).__name__
+    """One line for ``exc``: its message, the system errors behind it, escaped."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    # A key file error already says what happened to the file in its own words.
+    causes = [] if isinstance(exc, KeyFileError) else _os_causes(exc)
+    missing = [reason for reason in causes if reason not in text]
+    if missing:
+        text = f"{text} ({'; '.join(missing)})"
+    return printable(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``monte-trio`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return _dispatch(parser, args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return _dispatch(args)
     except SystemExit:
         raise
     except BaseException as exc:
@@ -772,8 +919,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
-def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace) -> int:
     command: str = args.command
+    parser: argparse.ArgumentParser = args.command_parser
     if command == "keygen":
         return _keygen(parser, args)
     if command == "demo":

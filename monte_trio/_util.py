@@ -6,7 +6,7 @@ import unicodedata
 
 import trio
 
-__all__ = ["PEER_TEXT_LIMIT", "ConflictDetector", "escape_peer_text"]
+__all__ = ["PEER_TEXT_LIMIT", "ConflictDetector", "escape_peer_text", "printable"]
 
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
@@ -36,14 +36,37 @@ PEER_TEXT_LIMIT = 1024
 """The most characters of peer-supplied text :func:`escape_peer_text` keeps."""
 
 
+def printable(text: str) -> str:
+    r"""``text`` with every control, format, private-use, unassigned and separator
+    character escaped: ESC becomes ``\x1b``, a right-to-left override ``\u202e``.
+
+    Use it on any text a peer chose before printing or logging it: a terminal would
+    otherwise act on the escape sequences in it (clear the screen, move the cursor,
+    retitle the window), and bidirectional overrides would disguise it. The result is
+    printable, so escaping it again changes nothing.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if unicodedata.category(char) in _UNSAFE_CATEGORIES:
+            code = ord(char)
+            if code < 0x100:
+                out.append(f"\\x{code:02x}")
+            elif code < 0x10000:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def escape_peer_text(text: str, limit: int = PEER_TEXT_LIMIT) -> str:
     """Make text a peer sent safe to put in an exception message, a log or a terminal.
 
-    Control characters (C0, DEL, C1, including ESC, so no terminal escape sequence
-    survives), format characters (bidirectional overrides, zero-width characters),
-    unassigned and private-use code points and line or paragraph separators are replaced
-    by their Python escape (``\\x1b``, ``\\u202e``); the result is cut to ``limit``
-    characters of the original, with a note saying so.
+    It is :func:`printable`, cut to ``limit`` characters of the original with a note
+    saying so.
 
     Args:
         text: the peer's text.
@@ -52,12 +75,6 @@ def escape_peer_text(text: str, limit: int = PEER_TEXT_LIMIT) -> str:
     Returns:
         A printable, single-line rendering of ``text``.
     """
-    out = [
-        char.encode("unicode_escape").decode("ascii")
-        if char == "\\" or unicodedata.category(char) in _UNSAFE_CATEGORIES
-        else char
-        for char in text[:limit]
-    ]
-    if len(text) > limit:
-        out.append(f"... [cut at {limit} characters]")
-    return "".join(out)
+    if len(text) <= limit:
+        return printable(text)
+    return printable(text[:limit]) + f"... [cut at {limit} characters]"

@@ -21,7 +21,9 @@ import pytest
 import trio
 from conftest import Proc
 
+import monte_trio
 from monte_trio import Identity, PublicKey
+from monte_trio.__main__ import main
 
 CLI = [sys.executable, "-m", "monte_trio"]
 LISTENING = re.compile(r"^listening on 127\.0\.0\.1:(\d+)$")
@@ -56,6 +58,23 @@ async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
         )
 
 
+def run_in_process(
+    capsys: pytest.CaptureFixture[str], *args: str
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the CLI's entry point in this process (for what it does before any event loop).
+
+    Much faster than a subprocess; usage errors (argparse's SystemExit) give status 2.
+    """
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(
+        list(args), code, captured.out.encode(), captured.err.encode()
+    )
+
+
 def out(result: subprocess.CompletedProcess[bytes]) -> str:
     return result.stdout.decode()
 
@@ -76,14 +95,33 @@ def assert_clean_error(result: subprocess.CompletedProcess[bytes], *fragments: s
 
 
 async def stop(server: Proc, signum: int = signal.SIGINT) -> tuple[str, str]:
-    """Signal the server, wait for it to exit 0 and return (rest of stdout, stderr)."""
+    """Signal the server, wait for its quiet exit and return (rest of stdout, stderr).
+
+    SIGINT (Ctrl-C) ends it with status 130, SIGTERM (a service manager's stop) with 0.
+    """
     server.process.send_signal(signum)
     with trio.fail_after(10):
         rest = await server.read_rest()
         stderr = await server.read_stderr()
         code = await server.process.wait()
-    assert code == 0, (rest, stderr)
+    assert code == (130 if signum == signal.SIGINT else 0), (rest, stderr)
+    assert "Traceback" not in stderr
     return rest, stderr
+
+
+def private_file(path: Path, data: bytes) -> Path:
+    """Write a secret file readable by its owner only (the CLI refuses any other mode)."""
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+async def listening_port(server: Proc) -> str:
+    """Read the server's ``listening on`` line; return its port."""
+    with trio.fail_after(10):
+        match = LISTENING.match(await server.readline())
+    assert match is not None, server.seen
+    return match.group(1)
 
 
 def free_port() -> int:
@@ -116,7 +154,7 @@ async def test_keygen_writes_a_private_file_and_prints_the_key(tmp_path: Path) -
 
 
 async def test_keygen_with_a_passphrase(tmp_path: Path) -> None:
-    (tmp_path / "pass").write_bytes(b"correct horse\n")
+    private_file(tmp_path / "pass", b"correct horse\n")
     path = tmp_path / "id.key"
     result = await run_cli("keygen", str(path), "--passphrase-file", str(tmp_path / "pass"))
     assert result.returncode == 0, err(result)
@@ -129,9 +167,11 @@ async def test_keygen_with_a_passphrase(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("wire", ["monte-v1", "native"])
 async def test_serve_and_bench_every_mode(wire: str) -> None:
-    # native: the CLI's defaults (no --profile, a fresh key, --trust any with a warning).
+    # native: the CLI's defaults (no --profile, a fresh key) and the explicit, warned
+    # --trust any that serve requires; bench defaults to any (with a warning) itself.
     options = ["--profile", "monte-v1"] if wire == "monte-v1" else []
-    async with spawn("serve", "--port", "0", *options) as server:
+    trust = ["--trust", "any"] if wire == "native" else []
+    async with spawn("serve", "--port", "0", *options, *trust) as server:
         with trio.fail_after(10):
             match = LISTENING.match(await server.readline())
             assert match is not None, server.seen
@@ -165,16 +205,17 @@ async def test_serve_and_bench_every_mode(wire: str) -> None:
 
 async def test_native_pinning_and_psk(tmp_path: Path) -> None:
     psk = os.urandom(32)
-    (tmp_path / "psk.bin").write_bytes(psk)
-    (tmp_path / "psk.hex").write_text(psk.hex() + "\n")
-    (tmp_path / "other.hex").write_text(os.urandom(32).hex())
+    private_file(tmp_path / "psk.bin", psk)
+    private_file(tmp_path / "psk.hex", psk.hex().encode() + b"\n")
+    private_file(tmp_path / "other.hex", os.urandom(32).hex().encode())
     keygen = await run_cli("keygen", str(tmp_path / "server.key"))
     server_key = out(keygen).split()[-1]
     wrong_key = str(Identity.generate().public_key)
 
     async with spawn(
-        "serve", "--identity", str(tmp_path / "server.key"), "--psk", str(tmp_path / "psk.hex")
-    ) as server:
+        "serve", "--identity", str(tmp_path / "server.key"), "--psk", str(tmp_path / "psk.hex"),
+        "--trust", "any",
+    ) as server:  # fmt: skip
         with trio.fail_after(10):
             match = LISTENING.match(await server.readline())
             assert match is not None, server.seen
@@ -254,15 +295,217 @@ async def test_demo(wire: str) -> None:
 
 async def test_bench_against_nothing_is_a_clean_error() -> None:
     result = await run_cli("bench", f"127.0.0.1:{free_port()}", "--profile", "monte-v1")
-    assert_clean_error(result, "could not connect")
+    assert_clean_error(result, "could not connect", "Connection refused")
+
+
+async def test_bench_says_why_it_could_not_connect() -> None:
+    # trio reports "all attempts to connect ... failed" and keeps the reason in a group of
+    # per-address errors; the CLI shows that reason.
+    result = await run_cli("bench", "127.0.0.1:1", "--trust", "any", "-n", "1")
+    assert_clean_error(result, "127.0.0.1:1", "Connection refused")
+
+
+async def test_serve_on_a_busy_port_names_the_address_and_the_cause() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = await run_cli("serve", "--port", str(port), "--trust", "any")
+    assert_clean_error(result, f"127.0.0.1:{port}", "Address already in use")
+
+
+def test_serve_requires_an_explicit_trust_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_in_process(capsys, "serve")
+    assert result.returncode == 2, (out(result), err(result))
+    stderr = err(result)
+    assert stderr.startswith("usage: monte-trio serve")
+    assert "needs --trust" in stderr
+    for choice in ["'pin:KEY[,KEY...]' accepts exactly", "'tofu:FILE' trusts on first use",
+                   "'any' accepts every client key"]:  # fmt: skip
+        assert choice in stderr
+    assert "Traceback" not in stderr
+    assert out(result) == ""  # nothing served
+
+
+async def test_serve_with_trust_any_warns(tmp_path: Path) -> None:
+    async with spawn("serve", "--trust", "any") as server:
+        await listening_port(server)
+        _, stderr = await stop(server, signal.SIGTERM)
+    assert "warning: --trust any" in stderr
+    assert "clients are not authenticated" in stderr
+
+
+async def test_ctrl_c_stops_serve_quietly_with_status_130() -> None:
+    for profile in ["native", "monte-v1"]:
+        trust = ["--trust", "any"] if profile == "native" else []
+        async with spawn("serve", "--profile", profile, *trust) as server:
+            await listening_port(server)
+            rest, _ = await stop(server, signal.SIGINT)  # asserts 130, no traceback
+        assert "received SIGINT, shutting down gracefully" in rest
+        assert "server stopped:" in rest
+
+
+async def test_version() -> None:
+    result = await run_cli("--version")  # a subprocess: the installed program's version
+    assert result.returncode == 0, err(result)
+    assert out(result).strip() == f"monte-trio {monte_trio.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("command", "defaults"),
+    [
+        ("keygen", ["(default: the key is not encrypted)", "(default: refuse)"]),
+        (
+            "serve",
+            [
+                "(default: 127.0.0.1)",
+                "(default: 0)",
+                "(default: native)",
+                "(default: 1024)",
+                "(default: a fresh key for this run)",
+                "(default: none)",
+                "(default: the profile's",
+            ],
+        ),
+        (
+            "bench",
+            [
+                "(default: request)",
+                "(default: 10000)",
+                "(default: 1400)",
+                "(default: 16)",
+                "(default: 4)",
+                "(default: any, with a warning)",
+            ],
+        ),
+        ("demo", ["(default: native)"]),
+    ],
+)
+def test_help_shows_defaults(
+    capsys: pytest.CaptureFixture[str], command: str, defaults: list[str]
+) -> None:
+    result = run_in_process(capsys, command, "--help")
+    assert result.returncode == 0, err(result)
+    text = " ".join(out(result).split())  # argparse wraps lines
+    for default in defaults:
+        assert default in text, text
+
+
+# -- key, psk and passphrase files -----------------------------------------------------------
+
+
+async def test_serve_with_an_encrypted_key_end_to_end(tmp_path: Path) -> None:
+    key = tmp_path / "server.key"
+    passphrase = private_file(tmp_path / "pass", "pässphrase\n".encode())
+    made = await run_cli("keygen", str(key), "--passphrase-file", str(passphrase))
+    assert made.returncode == 0, err(made)
+    server_key = out(made).split()[-1]
+    assert Identity.load(key, passphrase="pässphrase".encode()).public_key == (
+        PublicKey.parse(server_key)
+    )
+    async with spawn(
+        "serve", "--identity", str(key), "--passphrase-file", str(passphrase), "--trust", "any"
+    ) as server:
+        port = await listening_port(server)
+        with trio.fail_after(10):
+            assert await server.readline() == f"public key: {server_key}"
+        bench = await run_cli(
+            "bench", f"127.0.0.1:{port}", "--trust", f"pin:{server_key}", "-n", "20"
+        )
+        assert bench.returncode == 0, (out(bench), err(bench))
+        assert "bench request ok" in out(bench)
+        await stop(server, signal.SIGTERM)
+
+
+def test_key_file_errors_name_the_flag_that_fixes_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "server.key"
+    passphrase = private_file(tmp_path / "pass", b"right\n")
+    wrong = private_file(tmp_path / "wrong", b"wrong\n")
+    made = run_in_process(capsys, "keygen", str(key), "--passphrase-file", str(passphrase))
+    assert made.returncode == 0, err(made)
+    plain = tmp_path / "plain.key"
+    assert (run_in_process(capsys, "keygen", str(plain))).returncode == 0
+
+    no_passphrase = run_in_process(capsys, "serve", "--identity", str(key), "--trust", "any")
+    assert_clean_error(no_passphrase, "--identity", "encrypted", "--passphrase-file FILE")
+
+    wrong_passphrase = run_in_process(
+        capsys, "serve", "--identity", str(key), "--passphrase-file", str(wrong), "--trust", "any"
+    )
+    assert_clean_error(wrong_passphrase, "--identity", f"--passphrase-file {wrong}")
+
+    not_encrypted = run_in_process(
+        capsys,
+        "serve",
+        "--identity",
+        str(plain),
+        "--passphrase-file",
+        str(passphrase),
+        "--trust",
+        "any",
+    )
+    assert_clean_error(not_encrypted, "not encrypted", "--passphrase-file")
+
+    missing = run_in_process(
+        capsys, "bench", "127.0.0.1:1", "--identity", str(tmp_path / "nope.key")
+    )
+    assert_clean_error(missing, "--identity", "monte-trio keygen")
+
+    plain.chmod(0o644)
+    readable = run_in_process(capsys, "serve", "--identity", str(plain), "--trust", "any")
+    assert_clean_error(readable, "--identity", "0644", "chmod 600")
+
+    for result in [no_passphrase, wrong_passphrase, not_encrypted, missing, readable]:
+        assert "passphrase=" not in err(result)  # the Python API's words, not the CLI's
+
+
+@pytest.mark.parametrize("option", ["--psk", "--passphrase-file"])
+def test_secret_files_readable_by_others_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    secret.chmod(0o644)
+    key = tmp_path / "id.key"
+    assert (run_in_process(capsys, "keygen", str(key))).returncode == 0
+    result = run_in_process(
+        capsys, "serve", "--identity", str(key), "--trust", "any", option, str(secret)
+    )
+    assert result.returncode == 2, (out(result), err(result))
+    assert f"{option} {secret}" in err(result)
+    assert "0644" in err(result)
+    assert "chmod 600" in err(result)
+    assert "Traceback" not in err(result)
+
+
+# -- text chosen by the peer -----------------------------------------------------------------
+
+
+async def test_peer_supplied_text_is_printed_escaped() -> None:
+    async def hostile(request: monte_trio.Request) -> bytes:
+        raise ValueError("\x1b[2J\x1b]0;owned\x07 screen cleared")
+
+    server = monte_trio.Server(hostile, trust=monte_trio.AcceptAnyKey())
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(server.serve, 0, "127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        result = await run_cli("bench", f"127.0.0.1:{port}", "--trust", "any", "-n", "1")
+        nursery.cancel_scope.cancel()
+    assert_clean_error(result, "screen cleared")
+    assert "\x1b" not in err(result)
+    assert "\x07" not in err(result)
+    assert "\\x1b[2J" in err(result)
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["serve", "--psk", "{short}"], "32 raw bytes or 64 hexadecimal characters"),
+        (["serve", "--trust", "any", "--psk", "{short}"], "32 raw bytes or 64 hexadecimal"),
         (["bench", "127.0.0.1:1", "--psk", "{short}"], "32 raw bytes"),
-        (["serve", "--psk", "{missing}"], "cannot read it"),
+        (["serve", "--trust", "any", "--psk", "{missing}"], "does not exist"),
+        (["serve"], "needs --trust"),
         (["serve", "--profile", "monte-v1", "--trust", "any"], "only for the native profile"),
         (["serve", "--trust", "pin:nonsense"], "--trust"),
         (["serve", "--trust", "maybe"], "unknown trust policy"),
@@ -271,10 +514,12 @@ async def test_bench_against_nothing_is_a_clean_error() -> None:
         (["frobnicate"], "invalid choice"),
     ],
 )
-async def test_bad_usage_exits_2(tmp_path: Path, args: list[str], message: str) -> None:
-    (tmp_path / "short").write_bytes(b"0123456789")
+def test_bad_usage_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    private_file(tmp_path / "short", b"0123456789")
     paths = {"short": str(tmp_path / "short"), "missing": str(tmp_path / "missing")}
-    result = await run_cli(*(arg.format(**paths) for arg in args))
+    result = run_in_process(capsys, *(arg.format(**paths) for arg in args))
     assert result.returncode == 2, (out(result), err(result))
     assert message in err(result)
     assert "Traceback" not in err(result)

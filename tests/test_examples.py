@@ -10,13 +10,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import Proc
 
+import monte_trio
 from monte_trio import Identity, PublicKey
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -54,7 +55,7 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-@pytest.mark.parametrize("wire", ["monte-v1", "native"])
+@pytest.mark.parametrize("wire", ["monte-v1", "native", "tofu"])
 async def test_chat(tmp_path: Path, wire: str) -> None:
     port_a, port_b = free_ports(2)
     options_a = ["--listen", str(port_a), "--peer", f"127.0.0.1:{port_b}"]
@@ -62,6 +63,9 @@ async def test_chat(tmp_path: Path, wire: str) -> None:
     if wire == "monte-v1":
         options_a += ["--profile", "monte-v1"]
         options_b += ["--profile", "monte-v1"]
+    elif wire == "tofu":  # trust on first use, each peer with its own known-keys file
+        options_a += ["--trust", f"tofu:{tmp_path / 'a.known'}"]
+        options_b += ["--trust", f"tofu:{tmp_path / 'b.known'}"]
     else:  # the documented authenticated set-up: each peer pins the other's key
         alice, bob = Identity.generate(), Identity.generate()
         alice.save(tmp_path / "alice.key")
@@ -85,9 +89,9 @@ async def test_chat(tmp_path: Path, wire: str) -> None:
             await b.expect("chat: connected to")
             await a.type_line("hello from A")
             assert await b.expect(f"127.0.0.1:{port_a}:") == f"127.0.0.1:{port_a}: hello from A"
-            await b.type_line("hi from B, with ünïcode")
+            await b.type_line("hi from B, with ünïcode and \x1b[2J")
             assert await a.expect(f"127.0.0.1:{port_b}:") == (
-                f"127.0.0.1:{port_b}: hi from B, with ünïcode"
+                f"127.0.0.1:{port_b}: hi from B, with ünïcode and \\x1b[2J"  # escaped
             )
             await a.close_stdin()
             code_a, rest_a, err_a = await a.finish()
@@ -100,6 +104,45 @@ async def test_chat(tmp_path: Path, wire: str) -> None:
     for stderr in (err_a, err_b):
         assert "Traceback" not in stderr
         assert ("not authenticated" in stderr) == (wire == "monte-v1")
+    if wire == "tofu":  # each peer learned the other's key
+        assert (tmp_path / "a.known").read_text().strip()
+        assert (tmp_path / "b.known").read_text().strip()
+
+
+async def test_chat_native_needs_an_explicit_trust_policy() -> None:
+    port_a, port_b = free_ports(2)
+    with trio.fail_after(10):
+        async with spawn("chat.py", "--listen", str(port_a), "--peer", f"127.0.0.1:{port_b}") as a:
+            code, rest, stderr = await a.finish()
+    assert code == 2, (rest, stderr)
+    assert "needs --trust" in stderr
+    assert "Traceback" not in stderr
+
+
+def any_peer(listen: int, peer: int) -> list[str]:
+    return ["--listen", str(listen), "--peer", f"127.0.0.1:{peer}", "--trust", "any"]
+
+
+@pytest.mark.parametrize("state", ["dialing", "connected"])
+async def test_ctrl_c_ends_chat_quietly_with_status_130(state: str) -> None:
+    port_a, port_b = free_ports(2)
+    with trio.fail_after(10):
+        async with AsyncExitStack() as stack:
+            a = await stack.enter_async_context(spawn("chat.py", *any_peer(port_a, port_b)))
+            if state == "dialing":  # the peer is not up: a is retrying with backoff
+                await a.expect("chat: my public key:")
+                peers = [a]
+            else:
+                b = await stack.enter_async_context(spawn("chat.py", *any_peer(port_b, port_a)))
+                await a.expect("chat: connected to")
+                await b.expect("chat: connected to")
+                peers = [a, b]
+            for peer in peers:
+                peer.process.send_signal(signal.SIGINT)
+                code, rest, stderr = await peer.finish()
+                assert code == 130, (rest, stderr)
+                assert "Traceback" not in stderr
+                assert "chat: interrupted" in stderr
 
 
 async def test_chat_gives_up_when_the_peer_never_comes() -> None:
@@ -143,8 +186,62 @@ async def test_echo_server_and_client(wire: str) -> None:
                 assert stderr.startswith("error: ")
                 assert "pinned" in stderr
 
-            server.process.send_signal(signal.SIGINT)
+            server.process.send_signal(signal.SIGINT)  # Ctrl-C: a graceful stop, status 130
+            await server.close_stdin()
+            code, rest, stderr = await server.finish()
+    assert code == 130, (rest, stderr)
+    assert "Traceback" not in stderr
+    assert "served 2 requests" in rest
+
+
+async def test_echo_server_stops_on_sigterm_with_status_0() -> None:
+    with trio.fail_after(10):
+        async with spawn("echo_server.py", "--port", "0") as server:
+            assert (await server.readline()).startswith("listening on 127.0.0.1:")
+            server.process.send_signal(signal.SIGTERM)
             await server.close_stdin()
             code, rest, stderr = await server.finish()
     assert code == 0, (rest, stderr)
-    assert "served 2 requests" in rest
+    assert "warning: no --client-key" in stderr
+    assert "served 0 requests" in rest
+
+
+async def test_echo_server_pins_client_keys() -> None:
+    client = Identity.generate()
+    with trio.fail_after(10):
+        async with spawn(
+            "echo_server.py", "--port", "0", f"--client-key={Identity.generate().public_key}"
+        ) as server:
+            first = await server.readline()
+            host, port = first.split()[-1].rsplit(":", 1)
+            with pytest.raises(monte_trio.HandshakeError):
+                async with monte_trio.open_client(
+                    host, int(port), identity=client, trust=monte_trio.AcceptAnyKey()
+                ):
+                    pass  # pragma: no cover
+            server.process.send_signal(signal.SIGTERM)
+            await server.close_stdin()
+            code, rest, stderr = await server.finish()
+    assert code == 0, (rest, stderr)
+    assert "warning" not in stderr
+
+
+async def test_ctrl_c_ends_echo_client_quietly_with_status_130() -> None:
+    async def slow_echo(request: monte_trio.Request) -> bytes:
+        if request.body == b"block":
+            await trio.sleep_forever()
+        return request.body
+
+    server = monte_trio.Server(slow_echo, trust=monte_trio.AcceptAnyKey())
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(server.serve, 0, "127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10):
+            async with spawn("echo_client.py", f"127.0.0.1:{port}", "hello", "block") as client:
+                assert await client.readline() == "reply: hello"  # now waiting on "block"
+                client.process.send_signal(signal.SIGINT)
+                await client.close_stdin()
+                code, rest, stderr = await client.finish()
+        nursery.cancel_scope.cancel()
+    assert code == 130, (rest, stderr)
+    assert "Traceback" not in stderr

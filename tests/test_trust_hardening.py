@@ -367,8 +367,9 @@ async def test_hostile_verdict_reason_is_escaped_and_bounded(reason: str) -> Non
 def test_escape_peer_text() -> None:
     assert escape_peer_text("\x1b[2J") == "\\x1b[2J"
     assert escape_peer_text("a\tb\nc\rd\x00\x7f\x9b\u202e\u2028é日本 \\x") == (
-        "a\\tb\\nc\\rd\\x00\\x7f\\x9b\\u202e\\u2028é日本 \\\\x"
+        "a\\x09b\\x0ac\\x0dd\\x00\\x7f\\x9b\\u202e\\u2028é日本 \\x"
     )
+    assert escape_peer_text(escape_peer_text("\x1b\U000f0000")) == "\\x1b\\U000f0000"
     long = escape_peer_text("\x1b" * 60_000)
     assert long.startswith("\\x1b" * 1024)
     assert long.endswith("... [cut at 1024 characters]")
