@@ -51,7 +51,7 @@ MODES = ("request", "send", "send-nowait")
 # A monte-v1 record holds a 4-byte sequence number, the payload and a 16-byte tag.
 _MONTE_V1_OVERHEAD = 4 + 16
 _MONTE_V1_DEFAULT_RECORD = 4096
-_MAX_BENCH_SIZE = 16 * 1024 * 1024  # ConnectionConfig's default max_message_size
+_MAX_BENCH_SIZE = ConnectionConfig().max_message_size  # what the peers accept by default
 _PSK_SIZE = 32
 _MAX_SAMPLES = 1_000_000
 _DEMO_TIME_LIMIT = 5.0

@@ -13,6 +13,8 @@ __all__ = ["ConnectionConfig"]
 _KEEPALIVE_INTERVAL: float | None = 15.0
 _MIN_MESSAGE_SIZE = 1024  # the native profile's floor (monte_trio._proto._native)
 _MIN_RECORD_SIZE = 65
+_DEFAULT_MESSAGE_SIZE = 4 * 1024 * 1024
+_DEFAULT_HELD_BYTES = 4 * 1024 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -26,9 +28,18 @@ class ConnectionConfig:
             for native, 4,096 for monte-v1 (Go monte's default read buffer; raise it on
             both sides to send monte-v1 messages larger than 4,076 bytes).
         max_message_size: the largest message body sent or accepted (1,024 bytes, the
-            protocol's floor, to below 4 GiB). Native messages
-            larger than a record are split and reassembled up to this size; monte-v1
-            messages must fit in one record.
+            protocol's floor, to below 4 GiB; default 4 MiB). Native messages larger than
+            a record are split and reassembled up to this size; monte-v1 messages must fit
+            in one record. At most ``max_held_bytes``.
+        max_held_bytes: the connection's memory budget for what the peer makes it hold:
+            the bodies of incoming requests and one-way messages (queued for a handler,
+            being reassembled, in a running handler) plus the replies of its handlers not
+            yet written to the socket. While the budget is spent the connection stops
+            reading from the socket, so the peer is slowed by TCP; a single message is
+            always accepted when nothing else is held, so it must be at least
+            ``max_message_size`` (default 4 MiB). A handler that calls its peer back
+            while the budget is spent waits for other handlers to finish. See
+            docs/reliability.rst, "Memory budget", for the worst case it implies.
         max_pending_requests: outgoing requests awaiting a reply at once on this
             connection; one more raises :class:`~monte_trio.LimitExceeded`.
         max_send_queue: bytes of queued, not yet written records above which
@@ -57,8 +68,11 @@ class ConnectionConfig:
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
     )
     max_message_size: int = attrs.field(
-        default=16 * 1024 * 1024,
+        default=_DEFAULT_MESSAGE_SIZE,
         validator=[attrs.validators.ge(_MIN_MESSAGE_SIZE), attrs.validators.lt(2**32)],
+    )
+    max_held_bytes: int = attrs.field(
+        default=_DEFAULT_HELD_BYTES, validator=attrs.validators.gt(0)
     )
     max_pending_requests: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     max_send_queue: int = attrs.field(default=1024 * 1024, validator=attrs.validators.gt(0))
@@ -78,6 +92,12 @@ class ConnectionConfig:
     expose_tracebacks: bool = False
 
     def __attrs_post_init__(self) -> None:
+        if self.max_held_bytes < self.max_message_size:
+            raise ValueError(
+                f"max_held_bytes ({self.max_held_bytes}) must be at least max_message_size "
+                f"({self.max_message_size}): one message of the largest size must fit in "
+                "the memory budget; raise max_held_bytes or lower max_message_size"
+            )
         if self.max_record_size is not None and self.max_record_size < _MIN_RECORD_SIZE:
             raise ValueError(
                 f"max_record_size must be at least {_MIN_RECORD_SIZE} bytes (the protocol's "

@@ -37,6 +37,16 @@ handler workers:
   cannot deadlock: the reader calls it **inline**, with no hand-off to a worker, and
   queues its reply. The reader stops reading while the send queue is full, so a peer
   whose requests outrun the replies is held back by TCP here too.
+* The **memory budget** (``max_held_bytes``) bounds what the peer makes the connection
+  hold, whatever the message sizes. The reader charges each incoming body handed to the
+  workers when it accepts it; when the handler returns, the body's charge is swapped for
+  the reply's (the body is no longer referenced by the connection), and the reply's charge
+  is released once it is written (or at once for a one-way message, a cancelled request,
+  a reply nobody can receive). The reader stops reading while
+  ``held > 0 and held + bytes being reassembled >= max_held_bytes``: one int compare per
+  message. ``held > 0`` means a message as large as the budget is always accepted when
+  nothing else is held, so the budget can never deadlock by itself. Inline handlers hold
+  nothing beyond the call: their replies are bounded by the send queue (see above).
 
 Closing: :meth:`Connection.aclose` is graceful: new calls are refused, the native profile
 sends GOAWAY, in-flight handlers and requests get ``grace_period`` seconds to finish, the
@@ -75,8 +85,9 @@ from ._exceptions import (
     RequestNotProcessed,
 )
 from ._proto._frames import Frame, FrameKind, id_after
-from ._proto._native import CONTROL_BURST, CONTROL_RATE, fit_text
+from ._proto._native import CONTROL_BURST, CONTROL_RATE, HEADER, fit_text
 from ._secure_stream import SecureStream
+from ._util import escape_peer_text
 
 if TYPE_CHECKING:
     from ._keys import PublicKey
@@ -101,6 +112,7 @@ _PING = FrameKind.PING.value
 _PONG = FrameKind.PONG.value
 _GOAWAY = FrameKind.GOAWAY.value
 _U32 = struct.Struct(">I")
+_HEADER_SIZE = HEADER.size
 _PING_PAYLOAD = struct.Struct(">d")
 # What a failed write raises: each ends the connection (see Connection._write_failed).
 _WRITE_ERRORS = (
@@ -301,6 +313,12 @@ class Connection(trio.abc.AsyncResource):
         # native: the peer's requests in progress, queued (None) or running (their scope)
         self._handler_scopes: dict[int, trio.CancelScope | None] = {}
         self._reader_paused = False  # held back by our own back-pressure
+        # The memory budget (see the module docstring): bytes of incoming bodies and of
+        # their replies the connection holds now; of them, replies in the outbox, released
+        # by the writer once written.
+        self._held = 0
+        self._outbox_held = 0
+        self._budget = config.max_held_bytes
         self._last_request_accepted = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -577,7 +595,9 @@ class Connection(trio.abc.AsyncResource):
             raise
         self._replies_received += 1
         if kind == _ERROR:
-            raise RemoteError(payload.decode("utf-8", errors="replace"))
+            # The peer's text: escaped (no terminal escapes, no control characters) and
+            # cut, since callers print it and put it in logs.
+            raise RemoteError(escape_peer_text(payload.decode("utf-8", errors="replace")))
         return payload
 
     async def send(self, body: bytes) -> None:
@@ -648,7 +668,14 @@ class Connection(trio.abc.AsyncResource):
 
     def _send_control(self, kind: int, ident: int, payload: bytes = b"") -> None:
         """Queue a frame written on behalf of the protocol. It never raises: a frame that
-        cannot be encoded ends this connection (with a logged reason) instead."""
+        cannot be encoded ends this connection (with a logged reason) instead.
+
+        It counts in the send queue like a call, without waiting for room: what the peer
+        can make us queue here is bounded elsewhere. CANCEL: one per request of ours
+        (``max_pending_requests``); GOAWAY: one; keepalive PING: one per interval; an
+        inline handler's error reply: the reader stops once the send queue is full. Error
+        replies of async handlers go through ``_reply`` (budget and send queue), and the
+        owed PONG is one frame kept as state (``_control``)."""
         try:
             self._enqueue(kind, ident, payload)
         except LocalProtocolError as exc:
@@ -744,6 +771,7 @@ class Connection(trio.abc.AsyncResource):
                     continue
                 batch, self._outbox = self._outbox, []
                 self._outbox_bytes = 0
+                held, self._outbox_held = self._outbox_held, 0
                 if self._pong is not None:  # after whole messages: never inside one
                     (ping_id, ping_payload), self._pong = self._pong, None
                     self._codec.encode(_PONG, ping_id, ping_payload, batch)
@@ -758,6 +786,8 @@ class Connection(trio.abc.AsyncResource):
                             await stream.send_records(batch)
                 else:
                     await trio.lowlevel.checkpoint()
+                if held:
+                    self._release(held)  # the replies of that batch are written
                 self._writing = []
                 for waiter in written:
                     if waiter.task is not None:
@@ -791,6 +821,8 @@ class Connection(trio.abc.AsyncResource):
         limit = self._config.max_concurrent_handlers
         inline = self._inline is not None
         idle_timeout = self._config.idle_timeout
+        codec = self._codec
+        budget = self._budget
         try:
             while True:
                 if idle_timeout is None:
@@ -809,6 +841,9 @@ class Connection(trio.abc.AsyncResource):
                 for plaintext in records:
                     frame = decode(plaintext)
                     if frame is None:
+                        # A fragment: the message being reassembled counts in the budget.
+                        while self._held and self._held + codec.reassembling >= budget:
+                            await self._pause_reading()
                         continue
                     kind = frame[0]
                     if kind in (_REPLY, _ERROR):
@@ -816,34 +851,52 @@ class Connection(trio.abc.AsyncResource):
                             continue
                     elif kind in (_REQUEST, _ONEWAY):
                         self._take_request(frame)
-                        if self._outbox_bytes >= self._max_send_queue and inline:
-                            # inline replies outran the writer
-                            self._reader_paused = True
-                            try:
-                                await self._wait_for_space()
-                            finally:
-                                self._resume_reading()
+                        if inline:
+                            if self._outbox_bytes >= self._max_send_queue:
+                                # inline replies (or error replies) outran the writer
+                                self._reader_paused = True
+                                try:
+                                    await self._wait_for_space()
+                                finally:
+                                    self._resume_reading()
+                        else:
+                            # The memory budget: held back until handlers finish and
+                            # their replies are written.
+                            while self._held >= budget:
+                                await self._pause_reading()
                     else:
                         self._control(frame)
                 if self._state is _CLOSING and not self._busy and not inbox:
                     self._idle.set()
                 while len(inbox) >= limit:
-                    self._reader_parked = trio.lowlevel.current_task()
-                    self._reader_paused = True
-
-                    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-                        self._reader_parked = None
-                        return trio.lowlevel.Abort.SUCCEEDED
-
-                    try:
-                        await trio.lowlevel.wait_task_rescheduled(abort)
-                    finally:
-                        self._resume_reading()
+                    await self._pause_reading()
         except RemoteProtocolError as exc:
             logger.warning("%s: closing: %s", self.name, exc)
             self._fail(f"the peer broke the protocol: {exc}", exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(f"the connection was lost while reading: {exc}", exc)
+
+    async def _pause_reading(self) -> None:
+        """Hold the reader back (our own back-pressure, not the peer's silence) until a
+        worker takes a request or budget is released; the caller checks again."""
+        self._reader_parked = trio.lowlevel.current_task()
+        self._reader_paused = True
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self._reader_parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        try:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        finally:
+            self._resume_reading()
+
+    def _release(self, size: int) -> None:
+        """Give ``size`` bytes back to the memory budget and let a paused reader check."""
+        self._held -= size
+        if self._reader_parked is not None:
+            task, self._reader_parked = self._reader_parked, None
+            trio.lowlevel.reschedule(task)
 
     def _resume_reading(self) -> None:
         """The reader is no longer held back by us. What the peer sent meanwhile waited in
@@ -890,6 +943,7 @@ class Connection(trio.abc.AsyncResource):
         if self._inline is not None:
             self._serve_inline(frame)
             return
+        self._held += len(frame[2])
         self._inbox.append(frame)
         if self._spare == 0:
             self._add_worker()
@@ -915,13 +969,19 @@ class Connection(trio.abc.AsyncResource):
                 for queued in self._inbox:
                     if queued[1] == ident and queued[0] == _REQUEST:
                         self._inbox.remove(queued)
+                        self._release(len(queued[2]))
                         break
             return
         # Every other control frame costs us work and carries no request: budgeted.
         self._spend_control_budget(kind)
         if kind == _PING:
-            # At most one PONG is owed: the latest PING's, written by the writer.
+            # At most one PONG is owed: the latest PING's, written by the writer. It counts
+            # in the send queue like any queued record (the writer empties both at once).
+            owed = self._pong
+            if owed is not None:
+                self._outbox_bytes -= _HEADER_SIZE + len(owed[1])
             self._pong = (ident, payload)
+            self._outbox_bytes += _HEADER_SIZE + len(payload)
             self._wake_writer()
         elif kind == _PONG:
             if len(payload) == _PING_PAYLOAD.size:
@@ -978,16 +1038,17 @@ class Connection(trio.abc.AsyncResource):
 
                     await trio.lowlevel.wait_task_rescheduled(abort)
                     continue
-                frame = inbox.popleft()
                 self._spare -= 1
                 if self._reader_parked is not None:
                     task, self._reader_parked = self._reader_parked, None
                     trio.lowlevel.reschedule(task)
-                if inbox and self._spare == 0:
+                if len(inbox) > 1 and self._spare == 0:
                     self._add_worker()
                 self._busy += 1
                 try:
-                    await self._serve(frame)
+                    # No local keeps the frame: its body is freed when the handler is done
+                    # with it, as the memory budget assumes.
+                    await self._serve(inbox.popleft())
                 finally:
                     self._busy -= 1
                     self._spare += 1
@@ -1007,8 +1068,13 @@ class Connection(trio.abc.AsyncResource):
         return Request(body, ident, oneway, self)
 
     async def _serve(self, frame: Frame) -> None:
+        """Run the handler for a request the reader charged to the memory budget, and
+        queue its reply (or error reply), which takes over the charge until written."""
+        charged = len(frame[2])
         request = self._request_for(frame)
+        del frame
         ident, oneway = request.id, request.oneway
+        kind = _REPLY
         try:
             if self._native and not oneway:
                 scopes = self._handler_scopes
@@ -1020,15 +1086,33 @@ class Connection(trio.abc.AsyncResource):
                         if scopes.get(ident) is scope:
                             del scopes[ident]
                 if scope.cancelled_caught:
+                    self._release(charged)
                     return  # the caller cancelled: it expects no reply
             else:
                 reply = _reply_body(await self._handler(request))
         except Exception as exc:
-            self._handler_failed(request, exc)
+            # An error reply for the peer's request takes the same path as a reply: it is
+            # charged to the budget and waits for room in the send queue, so a peer that
+            # never reads cannot make us queue error replies without bound.
+            error = self._handler_failed(request, exc)
+            if error is None:
+                self._release(charged)
+                return
+            kind, reply = _ERROR, error
+        del request  # the body is the handler's now: only the reply is held
+        if oneway or self._state is _CLOSED or self._peer_closed:
+            self._release(charged)  # nobody is left to read a reply
             return
-        if oneway or self._state is _CLOSED:
+        self._held += len(reply) - charged
+        charged = len(reply)
+        # Encoded at once and the reply dropped: the records are its only copy from here.
+        records: list[bytes | None] = []
+        size = self._encode_reply(kind, ident, reply, records)
+        del reply
+        if size is None:
+            self._release(charged)
             return
-        await self._reply(_REPLY, ident, reply)
+        await self._reply(records, size, charged)
 
     def _serve_inline(self, frame: Frame) -> None:
         """Run a plain-function handler in the reader and queue its reply."""
@@ -1039,29 +1123,44 @@ class Connection(trio.abc.AsyncResource):
             if type(reply) is not bytes:
                 reply = _reply_body(reply)
         except Exception as exc:
-            self._handler_failed(request, exc)
+            # Queued at once, like an inline reply: the reader stops reading once the
+            # send queue is full, so these are bounded by max_send_queue (plus one).
+            error = self._handler_failed(request, exc)
+            if error is not None:
+                self._send_control(_ERROR, request.id, error)
             return
         if request.oneway or self._state is _CLOSED or self._peer_closed:
             return
         self._reply_nowait(_REPLY, request.id, reply)
 
-    async def _reply(self, kind: int, ident: int, payload: bytes) -> None:
-        if self._peer_closed:
-            return  # nobody is left to read it
+    async def _reply(self, records: list[bytes | None], size: int, charged: int) -> None:
+        """Write a handler's encoded reply (or error reply) of ``size`` bytes, once the send
+        queue has room. It holds ``charged`` bytes of the memory budget, released once it
+        is written (by the writer, if queued) or dropped."""
         if self._outbox_bytes >= self._max_send_queue:
-            await self._wait_for_space()
-        if self._state is _CLOSED:
+            try:
+                await self._wait_for_space()
+            except BaseException:
+                self._release(charged)
+                raise
+        if self._state is _CLOSED or self._peer_closed:
+            self._release(charged)
             return
         if self._busy == 1 and not self._inbox and self._writer_idle:  # the only handler
-            records: list[bytes | None] = []
-            if self._encode_reply(kind, ident, payload, records) is not None:
+            try:
                 with contextlib.suppress(ConnectionClosed):  # the connection has ended
                     await self._write_directly(records)
+            finally:
+                self._release(charged)
             return
-        self._reply_nowait(kind, ident, payload)
+        self._outbox.extend(records)
+        self._outbox_bytes += size
+        self._outbox_held += charged
+        self._wake_writer()
 
     def _reply_nowait(self, kind: int, ident: int, payload: bytes) -> None:
-        """Queue a reply for the writer, without waiting for room in the send queue."""
+        """Queue an inline handler's reply for the writer, without waiting for room in the
+        send queue (the reader stops reading while the send queue is full)."""
         size = self._encode_reply(kind, ident, payload, self._outbox)
         if size is not None:
             self._outbox_bytes += size
@@ -1082,10 +1181,11 @@ class Connection(trio.abc.AsyncResource):
             message = fit_text(f"the reply could not be sent: {exc}", self._codec.max_message_size)
             return self._codec.encode(_ERROR, ident, message, out)
 
-    def _handler_failed(self, request: Request, exc: Exception) -> None:
+    def _handler_failed(self, request: Request, exc: Exception) -> bytes | None:
+        """Log a handler's exception; return the error reply's text to send, if any."""
         if request.oneway:
             logger.error("%s: handler raised on a one-way message", self.name, exc_info=exc)
-            return
+            return None
         if not self._native:
             # monte-v1 has no error reply: rather than leave the caller waiting forever,
             # end the connection so every caller on it learns at once.
@@ -1095,7 +1195,7 @@ class Connection(trio.abc.AsyncResource):
                 exc_info=exc,
             )
             self._fail(f"the handler for request {request.id} raised {exc!r}", exc)
-            return
+            return None
         logger.info("%s: handler raised for request %d: %r", self.name, request.id, exc)
         if not self._config.expose_errors:
             message = "the handler raised an exception"
@@ -1104,8 +1204,8 @@ class Connection(trio.abc.AsyncResource):
         else:
             message = f"{type(exc).__name__}: {exc}"
         if self._state is _CLOSED or self._peer_closed:
-            return
-        self._send_control(_ERROR, request.id, fit_text(message, self._codec.max_message_size))
+            return None
+        return fit_text(message, self._codec.max_message_size)
 
     # -- keepalive (native) ----------------------------------------------------------------
 

@@ -769,3 +769,178 @@ async def test_remote_error_text_fits_the_callers_limit() -> None:
             with pytest.raises(RemoteError, match="could not be sent"):
                 await client.request(b"big")
             assert await client.request(b"fine") == b"fine"
+
+
+# ---------------------------------------------------------------------------------------
+# Item 4: the per-connection memory budget (max_held_bytes); item 3: error replies are
+# bounded; peer text in RemoteError is escaped
+# ---------------------------------------------------------------------------------------
+
+MSG = 64 * 1024  # two records each
+BUDGET = 256 * 1024
+BUDGET_CONFIG = ConnectionConfig(max_message_size=MSG, max_held_bytes=BUDGET)
+
+
+def request_records(ident: int, body: bytes) -> list[bytes]:
+    """The record plaintexts of one REQUEST, split as a real sender splits it."""
+    encoder = wire.NativeCodec(
+        max_record_size=wire.MAX_RECORD, send_limit=U32_MAX, receive_limit=U32_MAX
+    )
+    records: list[bytes | None] = []
+    encoder.encode(REQUEST, ident, body, records)
+    return [r for r in records if r is not None]
+
+
+@asynccontextmanager
+async def serving_handler(
+    handler: Callable[[Request], Awaitable[bytes]], config: ConnectionConfig
+) -> AsyncIterator[int]:
+    server = Server(handler, trust=AcceptAnyKey(), config=config)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(server.serve, 0, LOCALHOST)
+        try:
+            yield listeners[0].socket.getsockname()[1]
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + 10
+                await server.shutdown(grace_period=0.5)
+            nursery.cancel_scope.cancel()
+
+
+def test_the_budget_must_hold_one_message_of_the_largest_size() -> None:
+    default = ConnectionConfig()
+    assert default.max_held_bytes >= default.max_message_size
+    assert ConnectionConfig(max_message_size=MSG, max_held_bytes=MSG).max_held_bytes == MSG
+    with pytest.raises(ValueError, match=r"max_held_bytes \(1048576\) must be at least "):
+        ConnectionConfig(max_message_size=2 * 1024 * 1024, max_held_bytes=1024 * 1024)
+    with pytest.raises(ValueError, match="raise max_held_bytes or lower max_message_size"):
+        ConnectionConfig(max_held_bytes=1024)
+    with pytest.raises(ValueError, match="max_held_bytes"):
+        ConnectionConfig(max_held_bytes=0)
+
+
+async def test_a_flood_of_unread_big_requests_holds_at_most_the_budget() -> None:
+    """The 16 MiB flood, scaled down: 40 requests of 64 KiB that are never answered
+    (their replies never read). The server's connection starts handlers for at most
+    budget / message size of them, serves other clients meanwhile, and answers them all
+    once they can finish."""
+    started = 0
+    release = trio.Event()
+
+    async def holds(request: Request) -> bytes:
+        nonlocal started
+        if request.body != b"still served":  # assert_served's request
+            started += 1
+            await release.wait()
+        return request.body
+
+    bodies = {2 * i + 1: bytes([i]) * MSG for i in range(40)}
+    with trio.fail_after(20):
+        async with serving_handler(holds, BUDGET_CONFIG) as port, trio.open_nursery() as nursery:
+            peer = await raw_client(port, hello_bytes())
+            assert peer is not None
+
+            async def flood() -> None:
+                for ident, body in bodies.items():
+                    if not await peer.send(*request_records(ident, body)):
+                        return  # pragma: no cover (the server closed it: the test fails)
+
+            nursery.start_soon(flood)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+            assert 1 <= started <= BUDGET // MSG + 1
+            await assert_served(port)  # another connection is served meanwhile
+            assert started <= BUDGET // MSG + 1
+            release.set()
+            for ident, body in bodies.items():
+                assert await peer.frame_of(REPLY, ERROR, ident=ident) == (REPLY, ident, body)
+            await peer.aclose()
+    assert started == len(bodies)
+
+
+async def test_a_message_as_large_as_the_budget_is_accepted() -> None:
+    """budget == max_message_size: one such message is always accepted; a second one
+    waits (its reading is paused) until the first is done, then is served too."""
+    config = ConnectionConfig(max_message_size=MSG, max_held_bytes=MSG)
+    started: list[int] = []
+    release = trio.Event()
+
+    async def first_waits(request: Request) -> bytes:
+        started.append(request.id)
+        if request.id == 1:
+            await release.wait()
+        return request.body
+
+    with trio.fail_after(20):
+        async with serving_handler(first_waits, config) as port:
+            peer = await raw_client(port, hello_bytes())
+            assert peer is not None
+            await peer.send(*request_records(1, b"a" * MSG), *request_records(3, b"b" * MSG))
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+            assert started == [1]
+            release.set()
+            assert await peer.frame_of(REPLY, ident=1) == (REPLY, 1, b"a" * MSG)
+            assert await peer.frame_of(REPLY, ident=3) == (REPLY, 3, b"b" * MSG)
+            await peer.aclose()
+            assert started == [1, 3]
+            # A real client with the same limits, both ways.
+            async with monte_trio.open_client(
+                LOCALHOST, port, trust=AcceptAnyKey(), config=config
+            ) as client:
+                assert await client.request(b"c" * MSG) == b"c" * MSG
+
+
+async def test_unread_error_replies_are_bounded() -> None:
+    """A peer that never reads cannot make the server queue error replies without bound:
+    they wait for room like replies, so the handlers that raise stop being started."""
+    started = 0
+
+    async def raises(request: Request) -> bytes:
+        nonlocal started
+        if request.body == b"still served":  # assert_served's request
+            return request.body
+        started += 1
+        raise ValueError("x" * 60_000)  # a 60 kB error reply each
+
+    with trio.fail_after(20):
+        async with serving_handler(raises, BUDGET_CONFIG) as port, trio.open_nursery() as nursery:
+            peer = await raw_client(port, hello_bytes())
+            assert peer is not None
+
+            async def flood() -> None:
+                for i in range(20):
+                    batch = [frame(REQUEST, 2 * (100 * i + j) + 1, b"r") for j in range(100)]
+                    if not await peer.send(*batch):
+                        return  # pragma: no cover
+
+            nursery.start_soon(flood)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+            # 2,000 requests; unbounded, 120 MB of error replies would have been queued.
+            # What is started is what the socket buffers took, plus the budget.
+            assert started < 1000
+            await assert_served(port)
+            nursery.cancel_scope.cancel()
+            await peer.aclose()
+
+
+async def test_a_remote_error_text_is_escaped_and_cut() -> None:
+    async def attack(peer: RawPeer) -> None:
+        request = await peer.frame_of(REQUEST)
+        assert request is not None
+        await peer.send(frame(ERROR, request[1], b"\x1b[2J\x07bad\r\n" + b"A" * 5000))
+        await peer.frame_of(GOAWAY)
+        await peer.send(frame(GOAWAY, 0))
+        await peer.wait_closed()
+
+    with trio.fail_after(20):
+        async with (
+            hostile_server(hello_bytes(), attack) as port,
+            monte_trio.open_client(LOCALHOST, port, trust=AcceptAnyKey()) as client,
+        ):
+            with pytest.raises(RemoteError) as info:
+                await client.request(b"x")
+    text = info.value.message
+    assert str(info.value) == text
+    assert text.startswith("\\x1b[2J\\x07bad\\x0d\\x0aAAA")
+    assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+    assert text.endswith("... [cut at 1024 characters]")
+    assert len(text) < 1100
