@@ -1,0 +1,1269 @@
+"""The sans-IO session: every protocol decision of one connection (native wire version 2).
+
+One :class:`Session` per connection, built after the handshake from both hellos and the
+side. It owns call ids and their parity, the calls in flight both ways, the credit ledger
+(call slots S, request window W, reply window W_r, nested allowance k), the control lane
+(pong, ping, cancels, credit updates, goaway), keepalive and the grace period, packing
+frames into record plaintexts and parsing received plaintexts into events. It never
+performs I/O, never reads a clock (time is an argument) and never imports trio.
+:class:`MonteV1Session` offers the same driver-facing surface for Go monte's wire.
+
+Errors: anything the peer does wrong moves the session to ``ERROR`` and raises
+:exc:`RemoteProtocolError` once (``error_code`` says what the final GOAWAY carries; take it
+with :meth:`Session.records_to_send`); nothing else leaves the session. Local misuse
+(sending after close, a body over the peer's maximum, a reply for an unknown id) raises
+:exc:`LocalProtocolError` and changes nothing.
+
+How a driver uses this
+----------------------
+* **Reader task**: open records, ``events = session.receive_records(plaintexts)`` (a list
+  of 4-tuples ``(EV_*, id, a, b)``, see the ``EV_`` constants), dispatch them: requests and
+  one-ways to handlers, replies and errors to callers' channels, EV_CANCEL to the handler,
+  EV_GOAWAY fails the listed ids as RequestNotProcessed. If ``session.credit_changed``
+  moved, retry the FIFO credit waiters. If ``session.wants_write``, wake the writer.
+* **Writer task**: ``plaintexts = session.records_to_send(sealer.max_plaintext,
+  max_bytes=128 * 1024)`` then ``seal_many`` and one ``send_all``; repeat while
+  ``wants_write``.
+* **Callers**: ``call_id = session.send_request(body)`` (``None``: no credit now; wait
+  FIFO and retry after ``credit_changed`` moves; check ``can_open`` first, False means
+  fail with RequestNotProcessed); ``send_oneway(body) -> bool`` likewise; when the caller
+  takes (or drops) its reply, ``delivered(call_id)``; when it gives up, ``cancel(call_id)``.
+  A handler's nested call passes ``parent=<the id it is serving>``.
+* **Handlers**: when done with a request body, ``consumed(call_id)`` (one-way:
+  ``consumed(0, len(body))``); answer with ``send_reply(call_id, body)`` or
+  ``send_error(call_id, code, text)``; after EV_CANCEL, answer with
+  ``send_error(call_id, ErrorCode.CANCELLED, "")`` once the handler has really ended.
+* **Timers**: ``move_on_at(session.get_timer())`` in the reader (or a timer task), then
+  ``events = session.handle_timer(now)``; EV_CLOSED means close the connection.
+  ``reader_paused(True/False)`` around any pause of the reader caused by our own
+  back-pressure, so it never counts as the peer's silence.
+* **Close**: ``start_close()`` queues GOAWAY; close TCP when ``finished`` (or EV_CLOSED).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Final
+
+from .._exceptions import LocalProtocolError, RemoteProtocolError
+from ._frames import FrameKind, MonteV1Codec
+from ._wire2 import (
+    CONTROL_BURST,
+    CONTROL_RATE,
+    FLAG_MORE,
+    FLAG_NESTED,
+    HEADER,
+    ID_LIMIT,
+    MAX_CONTROL_PAYLOAD,
+    MAX_ERROR_TEXT,
+    MESSAGE_COST,
+    CreditLimit,
+    ErrorCode,
+    Hello2,
+    Kind,
+)
+
+__all__ = [
+    "CLOSED",
+    "CLOSING",
+    "ERROR",
+    "EV_CANCEL",
+    "EV_CLOSED",
+    "EV_ERROR",
+    "EV_GOAWAY",
+    "EV_ONEWAY",
+    "EV_PONG",
+    "EV_REPLY",
+    "EV_REQUEST",
+    "OPEN",
+    "Event",
+    "MonteV1Session",
+    "Session",
+]
+
+OPEN: Final = 0
+CLOSING: Final = 1
+"""A GOAWAY was sent or received: no new non-nested calls either way."""
+CLOSED: Final = 2
+"""Finished (grace expired, or the peer went silent): close the transport."""
+ERROR: Final = 3
+"""A protocol violation: the session raised RemoteProtocolError once; only the final GOAWAY
+is still sent."""
+
+EV_REQUEST: Final = 1
+"""``(EV_REQUEST, id, body, parent)``: run a handler; ``parent`` is 0 or the call the
+peer's handler was serving (a nested call, outside the handler cap)."""
+EV_ONEWAY: Final = 2
+"""``(EV_ONEWAY, 0, body, 0)``: run the one-way handler; then ``consumed(0, len(body))``."""
+EV_REPLY: Final = 3
+"""``(EV_REPLY, id, body, 0)``: the reply of our call; ``delivered(id)`` once taken."""
+EV_ERROR: Final = 4
+"""``(EV_ERROR, id, code, text)``: our call failed remotely (REFUSED = safe to retry)."""
+EV_CANCEL: Final = 5
+"""``(EV_CANCEL, id, 0, 0)``: the peer cancelled a call we are handling."""
+EV_GOAWAY: Final = 6
+"""``(EV_GOAWAY, last_id, code, failed)``: the peer is closing; ``failed`` is a tuple of
+our call ids it never processed (safe to retry); calls waiting for credit fail likewise."""
+EV_PONG: Final = 7
+"""``(EV_PONG, ping_id, sent_at, 0)``: our keepalive was answered (rtt = now - sent_at)."""
+EV_CLOSED: Final = 8
+"""``(EV_CLOSED, code, reason, 0)``: the session ended (peer silent, grace expired)."""
+
+Event = tuple[int, int, object, object]
+
+_pack = HEADER.pack
+_unpack = HEADER.unpack_from
+_ONEWAY: Final = 0x01
+_REQUEST: Final = 0x02
+_REPLY: Final = 0x03
+_ERROR: Final = 0x04
+_CONT: Final = 0x05
+_FIRST_CONTROL: Final = 0x10
+_PING_PAYLOAD_SIZE: Final = 8
+
+
+class _Violation(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _violation(code: ErrorCode, message: str) -> _Violation:
+    return _Violation(code, message)
+
+
+class Session:
+    """One native (wire version 2) connection's protocol state.
+
+    Args:
+        initiator: whether this side dialed (odd call ids) or accepted (even).
+        local: the hello this side sent (what it accepts).
+        peer: the hello the peer sent (already checked by :meth:`Hello2.decode`).
+        now: the driver's clock at creation (keepalive ticks count from it).
+        keepalive_interval: seconds between keepalive ticks, or ``None`` for none.
+        keepalive_tolerance: silence (with a ping outstanding) after which the peer is dead.
+        grace_period: seconds a graceful close gives in-flight calls.
+        first_id: the first call id to allocate (tests of id exhaustion).
+        control_burst: budgeted control frames accepted at once ...
+        control_rate: ... and refilled per second.
+    """
+
+    __slots__ = (
+        "_blocked_replies",
+        "_budget",
+        "_budget_at",
+        "_burst",
+        "_cancels",
+        "_credit_dirty",
+        "_goaway_in",
+        "_goaway_out",
+        "_goaway_sent",
+        "_grace",
+        "_grace_at",
+        "_heard",
+        "_in",
+        "_in_held",
+        "_in_plain",
+        "_interval",
+        "_last_accepted",
+        "_next_id",
+        "_next_tick",
+        "_out",
+        "_out_plain",
+        "_own_k",
+        "_own_m",
+        "_own_s",
+        "_partial",
+        "_paused",
+        "_peer_k",
+        "_peer_m",
+        "_peer_parity",
+        "_peer_s",
+        "_ping",
+        "_ping_at",
+        "_ping_outstanding",
+        "_ping_seq",
+        "_pong",
+        "_queue",
+        "_r_held",
+        "_r_limit_in",
+        "_r_limit_out",
+        "_r_pending",
+        "_r_recv",
+        "_r_used_out",
+        "_rate",
+        "_reserve",
+        "_silent",
+        "_silent_ticks",
+        "_w_limit_in",
+        "_w_limit_out",
+        "_w_pending",
+        "_w_recv",
+        "_w_used_out",
+        "credit_changed",
+        "error_code",
+        "highest_in",
+        "highest_out",
+        "initiator",
+        "send_queue_bytes",
+        "state",
+    )
+
+    def __init__(
+        self,
+        *,
+        initiator: bool,
+        local: Hello2,
+        peer: Hello2,
+        now: float = 0.0,
+        keepalive_interval: float | None = 15.0,
+        keepalive_tolerance: float = 45.0,
+        grace_period: float = 5.0,
+        first_id: int | None = None,
+        control_burst: int = CONTROL_BURST,
+        control_rate: float = CONTROL_RATE,
+    ) -> None:
+        own_parity = 1 if initiator else 0
+        if first_id is None:
+            first_id = 1 if initiator else 2
+        if first_id & 1 != own_parity or not 0 < first_id < 2**32:
+            raise ValueError(f"first_id {first_id} has the wrong parity for this side")
+        self.initiator = initiator
+        self.state = OPEN
+        self.error_code: int | None = None
+        self.credit_changed = 0
+        self.send_queue_bytes = 0
+        self._next_id = first_id
+        self.highest_out = 0
+        self.highest_in = 0
+        self._peer_parity = 1 - own_parity
+        self._last_accepted = 0
+        self._peer_m = peer.max_message_size
+        self._own_m = local.max_message_size
+        self._peer_s = peer.max_calls
+        self._own_s = local.max_calls
+        self._peer_k = peer.nested_allowance
+        self._own_k = local.nested_allowance
+        # Credit the peer granted us (cumulative limits) and what we sent against it.
+        self._w_limit_out = peer.request_window
+        self._w_used_out = 0
+        self._r_limit_out = peer.reply_window
+        self._r_used_out = 0
+        self._reserve = peer.max_message_size + MESSAGE_COST
+        # Credit we granted: advertised limits, received totals, and limits not yet sent.
+        self._w_limit_in = local.request_window
+        self._w_pending = local.request_window
+        self._w_recv = 0
+        self._r_limit_in = local.reply_window
+        self._r_pending = local.reply_window
+        self._r_recv = 0
+        self._credit_dirty = False
+        # Calls. _out[id] = [parent, cancelled, nested_open, request_fully_sent]
+        # _in[id] = [parent, cancelled, nested_open, terminal_queued]
+        self._out: dict[int, list[int]] = {}
+        self._out_plain = 0
+        self._in: dict[int, list[int]] = {}
+        self._in_plain = 0
+        self._in_held: dict[int, int] = {}
+        self._r_held: dict[int, int] = {}
+        # Messages being reassembled: id -> [kind, parent, total, cost, drop, buffer]
+        self._partial: dict[int, list[Any]] = {}
+        # Send queue: [kind, id, prefix, body, offset]; replies waiting for W_r.
+        self._queue: deque[list[Any]] = deque()
+        self._blocked_replies: deque[tuple[int, int, bytes, int]] = deque()
+        # Control lane (state, not a queue).
+        self._pong: tuple[int, bytes] | None = None
+        self._ping: tuple[int, bytes] | None = None
+        self._ping_seq = 0
+        self._ping_at: dict[int, float] = {}
+        self._ping_outstanding = False
+        self._cancels: dict[int, None] = {}
+        self._goaway_out: tuple[int, int] | None = None
+        self._goaway_sent = False
+        self._goaway_in: tuple[int, int] | None = None
+        self._burst = control_burst
+        self._rate = control_rate
+        self._budget = float(control_burst)
+        self._budget_at = now
+        # Keepalive and grace.
+        self._interval = keepalive_interval
+        self._next_tick = None if keepalive_interval is None else now + keepalive_interval
+        self._silent = (
+            0
+            if keepalive_interval is None
+            else max(1, math.ceil(keepalive_tolerance / keepalive_interval))
+        )
+        self._silent_ticks = 0
+        self._heard = False
+        self._paused = False
+        self._grace = grace_period
+        self._grace_at: float | None = None
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def can_open(self) -> bool:
+        """Whether new non-nested calls may start (no GOAWAY either way, ids left)."""
+        return self.state == OPEN and self._goaway_out is None and self._next_id <= ID_LIMIT
+
+    @property
+    def wants_write(self) -> bool:
+        """Whether :meth:`records_to_send` has something to pack."""
+        return bool(self._queue or self._pong or self._ping or self._cancels or self._credit_dirty)
+
+    @property
+    def finished(self) -> bool:
+        """A graceful close is complete: close the transport."""
+        if self.state >= CLOSED:
+            return True
+        return (
+            self._goaway_sent
+            and self._goaway_in is not None
+            and not self._out
+            and not self._in
+            and not self._partial
+            and not self.wants_write
+            and not self._blocked_replies
+        )
+
+    @property
+    def calls_open(self) -> tuple[int, int]:
+        """``(ours, theirs)``: non-nested calls holding a slot on each side of the ledger."""
+        return self._out_plain, self._in_plain
+
+    @property
+    def credit(self) -> dict[str, int]:
+        """The ledger, for statistics and tests: what we may still send and what we hold."""
+        return {
+            "request_window": self._w_limit_out - self._w_used_out,
+            "reply_window": self._r_limit_out - self._r_used_out,
+            "slots": self._peer_s - self._out_plain,
+            "request_bytes_held": sum(self._in_held.values()),
+            "reply_bytes_held": sum(self._r_held.values()),
+        }
+
+    def _check_sendable(self) -> None:
+        if self.state >= CLOSED:
+            raise LocalProtocolError("the connection is closed; open a new one")
+
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self._peer_m:
+            raise LocalProtocolError(
+                f"message of {len(body)} bytes exceeds the peer's maximum of {self._peer_m} "
+                "(max_message_size)"
+            )
+
+    # ------------------------------------------------------------------ acting
+    def send_request(self, body: bytes, *, parent: int = 0) -> int | None:
+        """Open a call carrying ``body`` if credit allows; return its id, or ``None``.
+
+        ``None`` means no credit now (slots, window or nested allowance): wait in FIFO
+        order and retry after :attr:`credit_changed` moves.
+
+        Raises:
+            LocalProtocolError: the session is closed or closing (check :attr:`can_open`;
+                nested calls are still allowed while closing), the body exceeds the peer's
+                maximum, or ``parent`` is not a call this side is handling.
+        """
+        self._check_sendable()
+        self._check_size(body)
+        cost = len(body) + MESSAGE_COST
+        if parent:
+            entry = self._in.get(parent)
+            if entry is None or entry[3]:
+                raise LocalProtocolError(
+                    f"nested call under {parent}, which this side is not handling"
+                )
+            if entry[2] >= self._peer_k or self._w_used_out + cost > self._w_limit_out:
+                return None
+            if self._next_id > 0xFFFFFFFF:
+                raise LocalProtocolError("call ids are exhausted; open a new connection")
+        else:
+            if not self.can_open:
+                raise LocalProtocolError("the connection is closing; retry on a new connection")
+            if (
+                self._out_plain >= self._peer_s
+                or self._w_used_out + cost > self._w_limit_out - self._reserve
+            ):
+                return None
+        ident = self._next_id
+        self._next_id = ident + 2
+        self.highest_out = ident
+        self._w_used_out += cost
+        if parent:
+            self._in[parent][2] += 1
+        else:
+            self._out_plain += 1
+        self._out[ident] = [parent, 0, 0, 0]
+        prefix = parent.to_bytes(4, "big") if parent else b""
+        self._queue.append([_REQUEST, ident, prefix, body, 0])
+        self.send_queue_bytes += len(body)
+        if self._next_id > ID_LIMIT and self._goaway_out is None:
+            self.start_close(ErrorCode.ID_EXHAUSTED)
+        return ident
+
+    def send_oneway(self, body: bytes) -> bool:
+        """Queue a one-way message if the request window allows (``False``: wait).
+
+        Raises:
+            LocalProtocolError: closed, or the body exceeds the peer's maximum.
+        """
+        size = len(body)
+        if self.state >= CLOSED or size > self._peer_m:
+            self._check_sendable()
+            self._check_size(body)
+        used = self._w_used_out + size + MESSAGE_COST
+        if used > self._w_limit_out - self._reserve:
+            return False
+        self._w_used_out = used
+        self._queue.append([_ONEWAY, 0, b"", body, 0])
+        self.send_queue_bytes += size
+        return True
+
+    def send_reply(self, call_id: int, body: bytes) -> None:
+        """Answer call ``call_id`` (terminal). Held in the session while W_r is short.
+
+        Raises:
+            LocalProtocolError: not a call we are handling (or already answered), closed,
+                or the body exceeds the peer's maximum (answer with an error instead).
+        """
+        self._terminal(call_id, _REPLY, body)
+
+    def send_error(self, call_id: int, code: int, text: str) -> None:
+        """Fail call ``call_id`` (terminal) with ``code`` and ``text`` (cut to 998 bytes).
+
+        Raises:
+            LocalProtocolError: not a call we are handling (or already answered), or closed.
+        """
+        data = text.encode("utf-8", errors="replace")
+        if len(data) > MAX_ERROR_TEXT:
+            cut = MAX_ERROR_TEXT
+            while cut and (data[cut] & 0xC0) == 0x80:
+                cut -= 1
+            data = data[:cut]
+        self._terminal(call_id, _ERROR, int(code).to_bytes(2, "big") + data)
+
+    def _terminal(self, call_id: int, kind: int, body: bytes) -> None:
+        self._check_sendable()
+        entry = self._in.get(call_id)
+        if entry is None or entry[3]:
+            raise LocalProtocolError(f"call {call_id} is not awaiting an answer from us")
+        if kind == _REPLY:
+            self._check_size(body)
+        entry[3] = 1
+        self._queue_terminal(call_id, kind, body)
+
+    def _queue_terminal(self, call_id: int, kind: int, body: bytes) -> None:
+        cost = len(body) + MESSAGE_COST
+        if self._blocked_replies or self._r_used_out + cost > self._r_limit_out:
+            self._blocked_replies.append((kind, call_id, body, cost))
+            return
+        self._r_used_out += cost
+        self._queue.append([kind, call_id, b"", body, 0])
+        self.send_queue_bytes += len(body)
+
+    def _unblock_replies(self) -> None:
+        blocked = self._blocked_replies
+        while blocked and self._r_used_out + blocked[0][3] <= self._r_limit_out:
+            kind, call_id, body, cost = blocked.popleft()
+            self._r_used_out += cost
+            self._queue.append([kind, call_id, b"", body, 0])
+            self.send_queue_bytes += len(body)
+
+    def cancel(self, call_id: int) -> None:
+        """Give up on our call ``call_id``: no event for it follows. A call not yet on the
+        wire is withdrawn; otherwise CANCEL is sent and the slot stays held until the
+        peer's terminal frame (ERROR CANCELLED, or a reply that crossed it)."""
+        entry = self._out.get(call_id)
+        if entry is None or entry[1] or self.state >= CLOSED:
+            return
+        for item in self._queue:
+            if item[1] == call_id and item[0] == _REQUEST:
+                if item[4] == 0:  # nothing of it is on the wire yet: withdraw it
+                    self._queue.remove(item)
+                    self._withdraw(call_id, len(item[3]))
+                    return
+                break
+        entry[1] = 1
+        self._cancels[call_id] = None
+
+    def _withdraw(self, call_id: int, size: int) -> None:
+        entry = self._out.pop(call_id)
+        self._w_used_out -= size + MESSAGE_COST
+        self.send_queue_bytes -= size
+        self._end_out(entry)
+
+    def _end_out(self, entry: list[int]) -> None:
+        parent = entry[0]
+        if parent:
+            p = self._in.get(parent)
+            if p is not None:
+                p[2] -= 1
+        else:
+            self._out_plain -= 1
+        self.credit_changed += 1
+
+    def consumed(self, call_id: int, nbytes: int = 0) -> None:
+        """The handler is done with a body: return its request-window credit (once).
+
+        Args:
+            call_id: the request's id, or 0 for a one-way message.
+            nbytes: for a one-way message, ``len(body)``.
+        """
+        if call_id:
+            cost = self._in_held.pop(call_id, None)
+            if cost is None:
+                return
+        else:
+            cost = nbytes + MESSAGE_COST
+        self._w_pending += cost
+        self._credit_dirty = True
+
+    def delivered(self, call_id: int) -> None:
+        """The caller took (or dropped) the reply of ``call_id``: return its W_r (once)."""
+        cost = self._r_held.pop(call_id, None)
+        if cost is not None:
+            self._r_pending += cost
+            self._credit_dirty = True
+
+    def start_close(self, code: int = ErrorCode.NO_ERROR, *, now: float | None = None) -> None:
+        """Queue GOAWAY (after everything queued so far) and refuse new calls from now on.
+
+        Args:
+            code: the GOAWAY's error code.
+            now: the driver's clock; if given, the grace period starts.
+        """
+        if self.state >= CLOSED:
+            return
+        if now is not None and self._grace_at is None:
+            self._grace_at = now + self._grace
+        if self._goaway_out is None:
+            # A barrier: it goes in the message queue, after everything queued before it.
+            self._goaway_out = (self._last_accepted, int(code))
+            self._queue.append(
+                [Kind.GOAWAY, self._last_accepted, b"", int(code).to_bytes(2, "big"), 0]
+            )
+            self.send_queue_bytes += 2
+            self.state = CLOSING
+
+    def reader_paused(self, paused: bool) -> None:
+        """The driver's reader stopped (or resumed) reading by its own back-pressure: the
+        time it is paused is not the peer's silence."""
+        self._paused = paused
+
+    # ------------------------------------------------------------------ timers
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next run, or ``None``."""
+        if self.state >= CLOSED:
+            return None
+        tick = self._next_tick
+        grace = self._grace_at
+        if tick is None:
+            return grace
+        return tick if grace is None or tick < grace else grace
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Run keepalive ticks, refill the control budget, end the grace period.
+
+        Returns:
+            events; ``(EV_CLOSED, code, reason, 0)`` means close the connection now.
+        """
+        events: list[Event] = []
+        if self.state >= CLOSED:
+            return events
+        self._budget = min(
+            float(self._burst), self._budget + self._rate * max(0.0, now - self._budget_at)
+        )
+        self._budget_at = now
+        if self._grace_at is not None and now >= self._grace_at:
+            self.state = CLOSED
+            events.append((EV_CLOSED, ErrorCode.NO_ERROR, "the grace period ended", 0))
+            return events
+        tick = self._next_tick
+        if tick is None or now < tick or self._interval is None:
+            return events
+        self._next_tick = now + self._interval
+        if self._heard or self._paused:
+            self._heard = False
+            self._silent_ticks = 0
+            return events
+        if self._ping_outstanding:
+            self._silent_ticks += 1
+            if self._silent_ticks >= self._silent:
+                self.state = CLOSED
+                events.append(
+                    (EV_CLOSED, ErrorCode.NO_ERROR, "the peer did not answer keepalive pings", 0)
+                )
+            return events
+        self._ping_seq = (self._ping_seq % 0xFFFFFFFF) + 1
+        self._ping = (self._ping_seq, int(now * 1e6).to_bytes(8, "big", signed=True))
+        self._ping_at = {self._ping_seq: now}
+        self._ping_outstanding = True
+        return events
+
+    # ------------------------------------------------------------------ packing
+    def records_to_send(self, max_plaintext: int, max_bytes: int | None = None) -> list[bytes]:
+        """Pack what is queued into record plaintexts: control frames first, then messages
+        in order (a GOAWAY after the messages queued before it).
+
+        Args:
+            max_plaintext: the largest plaintext the peer's records allow.
+            max_bytes: stop once this many bytes are packed (the rest stays queued).
+        """
+        if self.state == ERROR:
+            if self._goaway_out is not None and not self._goaway_sent:
+                self._goaway_sent = True
+                last, code = self._goaway_out
+                return [_pack(Kind.GOAWAY, 0, 2, last) + code.to_bytes(2, "big")]
+            return []
+        if self.state == CLOSED:
+            return []
+        out: list[bytes] = []
+        parts: list[bytes] = []
+        size = 0
+        if self._pong or self._ping or self._cancels or self._credit_dirty:
+            for frame in self._control_frames():
+                if size + len(frame) > max_plaintext:
+                    out.append(b"".join(parts))
+                    parts = []
+                    size = 0
+                parts.append(frame)
+                size += len(frame)
+        queue = self._queue
+        limit = max_bytes if max_bytes is not None else 1 << 62
+        produced = 0
+        chunk_max = min(65535, max_plaintext - 8)
+        while queue and produced < limit:
+            item = queue[0]
+            kind, ident, prefix, body, offset = item
+            blen = len(body)
+            if offset == 0:
+                n = len(prefix) + blen
+                if n <= chunk_max:
+                    if size + 8 + n > max_plaintext:
+                        out.append(b"".join(parts))
+                        produced += size
+                        parts = []
+                        size = 0
+                    if prefix:
+                        parts.append(_pack(kind, FLAG_NESTED, n, ident) + prefix)
+                    else:
+                        parts.append(_pack(kind, 0, n, ident))
+                    parts.append(body)
+                    size += 8 + n
+                    queue.popleft()
+                    if kind == _ONEWAY:
+                        self.send_queue_bytes -= blen
+                    else:
+                        self._sent(kind, ident, blen)
+                    continue
+                # Fragmented: the first frame carries [parent] | u32 total | data.
+                room = max_plaintext - size - 8 - len(prefix) - 4
+                if room < 256:
+                    out.append(b"".join(parts))
+                    produced += size
+                    parts = []
+                    size = 0
+                    room = max_plaintext - 8 - len(prefix) - 4
+                room = min(room, 65535 - len(prefix) - 4)
+                flags = FLAG_MORE | (FLAG_NESTED if prefix else 0)
+                parts.append(
+                    _pack(kind, flags, len(prefix) + 4 + room, ident)
+                    + prefix
+                    + blen.to_bytes(4, "big")
+                    + body[:room]
+                )
+                size += 8 + len(prefix) + 4 + room
+                item[4] = room
+                continue
+            take = min(blen - offset, chunk_max)
+            if size + 8 + take > max_plaintext:
+                out.append(b"".join(parts))
+                produced += size
+                parts = []
+                size = 0
+            last = offset + take >= blen
+            parts.append(
+                _pack(_CONT, 0 if last else FLAG_MORE, take, ident) + body[offset : offset + take]
+            )
+            size += 8 + take
+            if last:
+                queue.popleft()
+                self._sent(kind, ident, blen)
+            else:
+                item[4] = offset + take
+        if parts:
+            out.append(b"".join(parts))
+        return out
+
+    def _sent(self, kind: int, ident: int, blen: int) -> None:
+        """A message's last frame is packed."""
+        self.send_queue_bytes -= blen
+        if kind == _REQUEST:
+            entry = self._out.get(ident)
+            if entry is not None:
+                entry[3] = 1
+        elif kind == Kind.GOAWAY:
+            self._goaway_sent = True
+        elif kind in (_REPLY, _ERROR):
+            entry = self._in.pop(ident, None)
+            if entry is not None:
+                parent = entry[0]
+                if parent:
+                    p = self._out.get(parent)
+                    if p is not None:
+                        p[2] -= 1
+                else:
+                    self._in_plain -= 1
+
+    def _control_frames(self) -> list[bytes]:
+        frames: list[bytes] = []
+        if self._pong is not None:
+            ident, payload = self._pong
+            frames.append(_pack(Kind.PONG, 0, len(payload), ident) + payload)
+            self._pong = None
+        if self._credit_dirty:
+            self._credit_dirty = False
+            if self._w_pending != self._w_limit_in:
+                self._w_limit_in = self._w_pending
+                frames.append(
+                    _pack(Kind.CREDIT, 0, 8, CreditLimit.REQUEST_WINDOW)
+                    + self._w_pending.to_bytes(8, "big")
+                )
+            if self._r_pending != self._r_limit_in:
+                self._r_limit_in = self._r_pending
+                frames.append(
+                    _pack(Kind.CREDIT, 0, 8, CreditLimit.REPLY_WINDOW)
+                    + self._r_pending.to_bytes(8, "big")
+                )
+        for call_id in self._cancels:
+            frames.append(_pack(Kind.CANCEL, 0, 0, call_id))
+        self._cancels.clear()
+        if self._ping is not None:
+            ident, payload = self._ping
+            frames.append(_pack(Kind.PING, 0, len(payload), ident) + payload)
+            self._ping = None
+        return frames
+
+    # ------------------------------------------------------------------ parsing
+    def receive_records(self, plaintexts: list[bytes]) -> list[Event]:
+        """Parse record plaintexts into events, in order.
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol (once; the session is then in
+                ERROR and returns nothing more).
+        """
+        events: list[Event] = []
+        if self.state >= CLOSED or not plaintexts:
+            return events
+        self._heard = True
+        append = events.append
+        unpack = _unpack
+        own_m = self._own_m
+        try:
+            for pt in plaintexts:
+                end = len(pt)
+                if end == 0:
+                    raise _violation(ErrorCode.FRAME_SIZE, "an empty record")
+                off = 0
+                while off < end:
+                    if end - off < 8:
+                        raise _violation(ErrorCode.FRAME_SIZE, "a frame header crosses a record")
+                    kind, flags, length, ident = unpack(pt, off)
+                    start = off + 8
+                    off = start + length
+                    if off > end:
+                        raise _violation(
+                            ErrorCode.FRAME_SIZE, f"a frame of {length} bytes crosses its record"
+                        )
+                    if flags == 0 and length <= own_m and kind == _ONEWAY:
+                        if ident:
+                            raise _violation(ErrorCode.PROTOCOL, "a one-way frame with an id")
+                        cost = length + MESSAGE_COST
+                        if self._w_recv + cost > self._w_limit_in:
+                            raise _violation(
+                                ErrorCode.FLOW_CONTROL, "a one-way message beyond the window"
+                            )
+                        self._w_recv += cost
+                        append((EV_ONEWAY, 0, pt[start:off], 0))
+                    elif flags == 0 and length <= own_m and kind == _REPLY:
+                        self._on_terminal(ident, _REPLY, pt[start:off], events)
+                    elif flags == 0 and length <= own_m and kind == _REQUEST:
+                        if self._open_in(ident, 0, length + MESSAGE_COST):
+                            self._in_held[ident] = length + MESSAGE_COST
+                            append((EV_REQUEST, ident, pt[start:off], 0))
+                    else:
+                        self._frame(kind, flags, length, ident, pt, start, off, events)
+        except _Violation as exc:
+            self._fail(exc.code)
+            raise RemoteProtocolError(
+                f"{exc} ({ErrorCode(exc.code).name}); the connection was closed"
+            ) from None
+        return events
+
+    def _fail(self, code: ErrorCode) -> None:
+        self.state = ERROR
+        self.error_code = int(code)
+        self._goaway_out = (self._last_accepted, int(code))
+        self._goaway_sent = False
+
+    def _charge(self, what: str) -> None:
+        self._budget -= 1
+        if self._budget < 0:
+            raise _violation(ErrorCode.ENHANCE_YOUR_CALM, f"control-frame flood ({what})")
+
+    def _open_in(self, ident: int, parent: int, cost: int) -> bool:
+        """A REQUEST's first frame: check id, window, slot; return False if dropped."""
+        if ident & 1 != self._peer_parity or ident == 0:
+            raise _violation(ErrorCode.PROTOCOL, f"request id {ident} has the wrong parity")
+        if ident <= self.highest_in:
+            raise _violation(ErrorCode.PROTOCOL, f"request id {ident} was already used")
+        self.highest_in = ident
+        if self._w_recv + cost > self._w_limit_in:
+            raise _violation(ErrorCode.FLOW_CONTROL, f"request {ident} beyond the window")
+        self._w_recv += cost
+        if parent:
+            p = self._out.get(parent)
+            if p is None:
+                raise _violation(ErrorCode.PROTOCOL, f"nested call {ident} names no open call")
+            if p[2] >= self._own_k:
+                raise _violation(
+                    ErrorCode.FLOW_CONTROL, f"nested call {ident} beyond the allowance"
+                )
+            p[2] += 1
+        elif self._goaway_out is not None:
+            # After our GOAWAY: not accepted, not answered; the bytes are credited back.
+            self._w_pending += cost
+            self._credit_dirty = True
+            return False
+        else:
+            if self._in_plain >= self._own_s:
+                raise _violation(ErrorCode.FLOW_CONTROL, f"request {ident} beyond max_calls")
+            self._in_plain += 1
+            self._last_accepted = ident
+        self._in[ident] = [parent, 0, 0, 0]
+        return True
+
+    def _on_terminal(self, ident: int, kind: int, body: bytes, events: list[Event]) -> None:
+        """A complete REPLY or ERROR (after its W_r check is done here)."""
+        cost = len(body) + MESSAGE_COST
+        self._check_terminal_id(ident, cost)
+        entry = self._out.pop(ident, None)
+        if entry is None:
+            # A stale id (its call ended): credit back, charge the budget.
+            self._r_pending += cost
+            self._credit_dirty = True
+            self._charge("answer to a closed call")
+            return
+        if not entry[3]:
+            raise _violation(ErrorCode.PROTOCOL, f"call {ident} answered before it was sent")
+        self._end_out(entry)
+        if entry[1] or kind == _ERROR:
+            self._r_pending += cost
+            self._credit_dirty = True
+            if entry[1]:
+                return
+            if len(body) < 2:
+                raise _violation(ErrorCode.FRAME_SIZE, "an ERROR frame without a code")
+            code = int.from_bytes(body[:2], "big")
+            events.append((EV_ERROR, ident, code, body[2:].decode("utf-8", errors="replace")))
+            return
+        self._r_held[ident] = cost
+        events.append((EV_REPLY, ident, body, 0))
+
+    def _check_terminal_id(self, ident: int, cost: int) -> None:
+        if ident & 1 == self._peer_parity or ident > self.highest_out:
+            raise _violation(ErrorCode.PROTOCOL, f"an answer for call {ident}, never opened")
+        if self._r_recv + cost > self._r_limit_in:
+            raise _violation(ErrorCode.FLOW_CONTROL, f"the answer to {ident} beyond the window")
+        self._r_recv += cost
+
+    def _frame(
+        self,
+        kind: int,
+        flags: int,
+        length: int,
+        ident: int,
+        pt: bytes,
+        start: int,
+        end: int,
+        events: list[Event],
+    ) -> None:
+        """Every frame but the unfragmented ONEWAY/REQUEST/REPLY fast paths."""
+        if kind >= _FIRST_CONTROL:
+            if kind >= 0x40:
+                if kind >= 0x80:
+                    raise _violation(ErrorCode.PROTOCOL, f"reserved frame kind {kind}")
+                self._charge("unknown extension frame")
+                return
+            self._control(kind, flags, length, ident, pt[start:end], events)
+            return
+        if kind == _CONT:
+            self._continuation(flags, length, ident, pt, start, end, events)
+            return
+        if kind not in (_ONEWAY, _REQUEST, _REPLY, _ERROR):
+            raise _violation(ErrorCode.PROTOCOL, f"unknown frame kind {kind}")
+        allowed = FLAG_MORE | (FLAG_NESTED if kind == _REQUEST else 0)
+        if kind == _ERROR:
+            allowed = 0
+        if flags & ~allowed:
+            raise _violation(ErrorCode.PROTOCOL, f"flags {flags:#x} not allowed on kind {kind}")
+        pos = start
+        parent = 0
+        if flags & FLAG_NESTED:
+            if end - pos < 4:
+                raise _violation(ErrorCode.FRAME_SIZE, "a nested request without its parent")
+            parent = int.from_bytes(pt[pos : pos + 4], "big")
+            pos += 4
+            if parent == 0:
+                raise _violation(ErrorCode.PROTOCOL, "a nested request with parent 0")
+        if kind == _ONEWAY and ident:
+            raise _violation(ErrorCode.PROTOCOL, "a one-way frame with an id")
+        if not flags & FLAG_MORE:
+            size = end - pos
+            if size > self._own_m:
+                raise _violation(ErrorCode.FRAME_SIZE, f"a message of {size} bytes exceeds M")
+            if kind == _ERROR and size > MAX_ERROR_TEXT + 2:
+                raise _violation(ErrorCode.FRAME_SIZE, "an ERROR frame over 1,000 bytes")
+            self._complete(kind, ident, parent, pt[pos:end], size + MESSAGE_COST, False, events)
+            return
+        # First frame of a fragmented message: total length, then data.
+        if end - pos < 5:
+            raise _violation(ErrorCode.FRAME_SIZE, "a first fragment without total or data")
+        total = int.from_bytes(pt[pos : pos + 4], "big")
+        pos += 4
+        if ident in self._partial or (kind == _ONEWAY and 0 in self._partial):
+            raise _violation(ErrorCode.PROTOCOL, f"a second message for id {ident} started")
+        if total > self._own_m:
+            raise _violation(ErrorCode.FRAME_SIZE, f"a message of {total} bytes exceeds M")
+        if end - pos >= total:
+            raise _violation(ErrorCode.PROTOCOL, "a fragmented message's first frame is all of it")
+        cost = total + MESSAGE_COST
+        drop = False
+        if kind == _ONEWAY:
+            if self._w_recv + cost > self._w_limit_in:
+                raise _violation(ErrorCode.FLOW_CONTROL, "a one-way message beyond the window")
+            self._w_recv += cost
+        elif kind == _REQUEST:
+            drop = not self._open_in(ident, parent, cost)
+        else:
+            self._check_terminal_id(ident, cost)
+            drop = ident not in self._out
+            if drop:
+                self._charge("answer to a closed call")
+        buffer = bytearray(pt[pos:end])
+        self._partial[ident] = [kind, parent, total, cost, drop, buffer]
+
+    def _continuation(
+        self,
+        flags: int,
+        length: int,
+        ident: int,
+        pt: bytes,
+        start: int,
+        end: int,
+        events: list[Event],
+    ) -> None:
+        partial = self._partial.get(ident)
+        if partial is None:
+            raise _violation(ErrorCode.PROTOCOL, f"a continuation for id {ident} with no message")
+        if flags & ~FLAG_MORE:
+            raise _violation(ErrorCode.PROTOCOL, f"flags {flags:#x} not allowed on CONTINUATION")
+        kind, parent, total, cost, drop, buffer = partial
+        if length == 0 and flags & FLAG_MORE:
+            raise _violation(ErrorCode.PROTOCOL, "an empty fragment flagged MORE")
+        if len(buffer) + length > total:
+            raise _violation(ErrorCode.FRAME_SIZE, f"message {ident} exceeds its announced total")
+        buffer += pt[start:end]
+        if flags & FLAG_MORE:
+            if len(buffer) == total:
+                raise _violation(ErrorCode.PROTOCOL, f"message {ident} full but flagged MORE")
+            return
+        if len(buffer) != total:
+            raise _violation(ErrorCode.FRAME_SIZE, f"message {ident} ended short of its total")
+        del self._partial[ident]
+        self._complete(kind, ident, parent, bytes(buffer), cost, drop, events, True)
+
+    def _complete(
+        self,
+        kind: int,
+        ident: int,
+        parent: int,
+        body: bytes,
+        cost: int,
+        drop: bool,
+        events: list[Event],
+        opened: bool = False,
+    ) -> None:
+        if kind == _ONEWAY:
+            if not opened:
+                if self._w_recv + cost > self._w_limit_in:
+                    raise _violation(ErrorCode.FLOW_CONTROL, "a one-way message beyond the window")
+                self._w_recv += cost
+            events.append((EV_ONEWAY, 0, body, 0))
+        elif kind == _REQUEST:
+            if not opened:
+                drop = not self._open_in(ident, parent, cost)
+            if drop:
+                return
+            entry = self._in[ident]
+            if entry[1]:
+                # Cancelled while it arrived: credit back, answer CANCELLED ourselves.
+                self._w_pending += cost
+                self._credit_dirty = True
+                entry[3] = 1
+                self._queue_terminal(ident, _ERROR, int(ErrorCode.CANCELLED).to_bytes(2, "big"))
+                return
+            self._in_held[ident] = cost
+            events.append((EV_REQUEST, ident, body, parent))
+        elif opened:
+            if drop:
+                self._r_pending += cost
+                self._credit_dirty = True
+                return
+            # W_r was checked at the first frame; finish as _on_terminal does.
+            self._r_recv -= cost
+            self._on_terminal(ident, kind, body, events)
+        else:
+            self._on_terminal(ident, kind, body, events)
+
+    def _control(
+        self, kind: int, flags: int, length: int, ident: int, payload: bytes, events: list[Event]
+    ) -> None:
+        if flags:
+            raise _violation(ErrorCode.PROTOCOL, f"flags {flags:#x} on control kind {kind}")
+        if length > MAX_CONTROL_PAYLOAD:
+            raise _violation(ErrorCode.FRAME_SIZE, f"a control frame of {length} bytes")
+        if kind == Kind.CREDIT:
+            if length != 8:
+                raise _violation(ErrorCode.FRAME_SIZE, "a CREDIT frame not of 8 bytes")
+            value = int.from_bytes(payload, "big")
+            if ident == CreditLimit.REQUEST_WINDOW:
+                current = self._w_limit_out
+            elif ident == CreditLimit.REPLY_WINDOW:
+                current = self._r_limit_out
+            elif ident == CreditLimit.CALLS:
+                current = self._peer_s
+            else:
+                raise _violation(ErrorCode.PROTOCOL, f"CREDIT for unknown limit {ident}")
+            if value < current:
+                raise _violation(ErrorCode.FLOW_CONTROL, "a CREDIT frame lowered a limit")
+            if value == current:
+                self._charge("CREDIT that grants nothing")
+                return
+            if ident == CreditLimit.REQUEST_WINDOW:
+                self._w_limit_out = value
+            elif ident == CreditLimit.REPLY_WINDOW:
+                self._r_limit_out = value
+                self._unblock_replies()
+            else:
+                self._peer_s = min(value, 2**31)
+            self.credit_changed += 1
+        elif kind == Kind.CANCEL:
+            if length:
+                raise _violation(ErrorCode.FRAME_SIZE, "a CANCEL frame with a payload")
+            if ident & 1 != self._peer_parity or ident == 0 or ident > self.highest_in:
+                raise _violation(ErrorCode.PROTOCOL, f"CANCEL of call {ident}, never opened")
+            entry = self._in.get(ident)
+            if entry is None or entry[1] or entry[3]:
+                self._charge("CANCEL of a closed call")
+                return
+            entry[1] = 1
+            if ident not in self._partial:
+                events.append((EV_CANCEL, ident, 0, 0))
+        elif kind == Kind.PING:
+            self._charge("PING")
+            self._pong = (ident, payload)
+        elif kind == Kind.PONG:
+            sent = self._ping_at.pop(ident, None)
+            if sent is None:
+                self._charge("unsolicited PONG")
+                return
+            self._ping_outstanding = False
+            self._silent_ticks = 0
+            events.append((EV_PONG, ident, sent, 0))
+        elif kind == Kind.GOAWAY:
+            if length != 2:
+                raise _violation(ErrorCode.FRAME_SIZE, "a GOAWAY frame not of 2 bytes")
+            if ident and (
+                ident & 1 != self._own_parity_of_peer_calls() or ident > self.highest_out
+            ):
+                raise _violation(ErrorCode.PROTOCOL, f"GOAWAY names call {ident}, never opened")
+            if self._goaway_in is not None:
+                self._charge("second GOAWAY")
+                if ident > self._goaway_in[0]:
+                    raise _violation(ErrorCode.PROTOCOL, "a second GOAWAY raised the last id")
+                return
+            code = int.from_bytes(payload, "big")
+            self._goaway_in = (ident, code)
+            failed = self._fail_above(ident)
+            if self._goaway_out is None:
+                self.start_close()
+            self.state = CLOSING
+            self.credit_changed += 1
+            events.append((EV_GOAWAY, ident, code, failed))
+        else:
+            raise _violation(ErrorCode.PROTOCOL, f"unknown frame kind {kind}")
+
+    def _own_parity_of_peer_calls(self) -> int:
+        # GOAWAY names one of OUR calls (the last the peer accepted): our parity.
+        return 1 - self._peer_parity
+
+    def _fail_above(self, last: int) -> tuple[int, ...]:
+        gone = [i for i, e in self._out.items() if i > last and not e[0]]
+        failed = tuple(i for i in gone if not self._out[i][1])
+        if not gone:
+            return failed
+        keep: deque[list[Any]] = deque()
+        for item in self._queue:
+            if item[0] == _REQUEST and item[1] in gone and item[4] == 0:
+                body = item[3]
+                self._w_used_out -= len(body) + MESSAGE_COST
+                self.send_queue_bytes -= len(body)
+            else:
+                keep.append(item)
+        self._queue = keep
+        for i in gone:
+            self._end_out(self._out.pop(i))
+        return failed
+
+
+class MonteV1Session:
+    """Go monte's wire (``u32 seq | payload`` per record) behind the same driver surface.
+
+    No credit, no control lane, no fragments, no goaway: ``send_request`` always returns an
+    id, a cancelled call is forgotten at once, graceful close is "flush, then close". The
+    driver keeps its handler cap (its reader pauses there; call :meth:`reader_paused`).
+
+    Args:
+        initiator: whether this side dialed (odd ids) or accepted (even ids).
+        max_record_size: the largest record either side accepts.
+    """
+
+    __slots__ = ("_codec", "_next_id", "_out", "_queue", "closing", "send_queue_bytes", "state")
+
+    def __init__(self, *, initiator: bool, max_record_size: int) -> None:
+        self._codec = MonteV1Codec(initiator=initiator, max_record_size=max_record_size)
+        self._next_id = 1 if initiator else 2
+        self._out: set[int] = set()
+        self._queue: list[bytes] = []
+        self.send_queue_bytes = 0
+        self.state = OPEN
+        self.closing = False
+
+    credit_changed: Final = 0
+
+    @property
+    def can_open(self) -> bool:
+        """Whether new calls may start."""
+        return self.state == OPEN and not self.closing
+
+    @property
+    def wants_write(self) -> bool:
+        """Whether :meth:`records_to_send` has something to pack."""
+        return bool(self._queue)
+
+    @property
+    def finished(self) -> bool:
+        """Closing and everything written."""
+        return self.state >= CLOSED or (self.closing and not self._queue)
+
+    def _enqueue(self, ident: int, body: bytes) -> None:
+        out: list[bytes | None] = []
+        self._codec.encode(FrameKind.REPLY if ident else FrameKind.ONEWAY, ident, body, out)
+        self._queue.append(out[0])  # type: ignore[arg-type]
+        self.send_queue_bytes += len(body)
+
+    def send_request(self, body: bytes, *, parent: int = 0) -> int | None:
+        """Queue a request; return its id (monte-v1 has no credit).
+
+        Raises:
+            LocalProtocolError: closed, or the body does not fit one record.
+        """
+        if not self.can_open and not parent:
+            raise LocalProtocolError("the connection is closing; retry on a new connection")
+        ident = self._next_id
+        while ident in self._out or ident == 0:
+            ident = (ident + 2) % 2**32
+        self._enqueue(ident, body)
+        self._next_id = (ident + 2) % 2**32
+        self._out.add(ident)
+        return ident
+
+    def send_oneway(self, body: bytes) -> bool:
+        """Queue a one-way message (seq 0); always True."""
+        if self.state >= CLOSED:
+            raise LocalProtocolError("the connection is closed; open a new one")
+        self._enqueue(0, body)
+        return True
+
+    def send_reply(self, call_id: int, body: bytes) -> None:
+        """Answer the peer's request ``call_id``."""
+        if self.state >= CLOSED:
+            raise LocalProtocolError("the connection is closed; open a new one")
+        self._enqueue(call_id, body)
+
+    def send_error(self, call_id: int, code: int, text: str) -> None:
+        """monte-v1 has no error frame.
+
+        Raises:
+            LocalProtocolError: always; the driver decides what to send instead.
+        """
+        raise LocalProtocolError("the monte-v1 profile cannot send error replies")
+
+    def cancel(self, call_id: int) -> None:
+        """Forget our call: a late reply is dropped (Go handlers may never reply)."""
+        self._out.discard(call_id)
+
+    def consumed(self, call_id: int, nbytes: int = 0) -> None:
+        """No credit in monte-v1."""
+
+    def delivered(self, call_id: int) -> None:
+        """No credit in monte-v1."""
+
+    def start_close(self, code: int = 0, *, now: float | None = None) -> None:
+        """Refuse new calls; finished once the queue is written."""
+        self.closing = True
+
+    def reader_paused(self, paused: bool) -> None:
+        """No keepalive in monte-v1."""
+
+    def get_timer(self) -> float | None:
+        """No timers in monte-v1."""
+        return None
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """No timers in monte-v1."""
+        return []
+
+    def records_to_send(self, max_plaintext: int, max_bytes: int | None = None) -> list[bytes]:
+        """One plaintext per message, in order."""
+        out = self._queue
+        self._queue = []
+        self.send_queue_bytes = 0
+        return out
+
+    def receive_records(self, plaintexts: list[bytes]) -> list[Event]:
+        """Route by parity: seq 0 one-way, our parity a reply (dropped if not ours), else a
+        request.
+
+        Raises:
+            RemoteProtocolError: a record shorter than its 4-byte seq.
+        """
+        events: list[Event] = []
+        decode = self._codec.decode
+        try:
+            for pt in plaintexts:
+                kind, ident, body = decode(pt)
+                if kind == 0:
+                    events.append((EV_ONEWAY, 0, body, 0))
+                elif kind == FrameKind.REPLY:
+                    if ident in self._out:
+                        self._out.discard(ident)
+                        events.append((EV_REPLY, ident, body, 0))
+                else:
+                    events.append((EV_REQUEST, ident, body, 0))
+        except RemoteProtocolError:
+            self.state = ERROR
+            raise
+        return events

@@ -1,0 +1,260 @@
+"""Native wire version 2: the frame header, kinds, flags, error codes and the TLV hello.
+
+The codec half of :mod:`monte_trio._proto._session` (the full specification is
+docs/wire-native-v2.rst). Version 2 keeps version 1's handshake, records and rekeying and
+changes what a record's plaintext carries: one or more frames, each
+``u8 kind | u8 flags | u16 length | u32 id | payload``. Nothing here performs I/O or imports
+trio.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+import attrs
+
+from .._exceptions import RemoteProtocolError
+
+__all__ = [
+    "CONTROL_BURST",
+    "CONTROL_RATE",
+    "FLAG_MORE",
+    "FLAG_NESTED",
+    "HEADER",
+    "HEADER_SIZE",
+    "ID_LIMIT",
+    "MAX_CONTROL_PAYLOAD",
+    "MAX_ERROR_TEXT",
+    "MESSAGE_COST",
+    "MIN_MESSAGE_SIZE",
+    "MIN_RECORD_SIZE",
+    "VERSION",
+    "ErrorCode",
+    "Hello2",
+    "HelloType",
+    "Kind",
+    "default_reply_window",
+    "default_request_window",
+    "prologue",
+]
+
+VERSION: Final = 2
+"""The native profile's version with this frame layer (preamble, prologue and hello)."""
+HEADER: Final = struct.Struct(">BBHI")
+"""The frame header: kind, flags, payload length, id."""
+HEADER_SIZE: Final = 8
+MIN_RECORD_SIZE: Final = 1024
+"""Floor of ``max_record_size``: a record holds a frame of 1,000 payload bytes (an ERROR
+with its code and a 998-byte text), so no control or error frame ever needs splitting."""
+MIN_MESSAGE_SIZE: Final = 1024
+"""Floor of ``max_message_size`` (room for every error text)."""
+MAX_RECORD: Final = 65535
+MAX_CONTROL_PAYLOAD: Final = 16
+"""Largest payload of a control frame (CANCEL, PING, PONG, GOAWAY, CREDIT)."""
+MAX_ERROR_TEXT: Final = 998
+"""Largest UTF-8 text an ERROR frame carries (its payload is ``u16 code | text``)."""
+MESSAGE_COST: Final = 64
+"""Bytes of window a message costs on top of its body: empty messages are not free."""
+ID_LIMIT: Final = 2**32 - 2**24
+"""A side never allocates a call id above this; it retires the connection with
+GOAWAY(ID_EXHAUSTED) when it reaches it."""
+CONTROL_BURST: Final = 1000
+"""Budgeted control frames a peer may send at once ..."""
+CONTROL_RATE: Final = 100
+"""... and per second after that."""
+
+FLAG_MORE: Final = 0x01
+"""Data frames: the message continues in a CONTINUATION frame of the same id."""
+FLAG_END: Final = 0x02
+"""Reserved for streaming calls (next issue): the sender's half of the call ends."""
+FLAG_NESTED: Final = 0x04
+"""REQUEST: a call made by a handler of the call named by the ``u32 parent`` prefix."""
+
+
+class Kind(enum.IntEnum):
+    """Frame kinds. 0x00-0x3F core (unknown = error), 0x40-0x7F extensions (unknown =
+    skipped), 0x80-0xFF reserved (error)."""
+
+    ONEWAY = 0x01
+    REQUEST = 0x02
+    REPLY = 0x03
+    ERROR = 0x04
+    CONTINUATION = 0x05
+    CANCEL = 0x10
+    PING = 0x18
+    PONG = 0x19
+    GOAWAY = 0x1A
+    CREDIT = 0x1B
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes carried by GOAWAY and ERROR (and by RESET in the next issue)."""
+
+    NO_ERROR = 0
+    PROTOCOL = 1
+    FLOW_CONTROL = 2
+    FRAME_SIZE = 3
+    REFUSED = 4
+    CANCELLED = 5
+    INTERNAL = 6
+    ENHANCE_YOUR_CALM = 7
+    ID_EXHAUSTED = 8
+
+
+RETRY_SAFE: Final = frozenset({ErrorCode.REFUSED})
+"""ERROR codes after which the call was certainly not processed (RequestNotProcessed)."""
+
+
+class CreditLimit(enum.IntEnum):
+    """What a CREDIT frame's id names."""
+
+    CALLS = 1
+    REQUEST_WINDOW = 2
+    REPLY_WINDOW = 3
+
+
+class HelloType(enum.IntEnum):
+    """Hello TLV types and the size of their value."""
+
+    VERSION = 1
+    MAX_RECORD_SIZE = 2
+    MAX_MESSAGE_SIZE = 3
+    REQUEST_WINDOW = 4
+    REPLY_WINDOW = 5
+    MAX_CALLS = 6
+    NESTED_ALLOWANCE = 7
+    FEATURES = 8
+
+
+_TLV: Final = struct.Struct(">HH")
+_SIZES: Final = {1: 2, 2: 4, 3: 4, 4: 8, 5: 8, 6: 4, 7: 4, 8: 8}
+_FIELDS: Final = {
+    1: "version",
+    2: "max_record_size",
+    3: "max_message_size",
+    4: "request_window",
+    5: "reply_window",
+    6: "max_calls",
+    7: "nested_allowance",
+    8: "features",
+}
+_DEFAULT_M: Final = 16 * 1024 * 1024
+
+
+def default_request_window(max_message_size: int) -> int:
+    """The smallest request window allowed with ``max_message_size`` (and the default):
+    two maximum-size messages, one of them the nested-call reserve."""
+    return 2 * (max_message_size + MESSAGE_COST)
+
+
+def default_reply_window(max_message_size: int) -> int:
+    """The smallest reply window allowed (and the default): one maximum-size reply."""
+    return max_message_size + MESSAGE_COST
+
+
+def prologue(name: str, initiator_preamble: bytes) -> bytes:
+    """Version 1's prologue with version byte 2."""
+    return b"monte_trio native/" + bytes([VERSION]) + b"\x00" + name.encode() + initiator_preamble
+
+
+@attrs.frozen
+class Hello2:
+    """What each side announces in the handshake; every limit is what the sender *accepts*.
+
+    Attributes:
+        version: protocol version (2).
+        max_record_size: largest record the sender accepts (1,024 to 65,535).
+        max_message_size: largest message body the sender accepts (M, at least 1,024).
+        request_window: W, the request and one-way bytes (each + 64) the sender holds for
+            the peer, at least ``2 * (M + 64)``.
+        reply_window: W_r, the reply bytes (each + 64) the sender accepts for its own
+            calls, at least ``M + 64``.
+        max_calls: S, non-nested calls the peer may have open at the sender (>= 1).
+        nested_allowance: k, nested calls each open call may have (>= 1).
+        features: extension bits (none defined).
+    """
+
+    version: int = VERSION
+    max_record_size: int = MAX_RECORD
+    max_message_size: int = _DEFAULT_M
+    request_window: int = default_request_window(_DEFAULT_M)
+    reply_window: int = default_reply_window(_DEFAULT_M)
+    max_calls: int = 128
+    nested_allowance: int = 1
+    features: int = 0
+
+    def encode(self) -> bytes:
+        """The TLV encoding, types in increasing order."""
+        values = (
+            self.version,
+            self.max_record_size,
+            self.max_message_size,
+            self.request_window,
+            self.reply_window,
+            self.max_calls,
+            self.nested_allowance,
+            self.features,
+        )
+        out = bytearray()
+        for type_, value in zip(_FIELDS, values, strict=True):
+            size = _SIZES[type_]
+            out += _TLV.pack(type_, size) + value.to_bytes(size, "big")
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Hello2:
+        """Parse and check a hello; unknown types are ignored.
+
+        Raises:
+            RemoteProtocolError: truncated, a known type twice or with a wrong length, a
+                field missing, or a limit below its floor (the message names it).
+        """
+        values: dict[str, int] = {}
+        offset = 0
+        while offset < len(data):
+            if len(data) - offset < _TLV.size:
+                raise RemoteProtocolError("hello truncated inside a TLV header")
+            type_, length = _TLV.unpack_from(data, offset)
+            offset += _TLV.size
+            if len(data) - offset < length:
+                raise RemoteProtocolError(f"hello field {type_} truncated")
+            value = data[offset : offset + length]
+            offset += length
+            name = _FIELDS.get(type_)
+            if name is None:
+                continue
+            if length != _SIZES[type_]:
+                raise RemoteProtocolError(
+                    f"hello field {name} has {length} bytes, not {_SIZES[type_]}"
+                )
+            if name in values:
+                raise RemoteProtocolError(f"hello field {name} appears twice")
+            values[name] = int.from_bytes(value, "big")
+        missing = [n for n in _FIELDS.values() if n not in values]
+        if missing:
+            raise RemoteProtocolError(f"the peer's hello lacks {', '.join(missing)}")
+        hello = cls(**values)
+        hello.check()
+        return hello
+
+    def check(self) -> None:
+        """Check every limit against its floor.
+
+        Raises:
+            RemoteProtocolError: naming the field, the value and the allowed range.
+        """
+        m = self.max_message_size
+        for name, value, low, high in (
+            ("max_record_size", self.max_record_size, MIN_RECORD_SIZE, MAX_RECORD),
+            ("max_message_size", m, MIN_MESSAGE_SIZE, 2**32 - 1),
+            ("request_window", self.request_window, default_request_window(m), 2**62),
+            ("reply_window", self.reply_window, default_reply_window(m), 2**62),
+            ("max_calls", self.max_calls, 1, 2**31),
+            ("nested_allowance", self.nested_allowance, 1, 2**16),
+        ):
+            if not low <= value <= high:
+                raise RemoteProtocolError(
+                    f"the peer announced {name} {value}, outside the allowed range {low}..{high}"
+                )

@@ -1,0 +1,307 @@
+"""Generate tests/vectors/native-v2.json: known-answer vectors for native wire version 2.
+
+Run from the repository root::
+
+    .venv/bin/python tests/vectors/make_native_v2_vectors.py
+
+Built with the sans-IO modules only (``_wire2``, ``_session``, ``_noise``, ``_records``,
+``_native``'s preamble and transport helpers, which version 2 keeps). Fixed keys
+(``SHA-256("monte_trio native-v2 test vector: " | label)``) and deterministic AEADs make the
+output identical on every run; tests/test_native_v2_vectors.py checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from monte_trio._proto import _native as v1
+from monte_trio._proto import _session as S
+from monte_trio._proto import _wire2 as wire
+from monte_trio._proto._noise import HandshakeState
+
+OUTPUT = Path(__file__).with_name("native-v2.json")
+LABEL_PREFIX = b"monte_trio native-v2 test vector: "
+U16 = struct.Struct(">H")
+I2R = "initiator_to_responder"
+R2I = "responder_to_initiator"
+SMALL_M = 4096
+RESPONDER_HELLO = wire.Hello2(
+    max_record_size=1024,
+    max_message_size=SMALL_M,
+    request_window=wire.default_request_window(SMALL_M),
+    reply_window=wire.default_reply_window(SMALL_M),
+    max_calls=4,
+    nested_allowance=1,
+)
+INITIATOR_HELLO = wire.Hello2()
+
+
+def derive(label: str) -> bytes:
+    return hashlib.sha256(LABEL_PREFIX + label.encode()).digest()
+
+
+def public(private: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+KEYS = {
+    name: derive(name.replace("_", " "))
+    for name in (
+        "initiator_static",
+        "initiator_ephemeral",
+        "responder_static",
+        "responder_ephemeral",
+    )
+}
+
+
+def hello_json(hello: wire.Hello2) -> dict[str, Any]:
+    fields = attrs.asdict(hello)
+    return {**fields, "encoded": hello.encode().hex()}
+
+
+def frames_of(plaintext: bytes) -> list[dict[str, Any]]:
+    out = []
+    off = 0
+    while off < len(plaintext):
+        kind, flags, length, ident = wire.HEADER.unpack_from(plaintext, off)
+        payload = plaintext[off + 8 : off + 8 + length]
+        out.append(
+            {
+                "kind": wire.Kind(kind).name,
+                "flags": flags,
+                "length": length,
+                "id": ident,
+                "header": plaintext[off : off + 8].hex(),
+                "payload": payload.hex() if length <= 64 else f"{length} bytes",
+            }
+        )
+        off += 8 + length
+    return out
+
+
+def event_json(event: S.Event) -> list[Any]:
+    return [
+        v.hex() if isinstance(v, bytes) else v if not isinstance(v, tuple) else list(v)
+        for v in event
+    ]
+
+
+def headers() -> list[dict[str, Any]]:
+    cases = [
+        ("ONEWAY, no flags, 5 bytes, id 0", wire.Kind.ONEWAY, 0, 5, 0),
+        ("REQUEST, id 1, 13 bytes", wire.Kind.REQUEST, 0, 13, 1),
+        ("REQUEST flagged MORE and NESTED, id 4", wire.Kind.REQUEST, 0x05, 1000, 4),
+        ("REPLY, id 1", wire.Kind.REPLY, 0, 2, 1),
+        ("ERROR, id 3, code + text", wire.Kind.ERROR, 0, 8, 3),
+        ("CONTINUATION flagged MORE, id 7", wire.Kind.CONTINUATION, 0x01, 1000, 7),
+        ("CANCEL, id 5", wire.Kind.CANCEL, 0, 0, 5),
+        ("PING, id 1", wire.Kind.PING, 0, 8, 1),
+        ("PONG, id 1", wire.Kind.PONG, 0, 8, 1),
+        ("GOAWAY, last id 3", wire.Kind.GOAWAY, 0, 2, 3),
+        ("CREDIT, request window", wire.Kind.CREDIT, 0, 8, 2),
+        ("largest id", wire.Kind.REPLY, 0, 0, 0xFFFFFFFF),
+    ]
+    return [
+        {
+            "what": w,
+            "kind": int(k),
+            "flags": f,
+            "length": n,
+            "id": i,
+            "header": wire.HEADER.pack(k, f, n, i).hex(),
+        }
+        for w, k, f, n, i in cases
+    ]
+
+
+def sessions() -> tuple[S.Session, S.Session]:
+    i = S.Session(
+        initiator=True, local=INITIATOR_HELLO, peer=RESPONDER_HELLO, keepalive_interval=None
+    )
+    r = S.Session(
+        initiator=False, local=RESPONDER_HELLO, peer=INITIATOR_HELLO, keepalive_interval=None
+    )
+    return i, r
+
+
+def batch() -> dict[str, Any]:
+    ini, _ = sessions()
+    bodies = [b"one", b"", b"three" * 30]
+    for b in bodies:
+        ini.send_oneway(b)
+    ini.send_request(b"a request")
+    ini.send_request(b"x" * 900)
+    plaintexts = ini.records_to_send(1008)
+    return {
+        "what": "3 one-way messages and 2 requests packed into plaintexts of <= 1008 bytes",
+        "plaintexts": [p.hex() for p in plaintexts],
+        "frames": [frames_of(p) for p in plaintexts],
+    }
+
+
+def fragmentation() -> dict[str, Any]:
+    ini, res = sessions()
+    body = bytes(i % 251 for i in range(3000))
+    ident = ini.send_request(body)
+    plaintexts = ini.records_to_send(1008)
+    events = res.receive_records(plaintexts)
+    assert events == [(S.EV_REQUEST, ident, body, 0)]
+    return {
+        "what": "a 3,000-byte request: REQUEST|MORE with u32 total, then CONTINUATIONs",
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "plaintexts": [p.hex() for p in plaintexts],
+        "frames": [frames_of(p) for p in plaintexts],
+    }
+
+
+def credit() -> dict[str, Any]:
+    ini, res = sessions()
+    ini.send_oneway(b"z" * 100)
+    (_event,) = res.receive_records(ini.records_to_send(1008))
+    res.consumed(0, 100)
+    plaintexts = res.records_to_send(65519)
+    return {
+        "what": "the responder returns a 100-byte one-way's cost (164) as a cumulative CREDIT",
+        "initial_request_window": RESPONDER_HELLO.request_window,
+        "plaintexts": [p.hex() for p in plaintexts],
+        "frames": [frames_of(p) for p in plaintexts],
+    }
+
+
+def transcript() -> dict[str, Any]:
+    name = v1.protocol_name(psk=False)
+    i_pre = v1.encode_preamble(0, version=wire.VERSION)
+    prologue = wire.prologue(name, i_pre)
+    ini_hs = HandshakeState(
+        name,
+        initiator=True,
+        prologue=prologue,
+        s=KEYS["initiator_static"],
+        e=KEYS["initiator_ephemeral"],
+        psks=[],
+    )
+    res_hs = HandshakeState(
+        name,
+        initiator=False,
+        prologue=prologue,
+        s=KEYS["responder_static"],
+        e=KEYS["responder_ephemeral"],
+        psks=[],
+    )
+    msg1 = ini_hs.write_message(b"")
+    res_hs.read_message(msg1)
+    msg2 = res_hs.write_message(RESPONDER_HELLO.encode())
+    r_pre = v1.encode_preamble(v1.Status.OK, version=wire.VERSION)
+    assert wire.Hello2.decode(ini_hs.read_message(msg2)) == RESPONDER_HELLO
+    msg3 = ini_hs.write_message(INITIATOR_HELLO.encode())
+    assert wire.Hello2.decode(res_hs.read_message(msg3)) == INITIATOR_HELLO
+    i_send, i_recv = ini_hs.split()
+    r_i2r, r_r2i = res_hs.split()
+    i_sealer, i_opener = v1.transport(i_send, i_recv, peer_max_record=1024, own_max_record=65535)
+    r_sealer, r_opener = v1.transport(r_r2i, r_i2r, peer_max_record=65535, own_max_record=1024)
+    verdict = r_sealer.seal(v1.encode_verdict(True))
+    assert i_opener.receive_data(verdict) == [b"\x00"]
+    ini, _ = sessions()
+    res = S.Session(initiator=False, local=RESPONDER_HELLO, peer=INITIATOR_HELLO, now=0.0)
+    res.handle_timer(15.0)  # nothing heard for a keepalive interval: a PING is queued
+    side = {I2R: (ini, i_sealer, r_opener, res), R2I: (res, r_sealer, i_opener, ini)}
+    steps: list[dict[str, Any]] = []
+
+    def flush(direction: str, what: str) -> list[S.Event]:
+        sender, sealer, opener, receiver = side[direction]
+        plaintexts = sender.records_to_send(sealer.max_plaintext)
+        events: list[S.Event] = []
+        for p in plaintexts:
+            counter = sealer.counter
+            record = sealer.seal(p)
+            assert opener.receive_data(record) == [p]
+            got = receiver.receive_records([p])
+            events += got
+            steps.append(
+                {
+                    "what": what,
+                    "direction": direction,
+                    "counter": counter,
+                    "plaintext": p.hex(),
+                    "frames": frames_of(p),
+                    "wire": record.hex(),
+                    "events": [event_json(e) for e in got],
+                }
+            )
+        return events
+
+    r1 = ini.send_request(b"hello, server")
+    ini.send_oneway(b"a note")
+    r3 = ini.send_request(b"divide by zero")
+    flush(I2R, "two requests and a one-way message in one record")
+    res.consumed(r1 or 0)
+    res.consumed(0, 6)
+    res.consumed(r3 or 0)
+    res.send_reply(r1 or 0, b"hello, client")
+    res.send_error(r3 or 0, wire.ErrorCode.INTERNAL, "ZeroDivisionError: division by zero")
+    q = res.send_request(b"who are you?")
+    flush(R2I, "keepalive PING, CREDIT for the bodies, the reply, the error, a request")
+    ini.delivered(r1 or 0)
+    ini.consumed(q or 0)
+    ini.send_reply(q or 0, b"the initiator")
+    flush(I2R, "PONG first (control lane), CREDIT, then the reply")
+    res.delivered(q or 0)
+    res.start_close()
+    flush(R2I, "CREDIT, then GOAWAY (last accepted id 3)")
+    flush(I2R, "the answering GOAWAY (last accepted id 2)")
+    assert ini.finished
+    assert res.finished
+    return {
+        "protocol_name": name,
+        "keys": {k: v.hex() for k, v in KEYS.items()},
+        "public_keys": {k: public(v).hex() for k, v in KEYS.items()},
+        "initiator_hello": hello_json(INITIATOR_HELLO),
+        "responder_hello": hello_json(RESPONDER_HELLO),
+        "prologue": prologue.hex(),
+        "wire_1": (i_pre + U16.pack(len(msg1)) + msg1).hex(),
+        "wire_2": (r_pre + U16.pack(len(msg2)) + msg2).hex(),
+        "wire_3": (U16.pack(len(msg3)) + msg3).hex(),
+        "handshake_hash": ini_hs.handshake_hash.hex(),
+        "verdict_wire": verdict.hex(),
+        "records": steps,
+    }
+
+
+def build() -> dict[str, Any]:
+    return {
+        "notes": (
+            "Native wire version 2. Frame header: u8 kind | u8 flags | u16 length | u32 id. "
+            "Hello: TLV u16 type | u16 length | value. 'events' are the reference Session's "
+            "events for each record: [kind, id, a, b] with bytes in hex (1 REQUEST, 2 ONEWAY, "
+            "3 REPLY, 4 ERROR, 5 CANCEL, 6 GOAWAY, 7 PONG). Records use version 1's layer."
+        ),
+        "hellos": [hello_json(INITIATOR_HELLO), hello_json(RESPONDER_HELLO)],
+        "headers": headers(),
+        "batch": batch(),
+        "fragmentation": fragmentation(),
+        "credit": credit(),
+        "transcript": transcript(),
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=1, sort_keys=True) + "\n"
+
+
+def main() -> int:
+    OUTPUT.write_text(render())
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
