@@ -352,6 +352,7 @@ async def _serve(args: argparse.Namespace, security: Security) -> int:
         psk=security.psk,
         config=config,
         max_conns=args.max_conns,
+        max_handshakes=args.max_handshakes,
     )
     status = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -804,7 +805,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=0, help="port to listen on (0: a free port)")
     _add_security_options(serve, who="client")
     serve.add_argument(
-        "--max-conns", type=_positive_int, default=1024, help="connections served at once"
+        "--max-conns",
+        type=_positive_int,
+        default=256,
+        help="established connections served at once (each may hold about 15 MiB at the "
+        "default limits: see the Reliability page)",
+    )
+    serve.add_argument(
+        "--max-handshakes",
+        type=_positive_int,
+        default=128,
+        help="sockets accepted but not yet connected; a new one evicts the oldest "
+        "unfinished handshake",
     )
     serve.add_argument(
         "--max-record-size",
