@@ -808,8 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-conns",
         type=_positive_int,
         default=256,
-        help="established connections served at once (each may hold about 15 MiB at the "
-        "default limits: see the Reliability page)",
+        help="established connections served at once (each may hold up to about 15 MiB with "
+        "the standard limits: see the Reliability page)",
     )
     serve.add_argument(
         "--max-handshakes",

@@ -361,7 +361,7 @@ async def test_version() -> None:
                 "(default: 127.0.0.1)",
                 "(default: 0)",
                 "(default: native)",
-                "(default: 1024)",
+                "(default: 256)",
                 "(default: a fresh key for this run)",
                 "(default: none)",
                 "(default: the profile's",

@@ -524,8 +524,11 @@ def fixed_ephemerals() -> Callable[..., HandshakeState]:
 
 
 def config(data: dict[str, Any]) -> ConnectionConfig:
+    size = data["max_message_size"]
     return ConnectionConfig(
-        max_record_size=data["max_record_size"], max_message_size=data["max_message_size"]
+        max_record_size=data["max_record_size"],
+        max_message_size=size,
+        max_held_bytes=max(size, ConnectionConfig().max_held_bytes),
     )
 
 

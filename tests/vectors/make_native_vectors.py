@@ -47,7 +47,8 @@ R2I = "responder_to_initiator"
 # Each side's ConnectionConfig in every case. The responder deliberately accepts small
 # records and messages, so that a message split into several records stays short in the
 # file; the initiator uses the defaults.
-INITIATOR_CONFIG = ConnectionConfig()
+# Fixed limits (not the defaults), so the vectors do not change when a default does.
+INITIATOR_CONFIG = ConnectionConfig(max_message_size=16 << 20, max_held_bytes=16 << 20)
 RESPONDER_CONFIG = ConnectionConfig(max_record_size=256, max_message_size=1024)
 
 TEST_REKEY_INTERVAL = 4
