@@ -159,15 +159,15 @@ async def echo(request: Request) -> bytes:
 
 @asynccontextmanager
 async def running_server(
-    handler: Handler, handshake: Handshake, **kwargs: Any
+    handler: Handler, handshake: Handshake, *, port: int = 0, **kwargs: Any
 ) -> AsyncIterator[tuple[Server, int]]:
-    """Serve ``handler`` on 127.0.0.1 (a free port); yield ``(server, port)``.
+    """Serve ``handler`` on 127.0.0.1 (``port``, or a free one); yield ``(server, port)``.
 
     The server is shut down gracefully when the block ends (if it was not already).
     """
     server = Server(handler, handshake=handshake, **kwargs)
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(server.serve, 0, LOCALHOST)
+        listeners = await nursery.start(server.serve, port, LOCALHOST)
         port = listeners[0].socket.getsockname()[1]
         try:
             yield server, port

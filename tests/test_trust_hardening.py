@@ -13,22 +13,22 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 import trio
+from conftest import LOCALHOST, echo, running_server
 
 from monte_trio import (
     AcceptAnyKey,
     HandshakeError,
     Identity,
     KnownKeysFile,
+    NoiseHandshake,
     PeerRejected,
     PinnedKeys,
     PublicKey,
-    Request,
     Server,
     TrustPolicy,
     open_client,
@@ -37,7 +37,6 @@ from monte_trio._proto import _native as wire
 from monte_trio._proto._noise import HandshakeState
 from monte_trio._util import escape_peer_text
 
-LOCALHOST = "127.0.0.1"
 SERVER = "example.com:4433"
 
 
@@ -48,26 +47,11 @@ def data_lines(path: Path) -> list[str]:
     ]
 
 
-async def echo(request: Request) -> bytes:
-    await trio.lowlevel.checkpoint()
-    return request.body
-
-
-@asynccontextmanager
-async def serving(
+def serving(
     identity: Identity, trust: TrustPolicy, port: int = 0
-) -> AsyncIterator[tuple[Server, int]]:
+) -> AbstractAsyncContextManager[tuple[Server, int]]:
     """A native server on 127.0.0.1 (``port``, or a free one); yields ``(server, port)``."""
-    server = Server(echo, identity=identity, trust=trust)
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(server.serve, port, LOCALHOST)
-        try:
-            yield server, listeners[0].socket.getsockname()[1]
-        finally:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + 5
-                await server.shutdown(grace_period=0.5)
-            nursery.cancel_scope.cancel()
+    return running_server(echo, NoiseHandshake(identity, trust=trust), port=port)
 
 
 async def call(port: int, identity: Identity, trust: TrustPolicy) -> bytes:
