@@ -1,4 +1,5 @@
-"""Tests of the sans-IO Noise implementation in ``monte_trio._proto._noise``.
+"""Tests of the sans-IO Noise implementation (``monte_trio._proto._noise`` and the
+``_noise_crypto``, ``_noise_cipher`` and ``_noise_patterns`` modules it is built on).
 
 The known-answer tests use the cacophony vectors (25519 + BLAKE2b, AESGCM and ChaChaPoly),
 stored beside this file in ``tests/vectors/``.
@@ -23,15 +24,15 @@ from monte_trio._exceptions import (
     MonteError,
     RemoteProtocolError,
 )
-from monte_trio._proto._noise import (
-    MAX_MESSAGE_LEN,
-    MAX_NONCE,
-    PATTERNS,
-    CipherState,
-    HandshakeState,
-    SymmetricState,
-    parse_protocol_name,
-    rekey_key,
+from monte_trio._proto._noise import HandshakeState
+from monte_trio._proto._noise_cipher import CipherState, SymmetricState
+from monte_trio._proto._noise_crypto import MAX_MESSAGE_LEN, MAX_NONCE, rekey_key
+from monte_trio._proto._noise_patterns import PATTERNS, parse_protocol_name
+from monte_trio._proto._records import (
+    NOISE_AESGCM_NONCE,
+    NOISE_CHACHAPOLY_NONCE,
+    RecordOpener,
+    RecordSealer,
 )
 
 HERE = Path(__file__).parent
@@ -471,6 +472,27 @@ def test_rekey_keeps_peers_in_sync(cipher: str) -> None:
         recv.decrypt_with_ad(b"", send.encrypt_with_ad(b"", b"x"))
 
 
+@pytest.mark.parametrize("cipher", ["AESGCM", "ChaChaPoly"])
+def test_record_layer_encrypts_as_the_cipher_state(cipher: str) -> None:
+    # The transport records are Noise transport messages: a record body is exactly what
+    # the CipherState would produce for the same nonce, including across the rekeys the
+    # record layer does on its own every ``rekey_interval`` records (Rekey keeps n).
+    key = bytes(range(32))
+    fmt = NOISE_AESGCM_NONCE if cipher == "AESGCM" else NOISE_CHACHAPOLY_NONCE
+    interval = 3
+    sealer = RecordSealer(key, fmt, max_record_size=256, rekey_interval=interval)
+    opener = RecordOpener(key, fmt, max_record_size=256, rekey_interval=interval)
+    cs = CipherState(cipher, key)
+    for n in range(10):
+        if n and n % interval == 0:
+            cs.rekey()
+        plaintext = f"record {n}".encode()
+        record = sealer.seal(plaintext)
+        assert record[4:] == cs.encrypt_with_ad(b"", plaintext)
+        assert opener.receive_data(record) == [plaintext]
+    assert cs.nonce == sealer.counter == opener.counter == 10
+
+
 # ---------------------------------------------------------------------------------------
 # Handshake errors
 # ---------------------------------------------------------------------------------------
@@ -709,7 +731,8 @@ def test_arbitrary_bytes_raise_only_monte_errors(target: tuple[int, str], data: 
 
 def test_proto_package_does_not_import_trio() -> None:
     files = sorted(PROTO_DIR.glob("**/*.py"))
-    assert PROTO_DIR / "_noise.py" in files
+    for name in ("_noise.py", "_noise_cipher.py", "_noise_crypto.py", "_noise_patterns.py"):
+        assert PROTO_DIR / name in files
     for path in files:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):

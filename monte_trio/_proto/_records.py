@@ -1,7 +1,9 @@
 """The record layer: ``u32 big-endian length | AEAD ciphertext+tag``, one direction each.
 
 Both wire profiles frame every record the same way and differ only in the AEAD's nonce
-layout and key schedule:
+layout and key schedule. A layout is a :class:`~monte_trio._proto._noise_crypto.NonceFormat`,
+the same object Noise's ``CipherState`` encrypts with, so the nonce packing and Noise's
+``REKEY`` (section 4.2) exist once in the package:
 
 ============  ==========================================  ===============================
 profile       nonce (12 bytes)                             keys
@@ -12,8 +14,8 @@ native ChaCha 4 zero bytes || u64 little-endian counter    one key per direction
 ============  ==========================================  ===============================
 
 A :class:`RecordSealer` turns plaintexts into wire bytes; a :class:`RecordOpener` is an
-incremental decoder in the style of h11: feed it bytes with :meth:`RecordOpener.receive_data`
-and take the decrypted plaintexts with :meth:`RecordOpener.next_records`.
+incremental decoder in the style of h11: feed it bytes with :meth:`RecordOpener.receive_data`,
+which returns the plaintexts of the records they complete.
 
 Theory of operation (the hot path): the writer hands a whole batch of plaintexts to
 :meth:`RecordSealer.seal_many`, which produces one ``bytes`` object for one ``send_all``. The
@@ -28,67 +30,40 @@ Nothing here performs I/O or imports trio.
 from __future__ import annotations
 
 import struct
-from typing import Final, Protocol
+from typing import Final
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .._exceptions import DecryptionError, LocalProtocolError, RemoteProtocolError
 
+# The nonce layouts and REKEY are Noise's cipher functions (_noise_crypto), shared with the
+# Noise CipherState. AEADCipher, NonceFormat and the two Noise layouts are re-exported for
+# the modules that import them from here today (_proto/_native.py, and tests).
+from ._noise_crypto import KEYLEN, MAX_NONCE, TAGLEN
+from ._noise_crypto import NOISE_AESGCM_NONCE as NOISE_AESGCM_NONCE
+from ._noise_crypto import NOISE_CHACHAPOLY_NONCE as NOISE_CHACHAPOLY_NONCE
+from ._noise_crypto import AEADCipher as AEADCipher
+from ._noise_crypto import NonceFormat as NonceFormat
+
 __all__ = [
+    "MONTE_V1_NONCE",
     "NONCE_LIMIT",
     "TAG_SIZE",
-    "AEADCipher",
-    "NonceFormat",
     "RecordOpener",
     "RecordSealer",
 ]
 
-TAG_SIZE: Final = 16
+TAG_SIZE: Final = TAGLEN
 """Bytes of authentication tag added by either AEAD."""
 
-NONCE_LIMIT: Final = 2**64 - 1
+NONCE_LIMIT: Final = MAX_NONCE
 """First counter value that may never be used (Noise reserves 2**64 - 1)."""
 
 _LENGTH = struct.Struct(">I")
 
-
-class AEADCipher(Protocol):
-    """What the record layer needs of an AEAD: cryptography's AESGCM and ChaCha20Poly1305."""
-
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
-
-    def decrypt(
-        self, nonce: bytes, data: bytes | memoryview, associated_data: bytes | None
-    ) -> bytes: ...
-
-
-class NonceFormat:
-    """How a record counter becomes a 12-byte nonce, and how a key is rekeyed.
-
-    Attributes:
-        name: a short description used in error messages.
-    """
-
-    __slots__ = ("_make_aead", "name", "pack")
-
-    def __init__(self, name: str, layout: str, make_aead: type[AESGCM | ChaCha20Poly1305]):
-        self.name = name
-        self.pack = struct.Struct(layout).pack
-        self._make_aead = make_aead
-
-    def aead(self, key: bytes) -> AEADCipher:
-        """Return the AEAD object for ``key``."""
-        return self._make_aead(key)
-
-    def rekey(self, key: bytes) -> bytes:
-        """Noise's ``REKEY(k)``: the first 32 bytes of ENCRYPT(k, 2**64-1, "", zeros(32))."""
-        return self._make_aead(key).encrypt(self.pack(NONCE_LIMIT), bytes(32), b"")[:32]
-
-
 MONTE_V1_NONCE: Final = NonceFormat("monte-v1 AES-256-GCM", ">Q4x", AESGCM)
-NOISE_AESGCM_NONCE: Final = NonceFormat("Noise AESGCM", ">4xQ", AESGCM)
-NOISE_CHACHAPOLY_NONCE: Final = NonceFormat("Noise ChaChaPoly", "<4xQ", ChaCha20Poly1305)
+"""monte-v1: the counter as u64 big-endian, then 4 zero bytes (Go monte's layout)."""
 
 
 class _Direction:
@@ -118,8 +93,8 @@ class _Direction:
             raise ValueError(f"max_record_size must exceed {TAG_SIZE}")
         self.max_record_size = max_record_size
         self.max_plaintext = max_record_size - TAG_SIZE
-        if len(key) != 32:
-            raise ValueError(f"record keys are 32 bytes, got {len(key)}")
+        if len(key) != KEYLEN:
+            raise ValueError(f"record keys are {KEYLEN} bytes, got {len(key)}")
         if rekey_interval is not None and rekey_interval < 1:
             raise ValueError("rekey_interval must be a positive number of records")
         self._key = key

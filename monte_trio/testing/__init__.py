@@ -9,16 +9,16 @@
 
 from __future__ import annotations
 
-from ._network import ChaosConfig as ChaosConfig
-from ._network import FaultEvent as FaultEvent
-from ._network import FaultKind as FaultKind
+from ._faults import ChaosConfig as ChaosConfig
+from ._faults import FaultEvent as FaultEvent
+from ._faults import FaultKind as FaultKind
+from ._faults import Link as Link
 from ._network import FaultyNetwork as FaultyNetwork
-from ._network import Link as Link
-from ._network import NetworkListener as NetworkListener
 from ._network import NetworkStatistics as NetworkStatistics
-from ._network import NetworkStream as NetworkStream
 from ._pairs import open_connection_pair as open_connection_pair
 from ._pairs import secure_stream_pair as secure_stream_pair
+from ._stream import NetworkListener as NetworkListener
+from ._stream import NetworkStream as NetworkStream
 
 __all__ = [
     "ChaosConfig",
@@ -32,3 +32,16 @@ __all__ = [
     "open_connection_pair",
     "secure_stream_pair",
 ]
+
+
+def _fixup_module_metadata() -> None:
+    # Tracebacks, reprs and docs say monte_trio.testing.X, whichever private module
+    # defines X (as trio does, and as monte_trio/__init__.py does for its own names).
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("monte_trio.testing._"):
+            obj.__module__ = __name__
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata
