@@ -153,8 +153,8 @@ def _lat_fields(lat: list[int]) -> dict[str, Any]:
         return {"lat_p50_us": None, "lat_p99_us": None}
     lat.sort()
     return {
-        "lat_p50_us": percentile(lat, 0.50) / 1000,
-        "lat_p99_us": percentile(lat, 0.99) / 1000,
+        "lat_p50_us": percentile(lat, 50) / 1000,
+        "lat_p99_us": percentile(lat, 99) / 1000,
     }
 
 

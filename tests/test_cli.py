@@ -24,8 +24,10 @@ from conftest import Proc
 import monte_trio
 from monte_trio import Identity, PublicKey
 from monte_trio.__main__ import main
+from monte_trio._cli import percentile
 
 CLI = [sys.executable, "-m", "monte_trio"]
+ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"^listening on 127\.0\.0\.1:(\d+)$")
 SUMMARY = re.compile(
     r"server stopped: (\d+) connections, (\d+) requests, (\d+) one-way messages, "
@@ -535,3 +537,62 @@ async def test_console_script() -> None:
         )
     assert result.returncode == 0
     assert out(result).splitlines()[-1].startswith("demo finished:")
+
+
+# -- the percentile shared by bench and benchmarks/ ------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0, 1, 7, 50, 99, 100])
+def test_percentile_of_one_value_is_that_value(p: float) -> None:
+    assert percentile([42.5], p) == 42.5
+
+
+def test_percentile_is_the_nearest_rank_without_interpolation() -> None:
+    values = [10, 20, 30, 40]
+    assert percentile(values, 0) == 10  # the minimum, not an extrapolation below it
+    assert percentile(values, 25) == 10  # rank ceil(25 * 4 / 100) = 1
+    assert percentile(values, 25.001) == 20
+    assert percentile(values, 50) == 20  # not 25, the midpoint an interpolation gives
+    assert percentile(values, 75) == 30
+    assert percentile(values, 99) == 40
+    assert percentile(values, 100) == 40  # the maximum
+
+
+def test_integer_percentiles_of_a_hundred_values_are_exact() -> None:
+    # p / 100 * n rounds up to 7.000000000000001 for p = 7: rank 8 instead of 7.
+    hundred = list(range(1, 101))
+    assert [percentile(hundred, p) for p in range(1, 101)] == hundred
+    thousand = list(range(1, 1001))
+    assert percentile(thousand, 1) == 10
+    assert percentile(thousand, 99) == 990
+    assert percentile(thousand, 99.9) == 999
+
+
+@pytest.mark.parametrize("p", [-0.001, 100.001, float("nan"), float("inf")])
+def test_percentile_outside_0_to_100_is_refused(p: float) -> None:
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        percentile([1, 2, 3], p)
+
+
+def test_percentile_of_nothing_is_refused() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+
+
+async def test_benchmarks_use_the_same_percentile_without_loading_the_library() -> None:
+    # A fresh interpreter: importing the workloads must not load trio or monte_trio into
+    # the asyncio peers' clients (their peak RSS is reported), yet use this very function.
+    script = (
+        "import sys, benchmarks.workloads as w; "
+        "print(w.percentile.__code__.co_filename); "
+        "print(sorted(m for m in ('trio', 'monte_trio') if m in sys.modules)); "
+        "print(w.percentile(list(range(1, 101)), 7))"
+    )
+    with trio.fail_after(10):
+        result = await trio.run_process(
+            [sys.executable, "-c", script], cwd=ROOT, capture_stdout=True, capture_stderr=True
+        )
+    filename, loaded, p7 = out(result).splitlines()
+    assert Path(filename) == Path(percentile.__code__.co_filename)
+    assert loaded == "[]"
+    assert p7 == "7"

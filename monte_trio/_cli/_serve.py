@@ -1,0 +1,132 @@
+"""``monte-trio serve``: an echo server that stops gracefully on SIGINT or SIGTERM.
+
+It handles its own signals (rather than through ``_interrupt.interruptible``)
+because a service's stop is not an interruption: the first signal starts a graceful
+shutdown (exit status 130 after SIGINT, 0 after SIGTERM), a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+import trio
+
+from .._config import ConnectionConfig
+from .._connection import Request
+from .._server import Server
+from ._errors import CommandFailed, describe
+from ._options import add_command, add_security_options, port, positive_int
+from ._output import format_address, say
+from ._security import Security, resolve_security
+
+__all__ = ["add_parser", "echo", "run"]
+
+
+async def echo(request: Request) -> bytes | None:
+    """Reply to each request with its body (one-way messages are only counted)."""
+    return None if request.oneway else request.body
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``serve`` command and its options to ``commands``."""
+    serve = add_command(
+        commands,
+        "serve",
+        summary="run an echo server",
+        description="An echo server: replies to each request with its body and counts "
+        "one-way messages. The native profile needs --trust. SIGINT (Ctrl-C) or SIGTERM "
+        "stops it gracefully (exit status 130 after SIGINT, 0 after SIGTERM).",
+        run=run,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=port, default=0, help="port to listen on (0: a free port)")
+    add_security_options(serve, who="client")
+    serve.add_argument(
+        "--max-conns",
+        type=positive_int,
+        default=256,
+        help="established connections served at once (each may hold up to about 15 MiB with "
+        "the standard limits: see the Reliability page)",
+    )
+    serve.add_argument(
+        "--max-handshakes",
+        type=positive_int,
+        default=128,
+        help="sockets accepted but not yet connected; a new one evicts the oldest "
+        "unfinished handshake",
+    )
+    serve.add_argument(
+        "--max-record-size",
+        type=positive_int,
+        default=None,
+        metavar="BYTES",
+        help="largest record accepted (default: the profile's; monte-v1 uses 4096, so "
+        "raise it to bench monte-v1 with --size above 4076)",
+    )
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Resolve the security options, then serve until a signal; return the exit status."""
+    security = resolve_security(parser, args, who="client")
+    return trio.run(_serve, args, security)
+
+
+def _listener_address(listener: trio.SocketListener) -> str:
+    name = listener.socket.getsockname()
+    return format_address(str(name[0]), int(name[1]))
+
+
+async def _serve(args: argparse.Namespace, security: Security) -> int:
+    config = ConnectionConfig(max_record_size=args.max_record_size)
+    server = Server(
+        echo,
+        handshake=security.handshake,
+        identity=security.identity,
+        trust=security.trust,
+        psk=security.psk,
+        config=config,
+        max_conns=args.max_conns,
+        max_handshakes=args.max_handshakes,
+    )
+    status = 0
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                listeners = await nursery.start(server.serve, args.port, args.host)
+            except OSError as exc:
+                address = format_address(args.host, args.port)
+                detail = describe(exc)
+                if address in detail:
+                    raise
+                raise CommandFailed(f"cannot listen on {address}: {detail}") from exc
+            say(f"listening on {_listener_address(listeners[0])}")
+            if security.identity is not None:
+                say(f"public key: {security.identity.public_key}")
+            for extra in listeners[1:]:
+                say(f"also listening on {_listener_address(extra)}")
+            async for signum in signals:
+                say(f"received {signal.Signals(signum).name}, shutting down gracefully")
+                # Ctrl-C: the conventional status of an interrupted command; SIGTERM: the
+                # normal way to stop a service, so a success.
+                status = 130 if signum == signal.SIGINT else 0
+                break
+
+            async def shut_down(stopper: trio.Nursery) -> None:
+                await server.shutdown()
+                stopper.cancel_scope.cancel()
+
+            async with trio.open_nursery() as stopper:
+                stopper.start_soon(shut_down, stopper)
+                async for signum in signals:
+                    say(f"received {signal.Signals(signum).name} again, stopping now")
+                    nursery.cancel_scope.cancel()
+                    stopper.cancel_scope.cancel()
+                    break
+    stats = server.statistics()
+    say(
+        f"server stopped: {stats.connections_accepted} connections, "
+        f"{stats.requests_received} requests, {stats.messages_received} one-way messages, "
+        f"{stats.handshake_failures} failed handshakes"
+    )
+    return status
