@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import functools
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import ParamSpec
 
 import pytest
 import trio
@@ -22,6 +24,19 @@ from monte_trio._trust import (
 )
 
 SERVER = "example.com:4433"
+P = ParamSpec("P")
+
+
+def bounded(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+    """Fail a test that takes more than 10 s (worker threads and file locks) instead of
+    letting it hang."""
+
+    @functools.wraps(test)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        with trio.fail_after(10):
+            await test(*args, **kwargs)
+
+    return run
 
 
 def new_key() -> PublicKey:
@@ -38,12 +53,25 @@ def data_lines(path: Path) -> list[str]:
 # --- AcceptAnyKey and PinnedKeys ---------------------------------------------------------
 
 
+@bounded
 async def test_accept_any_key() -> None:
     policy: TrustPolicy = AcceptAnyKey()
-    await policy.verify(new_key(), peer=SERVER)
-    await policy.verify(new_key(), peer=None)
+    assert policy.kind == "accept any key"
+    accepted = 0
+    for peer in (SERVER, "[::1]:1", None):
+        for _ in range(3):
+            await policy.verify(new_key(), peer=peer)  # raises if it refuses
+            accepted += 1
+    assert accepted == 9
+    # It is a checkpoint, like every trio async function: a cancelled caller stops there.
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await policy.verify(new_key(), peer=None)
+        raise AssertionError("verify() is not a checkpoint")  # pragma: no cover
+    assert scope.cancelled_caught
 
 
+@bounded
 async def test_pinned_keys_accepts_listed_and_refuses_others() -> None:
     a, b, stranger = new_key(), new_key(), new_key()
     policy = PinnedKeys([a, str(b)])
@@ -70,6 +98,7 @@ def test_pinned_keys_argument_errors() -> None:
 # --- KnownKeysFile: client side ----------------------------------------------------------
 
 
+@bounded
 async def test_client_learns_server_key_and_accepts_it_again(tmp_path: Path) -> None:
     path = tmp_path / "known_server_keys"
     policy = KnownKeysFile(path)
@@ -85,6 +114,7 @@ async def test_client_learns_server_key_and_accepts_it_again(tmp_path: Path) -> 
     assert data_lines(path) == [f"{key} {SERVER}"]
 
 
+@bounded
 async def test_client_refuses_changed_server_key_even_in_learn_mode(tmp_path: Path) -> None:
     path = tmp_path / "known_server_keys"
     policy = KnownKeysFile(path)
@@ -104,6 +134,7 @@ async def test_client_refuses_changed_server_key_even_in_learn_mode(tmp_path: Pa
     await policy.verify(good, peer=SERVER.upper())
 
 
+@bounded
 async def test_client_names_are_separate(tmp_path: Path) -> None:
     policy = KnownKeysFile(tmp_path / "known")
     a, b = new_key(), new_key()
@@ -117,6 +148,7 @@ async def test_client_names_are_separate(tmp_path: Path) -> None:
     ]
 
 
+@bounded
 async def test_client_accepts_key_listed_under_server_star(tmp_path: Path) -> None:
     path = tmp_path / "known"
     key, other = new_key(), new_key()
@@ -133,6 +165,7 @@ async def test_client_accepts_key_listed_under_server_star(tmp_path: Path) -> No
         await policy.verify(key, peer=SERVER)
 
 
+@bounded
 async def test_key_accepted_through_server_star_is_recorded_under_host_port(
     tmp_path: Path,
 ) -> None:
@@ -150,6 +183,7 @@ async def test_key_accepted_through_server_star_is_recorded_under_host_port(
 
 
 @pytest.mark.parametrize("name", ["*", "client:*"])
+@bounded
 async def test_client_key_never_authorises_a_server(tmp_path: Path, name: str) -> None:
     path = tmp_path / "known"
     key = new_key()
@@ -162,6 +196,7 @@ async def test_client_key_never_authorises_a_server(tmp_path: Path, name: str) -
     await KnownKeysFile(path).verify(key, peer=None)
 
 
+@bounded
 async def test_server_key_never_authorises_a_client(tmp_path: Path) -> None:
     path = tmp_path / "known"
     a, b = new_key(), new_key()
@@ -172,6 +207,7 @@ async def test_server_key_never_authorises_a_client(tmp_path: Path) -> None:
             await KnownKeysFile(path).verify(key, peer=None)
 
 
+@bounded
 async def test_several_keys_for_one_name(tmp_path: Path) -> None:
     path = tmp_path / "known"
     a, b, c = new_key(), new_key(), new_key()
@@ -183,6 +219,7 @@ async def test_several_keys_for_one_name(tmp_path: Path) -> None:
         await policy.verify(c, peer=SERVER)
 
 
+@bounded
 async def test_invalid_peer_is_refused_and_never_recorded(tmp_path: Path) -> None:
     path = tmp_path / "known"
     policy = KnownKeysFile(path)
@@ -199,9 +236,67 @@ async def test_invalid_peer_is_refused_and_never_recorded(tmp_path: Path) -> Non
     assert [e.name for e in policy.entries()] == ["::1:4433", "[::1]:4434"]
 
 
+@bounded
+async def test_ipv6_names_are_recorded_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "known"
+    policy = KnownKeysFile(path)
+    server, impostor, other = new_key(), new_key(), new_key()
+    await policy.verify(server, peer="[::1]:4433")
+    assert data_lines(path) == [f"{server} [::1]:4433"]
+    # Checked like any host:port: the same key again, another refused, ports separate.
+    await policy.verify(server, peer="[::1]:4433")
+    with pytest.raises(PeerRejected, match="man-in-the-middle"):
+        await policy.verify(impostor, peer="[::1]:4433")
+    await policy.verify(other, peer="[::1]:4434")
+    await KnownKeysFile(path).verify(server, peer="[::1]:4433")  # read back by a new object
+    with pytest.raises(PeerRejected, match="man-in-the-middle"):
+        await KnownKeysFile(path).verify(impostor, peer="[::1]:4433")
+    assert [(e.key, e.name) for e in policy.entries()] == [
+        (server, "[::1]:4433"),
+        (other, "[::1]:4434"),
+    ]
+    # Written by hand, in lockdown, with the long form too.
+    path.write_text(f"{server} [::1]:4433\n{other} [2001:db8::1]:65535\n")
+    path.chmod(0o444)
+    locked = KnownKeysFile(path)
+    await locked.verify(server, peer="[::1]:4433")
+    await locked.verify(other, peer="[2001:DB8::1]:65535")
+    for key, peer in ((impostor, "[::1]:4433"), (server, "[::1]:4434"), (other, "[::1]:65535")):
+        with pytest.raises(PeerRejected):
+            await locked.verify(key, peer=peer)
+
+
+@pytest.mark.parametrize("port", ["1", "65535", "00443", "4433"])
+@bounded
+async def test_port_edges_accepted(tmp_path: Path, port: str) -> None:
+    path = tmp_path / "known"
+    key = new_key()
+    await KnownKeysFile(path).verify(key, peer=f"h.example:{port}")
+    assert KnownKeysFile(path).entries()[0].name == f"h.example:{port}"
+    path.write_text(f"{key} h.example:{port}\n")
+    await KnownKeysFile(path, lockdown=True).verify(key, peer=f"h.example:{port}")
+
+
+@pytest.mark.parametrize("port", ["0", "00000", "65536", "99999", "012345", "-1", "+1", ""])
+@bounded
+async def test_port_edges_refused(tmp_path: Path, port: str) -> None:
+    path = tmp_path / "known"
+    key = new_key()
+    with pytest.raises(PeerRejected, match="records servers by address"):
+        await KnownKeysFile(path).verify(key, peer=f"h.example:{port}")
+    assert not path.exists()
+    # In a file, such a line is damaged: entries() says so, and the key is not accepted.
+    path.write_text(f"{key} h.example:{port}\n")
+    with pytest.raises(KeyFileError, match="line 1"):
+        KnownKeysFile(path).entries()
+    with pytest.raises(PeerRejected, match="damaged line"):
+        await KnownKeysFile(path).verify(key, peer="h.example:1")
+
+
 # --- KnownKeysFile: server side ----------------------------------------------------------
 
 
+@bounded
 async def test_server_learns_client_keys_as_star(tmp_path: Path) -> None:
     path = tmp_path / "known_client_keys"
     policy = KnownKeysFile(path)
@@ -213,6 +308,7 @@ async def test_server_learns_client_keys_as_star(tmp_path: Path) -> None:
     assert [e.role for e in policy.entries()] == ["client", "client"]
 
 
+@bounded
 async def test_server_accepts_old_star_entries_as_clients(tmp_path: Path) -> None:
     path = tmp_path / "known"
     key = new_key()
@@ -225,6 +321,7 @@ async def test_server_accepts_old_star_entries_as_clients(tmp_path: Path) -> Non
 # --- KnownKeysFile: lockdown -------------------------------------------------------------
 
 
+@bounded
 async def test_read_only_file_is_lockdown(tmp_path: Path) -> None:
     path = tmp_path / "known"
     known, unknown = new_key(), new_key()
@@ -244,6 +341,7 @@ async def test_read_only_file_is_lockdown(tmp_path: Path) -> None:
     assert data_lines(path)[-1] == f"{unknown} client:*"
 
 
+@bounded
 async def test_explicit_lockdown(tmp_path: Path) -> None:
     path = tmp_path / "known"
     known, unknown = new_key(), new_key()
@@ -257,6 +355,7 @@ async def test_explicit_lockdown(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("peer", [SERVER, None])
+@bounded
 async def test_missing_file_in_lockdown_refuses(tmp_path: Path, peer: str | None) -> None:
     path = tmp_path / "missing"
     policy = KnownKeysFile(path, lockdown=True)
@@ -266,6 +365,7 @@ async def test_missing_file_in_lockdown_refuses(tmp_path: Path, peer: str | None
     assert policy.entries() == []
 
 
+@bounded
 async def test_learning_fails_when_file_cannot_be_written(tmp_path: Path) -> None:
     path = tmp_path / "no such directory" / "known"
     with pytest.raises(KeyFileError, match="cannot record a new key") as info:
@@ -288,6 +388,7 @@ async def test_learning_fails_when_file_cannot_be_written(tmp_path: Path) -> Non
         ("{key} client:", "neither"),
     ],
 )
+@bounded
 async def test_damaged_line_is_skipped_and_stops_learning(
     tmp_path: Path, bad_line: str, match: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -316,6 +417,7 @@ async def test_damaged_line_is_skipped_and_stops_learning(
     assert data_lines(path)[-1] == f"{unknown} client:*"
 
 
+@bounded
 async def test_comments_blank_lines_and_standard_base64(tmp_path: Path) -> None:
     path = tmp_path / "known"
     key = new_key()
@@ -325,6 +427,7 @@ async def test_comments_blank_lines_and_standard_base64(tmp_path: Path) -> None:
     await policy.verify(key, peer=SERVER)
 
 
+@bounded
 async def test_append_after_missing_final_newline(tmp_path: Path) -> None:
     path = tmp_path / "known"
     a, b = new_key(), new_key()
@@ -333,6 +436,7 @@ async def test_append_after_missing_final_newline(tmp_path: Path) -> None:
     assert data_lines(path) == [f"{a} *", f"{b} client:*"]
 
 
+@bounded
 async def test_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "known"
     path.write_bytes(b"\xff\xfe\x00garbage")
@@ -342,6 +446,7 @@ async def test_unreadable_file(tmp_path: Path) -> None:
         await KnownKeysFile(tmp_path).verify(new_key(), peer=None)  # a directory
 
 
+@bounded
 async def test_concurrent_verifies_record_a_new_key_once(tmp_path: Path) -> None:
     path = tmp_path / "known"
     policy = KnownKeysFile(path)
@@ -353,6 +458,7 @@ async def test_concurrent_verifies_record_a_new_key_once(tmp_path: Path) -> None
     assert sorted(data_lines(path)) == sorted([f"{server_key} {SERVER}", f"{client_key} client:*"])
 
 
+@bounded
 async def test_two_objects_on_one_file_concurrently(tmp_path: Path) -> None:
     path = tmp_path / "known"
     policies = [KnownKeysFile(path), KnownKeysFile(path)]
@@ -365,6 +471,7 @@ async def test_two_objects_on_one_file_concurrently(tmp_path: Path) -> None:
     assert data_lines(path) == [f"{key} client:*"]
 
 
+@bounded
 async def test_edits_take_effect_without_a_new_object(tmp_path: Path) -> None:
     path = tmp_path / "known"
     key = new_key()
@@ -399,6 +506,23 @@ def test_parse_trust_forms(tmp_path: Path) -> None:
     assert isinstance(tofu, KnownKeysFile)
     assert tofu.path == tmp_path / "known"
     assert tofu.lockdown is None
+
+
+@pytest.mark.parametrize(
+    "name", ["a:b", "C:\\keys\\known", "known:", ":known", "x:1", "tofu:known"]
+)
+@bounded
+async def test_parse_trust_tofu_path_with_colons(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    tofu = parse_trust(f"tofu:{path}")
+    assert isinstance(tofu, KnownKeysFile)
+    assert tofu.path == path
+    key = new_key()
+    await tofu.verify(key, peer=None)  # it learns into that very file
+    assert data_lines(path) == [f"{key} client:*"]
+    spaced = parse_trust(f"  tofu:{path}  ")
+    assert isinstance(spaced, KnownKeysFile)
+    assert spaced.path == path
 
 
 @pytest.mark.parametrize(

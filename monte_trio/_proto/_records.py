@@ -153,17 +153,20 @@ class RecordSealer(_Direction):
         next_rekey = self._next_rekey
         parts: list[bytes] = []
         append = parts.append
+        # Sizes are checked before any record is sealed: sealing some and then refusing
+        # would spend nonces the peer never sees, and every later record would fail there.
+        for plaintext in plaintexts:
+            if plaintext is not None and len(plaintext) > limit:
+                raise LocalProtocolError(
+                    f"record plaintext of {len(plaintext)} bytes exceeds the maximum of "
+                    f"{limit}; split the message or raise max_record_size on both sides"
+                )
         counter = self.counter
         try:
             for plaintext in plaintexts:
                 if plaintext is None:
                     continue
                 size = len(plaintext)
-                if size > limit:
-                    raise LocalProtocolError(
-                        f"record plaintext of {size} bytes exceeds the maximum of {limit}; "
-                        "split the message or raise max_record_size on both sides"
-                    )
                 if counter == next_rekey:
                     if counter >= NONCE_LIMIT:
                         raise LocalProtocolError("nonce counter exhausted: open a new connection")
