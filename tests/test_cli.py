@@ -594,6 +594,7 @@ async def test_benchmarks_use_the_same_percentile_without_loading_the_library() 
         )
     filename, loaded, p7 = out(result).splitlines()
     # The same source (the tests may run against an installed copy of the package).
-    assert Path(filename).read_bytes() == Path(percentile.__code__.co_filename).read_bytes()
+    ours = await trio.Path(percentile.__code__.co_filename).read_bytes()
+    assert await trio.Path(filename).read_bytes() == ours
     assert loaded == "[]"
     assert p7 == "7"
