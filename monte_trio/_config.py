@@ -14,7 +14,7 @@ _KEEPALIVE_INTERVAL: float | None = 15.0
 _MIN_MESSAGE_SIZE = 1024  # the native profile's floor (monte_trio._proto._native)
 _MIN_RECORD_SIZE = 65
 _DEFAULT_MESSAGE_SIZE = 4 * 1024 * 1024
-_DEFAULT_HELD_BYTES = 4 * 1024 * 1024
+_MESSAGE_COST = 64  # what each message costs of a window on top of its body (wire v2)
 
 
 @attrs.frozen(kw_only=True)
@@ -25,28 +25,37 @@ class ConnectionConfig:
         max_record_size: the largest record (ciphertext and tag) accepted from the peer and
             sent to it. A larger length prefix closes the connection before any of the
             record is buffered. ``None`` takes the profile's value: 65,535 (the Noise limit)
-            for native, 4,096 for monte-v1 (Go monte's default read buffer; raise it on
-            both sides to send monte-v1 messages larger than 4,076 bytes).
+            for native (at least 1,024 there), 4,096 for monte-v1 (Go monte's default read
+            buffer; raise it on both sides to send monte-v1 messages larger than 4,076
+            bytes).
         max_message_size: the largest message body sent or accepted (1,024 bytes, the
             protocol's floor, to below 4 GiB; default 4 MiB). Native messages larger than
             a record are split and reassembled up to this size; monte-v1 messages must fit
-            in one record. At most ``max_held_bytes``.
-        max_held_bytes: the connection's memory budget for what the peer makes it hold:
-            the bodies of incoming requests and one-way messages (queued for a handler,
-            being reassembled, in a running handler) plus the replies of its handlers not
-            yet written to the socket. While the budget is spent the connection stops
-            reading from the socket, so the peer is slowed by TCP; a single message is
-            always accepted when nothing else is held, so it must be at least
-            ``max_message_size`` (default 4 MiB). A handler that calls its peer back
-            while the budget is spent waits for other handlers to finish. See
-            docs/reliability.rst, "Memory budget", for the worst case it implies.
+            in one record.
+        request_window: native only: W, the bytes of request and one-way bodies (each
+            plus 64) the peer may have outstanding at this side: queued for a handler,
+            being reassembled or in a running handler. Credit returns when a handler is
+            done with a body. ``None`` (default) takes the floor ``2 * (max_message_size
+            + 64)``, one message plus the reserve for a nested call. With the reply
+            window and the send queue it is the connection's memory budget (see
+            docs/reliability.rst, "Memory budget").
+        reply_window: native only: W_r, the bytes of replies (each plus 64) to this
+            side's calls the peer may send before their callers take them. ``None``
+            (default) takes the floor ``max_message_size + 64``.
+        max_calls: native only: S, the peer's calls (not counting nested calls) that
+            may be open at this side at once; the peer waits for a slot beyond it.
+        nested_allowance: native only: k, calls a handler serving one of the peer's
+            calls may make back to the peer on the same connection at once, outside
+            ``max_calls`` (they cannot deadlock on slots or handlers).
         max_pending_requests: outgoing requests awaiting a reply at once on this
             connection; one more raises :class:`~monte_trio.LimitExceeded`.
         max_send_queue: bytes of queued, not yet written records above which
             ``send_nowait`` raises :class:`trio.WouldBlock` and ``send``/``request`` wait.
         max_concurrent_handlers: handlers running at once for this connection's incoming
-            requests and messages. At the limit the connection stops reading from the
-            socket, so a fast peer is slowed by TCP rather than buffered in memory.
+            requests and messages; further ones wait in the handler queue. Native: the
+            reader keeps reading and credit (``max_calls``, ``request_window``) bounds the
+            queue; nested calls run outside this cap. monte-v1 (no credit): at the limit
+            the connection stops reading from the socket, so a fast peer is slowed by TCP.
         grace_period: seconds a graceful close lets in-flight work finish before it
             cancels what remains.
         write_timeout: seconds one write to the socket may block before the peer is
@@ -71,8 +80,17 @@ class ConnectionConfig:
         default=_DEFAULT_MESSAGE_SIZE,
         validator=[attrs.validators.ge(_MIN_MESSAGE_SIZE), attrs.validators.lt(2**32)],
     )
-    max_held_bytes: int = attrs.field(
-        default=_DEFAULT_HELD_BYTES, validator=attrs.validators.gt(0)
+    request_window: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
+    reply_window: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
+    max_calls: int = attrs.field(
+        default=128, validator=[attrs.validators.gt(0), attrs.validators.le(2**31)]
+    )
+    nested_allowance: int = attrs.field(
+        default=1, validator=[attrs.validators.gt(0), attrs.validators.le(2**16)]
     )
     max_pending_requests: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
     max_send_queue: int = attrs.field(default=1024 * 1024, validator=attrs.validators.gt(0))
@@ -91,12 +109,29 @@ class ConnectionConfig:
     expose_errors: bool = True
     expose_tracebacks: bool = False
 
+    @property
+    def effective_request_window(self) -> int:
+        """The request window announced: ``request_window`` or its floor."""
+        return self.request_window or 2 * (self.max_message_size + _MESSAGE_COST)
+
+    @property
+    def effective_reply_window(self) -> int:
+        """The reply window announced: ``reply_window`` or its floor."""
+        return self.reply_window or self.max_message_size + _MESSAGE_COST
+
     def __attrs_post_init__(self) -> None:
-        if self.max_held_bytes < self.max_message_size:
+        floor = 2 * (self.max_message_size + _MESSAGE_COST)
+        if self.request_window is not None and self.request_window < floor:
             raise ValueError(
-                f"max_held_bytes ({self.max_held_bytes}) must be at least max_message_size "
-                f"({self.max_message_size}): one message of the largest size must fit in "
-                "the memory budget; raise max_held_bytes or lower max_message_size"
+                f"request_window ({self.request_window}) must be at least 2 x "
+                f"(max_message_size + 64) = {floor}: one message of the largest size plus "
+                "the reserve for a nested call; raise it or lower max_message_size"
+            )
+        if self.reply_window is not None and self.reply_window < floor // 2:
+            raise ValueError(
+                f"reply_window ({self.reply_window}) must be at least max_message_size + 64 "
+                f"= {floor // 2}: one reply of the largest size; raise it or lower "
+                "max_message_size"
             )
         if self.max_record_size is not None and self.max_record_size < _MIN_RECORD_SIZE:
             raise ValueError(

@@ -1,70 +1,44 @@
-"""A connection: calls in both directions over one secure stream.
+"""A connection: calls in both directions over one secure stream, driven by a session.
 
 Theory of operation
 -------------------
 
-A :class:`Connection` is an async context manager. Entering it opens a nursery whose
-service scope holds exactly two long-lived tasks that touch the stream, plus a pool of
-handler workers:
+Every protocol decision (call ids, credit, cancel, goaway, keepalive, packing and parsing
+frames) is made by the connection's sans-IO session (:mod:`monte_trio._proto._session`:
+``Session`` for the native profile, ``MonteV1Session`` for Go monte's wire), built from
+the :class:`~monte_trio._handshake.SessionFacts` the handshake returned. The connection
+only drives it. Entering it opens a nursery whose service scope holds:
 
-* The **writer** owns ``send``. Callers encode their frame into the *outbox* (a plain list
-  of record plaintexts) and wake the writer if it is parked. The writer swaps the whole
-  outbox out, seals it into one buffer and performs one ``send_all``, so a burst of N
-  messages costs one wake-up and one system call, not N. ``send`` callers also leave a
-  waiter that the writer wakes once their bytes are written. A caller cancelled while its
-  record is still in the outbox blanks its slot (nothing is sent); once the writer has
-  taken the batch the record goes out whole. Either way, no record is ever cut in half.
+* the **reader** (this module): ``receive_records`` -> ``session.receive_records`` ->
+  events: answers to the callers' :class:`~monte_trio._dispatcher.ReplyChannel`, requests
+  and one-way messages to the :class:`~monte_trio._handlers.HandlerPool`, cancels to the
+  running handlers, goaways to the callers they fail, moved credit to the FIFO of callers
+  waiting for it. Native: it **never stops reading**: credit, not a paused socket, bounds
+  what the peer can make us hold, so a ping, a reply to our own call or a goaway is
+  processed at once even while every handler is busy. Its timer (keepalive, the grace
+  period, idle_timeout) is ``move_on_at`` around the receive: a stuck writer cannot stop
+  it. monte-v1 has no credit: there the reader pauses while ``max_concurrent_handlers``
+  requests are queued, and tells the session, so the pause is never taken for silence.
+* the **writer** (:mod:`monte_trio._writer`): the session's queue to the socket, packed,
+  sealed and sent in batches; direct writes from callers on quiet connections.
+* the **handlers** (:mod:`monte_trio._handlers`): inline plain functions, the worker pool,
+  nested calls in tasks of their own.
 
-  One exception saves two task switches per call when the connection is quiet: a caller
-  of ``send`` or ``request`` (or a handler worker with a reply) that finds the writer
-  parked and the outbox empty, and no other request or handler in flight, writes its
-  record itself. The stream is record-safe (see
-  :class:`~monte_trio.SecureStream`): if that caller is cancelled part-way, the stream
-  keeps the unsent rest and the writer sends it next. The writer is not woken while such
-  a *direct write* is in progress; whatever was queued meanwhile is handed to it when the
-  write ends.
-* The **reader** owns ``receive``. It decrypts every record of a chunk, routes replies to
-  the waiting callers through the :class:`~monte_trio._dispatcher.Dispatcher` (one
-  wake-up each), and appends incoming requests to the *inbox*.
-* **Handler workers** take requests from the inbox and run the user's async handler, so
-  a handler may itself call back over the same connection without deadlocking (Go monte
-  runs handlers inline in its reader and deadlocks there). Workers are long-lived and started
-  only as concurrency requires, up to ``max_concurrent_handlers``; at most one idle worker
-  is woken per burst, and it wakes another only if the inbox still holds work once it
-  starts a handler. When the inbox holds ``max_concurrent_handlers`` requests the reader
-  stops reading, so a fast peer is held back by TCP instead of buffered in memory.
-* A handler that is a plain function (not ``async def``) cannot await anything, so it
-  cannot deadlock: the reader calls it **inline**, with no hand-off to a worker, and
-  queues its reply. The reader stops reading while the send queue is full, so a peer
-  whose requests outrun the replies is held back by TCP here too.
-* The **memory budget** (``max_held_bytes``) bounds what the peer makes the connection
-  hold, whatever the message sizes. The reader charges each incoming body handed to the
-  workers when it accepts it; when the handler returns, the body's charge is swapped for
-  the reply's (the body is no longer referenced by the connection), and the reply's charge
-  is released once it is written (or at once for a one-way message, a cancelled request,
-  a reply nobody can receive). The reader stops reading while
-  ``held > 0 and held + bytes being reassembled >= max_held_bytes``: one int compare per
-  message. ``held > 0`` means a message as large as the budget is always accepted when
-  nothing else is held, so the budget can never deadlock by itself. Inline handlers hold
-  nothing beyond the call: their replies are bounded by the send queue (see above).
-
-Closing: :meth:`Connection.aclose` is graceful: new calls are refused, the native profile
-sends GOAWAY, in-flight handlers and requests get ``grace_period`` seconds to finish, the
-writer is flushed, then the service scope is cancelled and the stream closed. Whatever
-ends the connection (a close, EOF, a transport error, a protocol violation), every caller
-still waiting gets :class:`~monte_trio.ConnectionClosed` (or its retry-safe subclass
+Outgoing calls take credit before they enter the session (a FIFO per kind of credit, so no
+task holds the write role while it waits); a caller cancelled after its grant passes the
+wake-up on to the next one. Closing: :meth:`Connection.aclose` is graceful: new calls are
+refused, the native profile sends GOAWAY, in-flight handlers and calls get
+``grace_period`` seconds to finish, the writer is flushed, then the service scope is
+cancelled and the stream closed. Whatever ends the connection, every caller still waiting
+gets :class:`~monte_trio.ConnectionClosed` (or its retry-safe subclass
 :class:`~monte_trio.RequestNotProcessed`) and none is left hanging.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import functools
-import inspect
 import logging
-import struct
-import traceback
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -84,12 +58,37 @@ from ._exceptions import (
     RemoteProtocolError,
     RequestNotProcessed,
 )
-from ._proto._frames import Frame, FrameKind, id_after
-from ._proto._native import CONTROL_BURST, CONTROL_RATE, HEADER, fit_text
+from ._handlers import (
+    AsyncHandler,
+    Handler,
+    HandlerPool,
+    InlineHandler,
+    Request,
+    current_call,
+    is_async_handler,
+)
+from ._proto._session import (
+    CLOSED as SESSION_CLOSED,
+)
+from ._proto._session import (
+    EV_CANCEL,
+    EV_CLOSED,
+    EV_ERROR,
+    EV_GOAWAY,
+    EV_ONEWAY,
+    EV_PONG,
+    EV_REPLY,
+    EV_REQUEST,
+    MonteV1Session,
+    Session,
+)
+from ._proto._wire2 import RETRY_SAFE
 from ._secure_stream import SecureStream
 from ._util import escape_peer_text
+from ._writer import WRITE_ERRORS, Writer
 
 if TYPE_CHECKING:
+    from ._handshake import SessionFacts
     from ._keys import PublicKey
 
 __all__ = [
@@ -99,83 +98,22 @@ __all__ = [
     "Handler",
     "InlineHandler",
     "Request",
+    "is_async_handler",
 ]
 
 logger = logging.getLogger("monte_trio")
 
-_ONEWAY = FrameKind.ONEWAY.value
-_REQUEST = FrameKind.REQUEST.value
-_REPLY = FrameKind.REPLY.value
-_ERROR = FrameKind.ERROR.value
-_CANCEL = FrameKind.CANCEL.value
-_PING = FrameKind.PING.value
-_PONG = FrameKind.PONG.value
-_GOAWAY = FrameKind.GOAWAY.value
-_U32 = struct.Struct(">I")
-_HEADER_SIZE = HEADER.size
-_PING_PAYLOAD = struct.Struct(">d")
-# What a failed write raises: each ends the connection (see Connection._write_failed).
-_WRITE_ERRORS = (
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    OSError,
-    LocalProtocolError,
-)
-
-
-@attrs.define(eq=False)
-class Request:
-    """An incoming request or one-way message, as given to a handler.
-
-    A slotted attrs class, made once per message: it is not frozen, because a frozen
-    class costs a few hundred nanoseconds more to create, but nothing reads it back
-    after the handler, so changing its attributes has no effect.
-
-    Attributes:
-        body: the message body.
-        id: the request id (0 for a one-way message).
-        oneway: ``True`` for a one-way message: the handler's return value is ignored.
-        connection: the connection it arrived on; the handler may call the peer back on it.
-    """
-
-    body: bytes
-    id: int
-    oneway: bool
-    connection: Connection = attrs.field(repr=False)
-
-    @property
-    def peer_public_key(self) -> PublicKey | None:
-        """The peer's authenticated static key (native profile), for authorisation."""
-        return self.connection.peer_public_key
-
-
-AsyncHandler = Callable[[Request], Awaitable[bytes | None]]
-"""An ``async def`` handler: it runs in a handler worker task and may await anything,
-including calls back to the peer over ``request.connection``."""
-
-InlineHandler = Callable[[Request], bytes | None]
-"""A plain-function handler: the connection's reader calls it inline, which saves a task
-switch per request. It must return promptly and never block: while it runs, nothing more
-is read from that connection."""
-
-Handler = AsyncHandler | InlineHandler
-"""What serves requests and one-way messages: it returns the reply body (``None`` means an
-empty reply); for one-way messages the return value is ignored.
-
-An ``async def`` function (or any callable whose call is a coroutine function) runs in a
-handler worker, concurrently with others, up to ``max_concurrent_handlers``. A plain
-function runs inline in the connection's reader: the fastest choice for handlers that
-compute their reply without waiting for anything."""
-
-
-def is_async_handler(handler: object) -> bool:
-    """Whether ``handler`` is called as a coroutine function (else it runs inline)."""
-    while isinstance(handler, functools.partial):
-        handler = handler.func
-    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None)  # noqa: B004 (an instance with async __call__)
-    )
+_SERVICE_INTERVAL = 0.1
+"""Seconds between two ``handle_timer`` calls while frames arrive (control budget)."""
+_CREDIT_DELAY = 0.005
+"""Seconds a small credit return may wait for a write to ride on before the writer sends
+it alone: a lone CREDIT frame costs a wake-up, a seal and a system call on this side and
+a read on the peer's, as much as the message it pays for."""
+_CREDIT_NOW = 64 * 1024
+"""Returned credit at or above this is sent at once (a peer may be waiting for it)."""
+_V1_CANCELLED = 1024
+"""monte-v1: cancelled calls whose late reply is still recognised (and counted as dropped)
+before the session forgets them (Go handlers may never reply)."""
 
 
 @attrs.frozen
@@ -190,7 +128,7 @@ class ConnectionStatistics:
         requests_received: requests from the peer handed to a handler.
         messages_received: one-way messages from the peer handed to a handler.
         pending_requests: this side's requests awaiting a reply now.
-        queued_bytes: record plaintext bytes queued for the writer now.
+        queued_bytes: message bytes queued for the writer now.
         running_handlers: handlers running now.
         rtt: the last keepalive round-trip time in seconds (native), else ``None``.
     """
@@ -219,39 +157,49 @@ _CLOSING = _State.CLOSING
 _CLOSED = _State.CLOSED
 
 
-class _Written:
-    """A ``send`` caller waiting for its records to be written."""
+class _CreditWaiters:
+    """Callers waiting for credit, first come first served (one FIFO per kind)."""
 
-    __slots__ = ("batch", "start", "stop", "task")
+    __slots__ = ("_queue",)
 
-    def __init__(self, task: trio.lowlevel.Task, batch: list[bytes | None], start: int) -> None:
-        self.task: trio.lowlevel.Task | None = task
-        self.batch = batch
-        self.start = start
-        self.stop = len(batch)
+    def __init__(self) -> None:
+        self._queue: deque[list[trio.lowlevel.Task | None]] = deque()
 
+    def __bool__(self) -> bool:
+        return bool(self._queue)
 
-def _reply_body(reply: object) -> bytes:
-    """Check what a handler returned: the reply body, bytes-like or ``None``."""
-    if reply is None:
-        return b""
-    if isinstance(reply, bytes | bytearray | memoryview):
-        return reply  # type: ignore[return-value]  # the codecs take any bytes-like body
-    hint = ""
-    if inspect.isawaitable(reply):
-        if inspect.iscoroutine(reply):
-            reply.close()
-        hint = (
-            "; it is awaitable, but the handler is not an async function, so it was "
-            "called inline: define it with async def"
-        )
-    raise TypeError(
-        f"the handler returned a {type(reply).__name__}; it must return bytes or None{hint}"
-    )
+    async def wait(self) -> None:
+        """Wait until woken (credit moved): the caller then retries at the head."""
+        slot: list[trio.lowlevel.Task | None] = [trio.lowlevel.current_task()]
+        self._queue.append(slot)
 
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            slot[0] = None
+            try:
+                self._queue.remove(slot)
+            except ValueError:  # pragma: no cover (already woken)
+                pass
+            return trio.lowlevel.Abort.SUCCEEDED
 
-async def _no_handler(request: Request) -> bytes | None:
-    raise LocalProtocolError("this side accepts no requests (no handler was given)")
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def wake_one(self) -> None:
+        """Wake the head waiter; it retries and wakes the next if credit is left."""
+        while self._queue:
+            slot = self._queue.popleft()
+            task = slot[0]
+            if task is not None:
+                slot[0] = None
+                trio.lowlevel.reschedule(task)
+                return
+
+    def wake_all(self) -> None:
+        """Wake every waiter (the connection is closing: they fail)."""
+        queue, self._queue = self._queue, deque()
+        for slot in queue:
+            if slot[0] is not None:
+                trio.lowlevel.reschedule(slot[0])
+                slot[0] = None
 
 
 class Connection(trio.abc.AsyncResource):
@@ -262,7 +210,8 @@ class Connection(trio.abc.AsyncResource):
     Use it as an async context manager; leaving the block closes it gracefully.
 
     Args:
-        stream: the secure stream a :class:`~monte_trio.Handshake` produced.
+        stream: the secure stream a :class:`~monte_trio.Handshake` produced (its
+            ``facts`` say which session to run).
         handler: serves the peer's requests and one-way messages (see :data:`Handler`:
             an ``async def`` function runs in a worker task, a plain function inline in the
             reader); ``None`` refuses them.
@@ -279,84 +228,62 @@ class Connection(trio.abc.AsyncResource):
         name: str = "",
     ) -> None:
         self._stream = stream
-        self._codec = stream.codec
-        self._handler: AsyncHandler = _no_handler
-        self._inline: InlineHandler | None = None
-        if handler is not None and is_async_handler(handler):
-            self._handler = handler  # type: ignore[assignment]
-        elif handler is not None:
-            self._inline = handler  # type: ignore[assignment]
+        self.facts: SessionFacts = stream.facts
+        facts = self.facts
         self._config = config = config or ConnectionConfig()
-        self.name = name or ("client" if stream.initiator else "server") + " connection"
-        self._native = FrameKind.CANCEL in self._codec.kinds
+        self.name = name or ("client" if facts.initiator else "server") + " connection"
+        try:
+            now = trio.current_time()
+        except RuntimeError:
+            now = 0.0
+        self._session: Session | MonteV1Session = facts.new_session(config, now)
+        self._native = isinstance(self._session, Session)
+        self._max_send = facts.max_message_size
         self._state = _OPEN
         self._close_reason: ConnectionClosed | None = None
-        self._dispatcher = Dispatcher(
-            first_id=1 if stream.initiator else 2, max_pending=config.max_pending_requests
+        self._dispatcher = Dispatcher(max_pending=config.max_pending_requests)
+        self._writer = Writer(
+            stream,
+            self._session,
+            write_timeout=config.write_timeout,
+            max_send_queue=config.max_send_queue,
+            on_error=self._write_failed,
         )
-        # writer side
-        self._outbox: list[bytes | None] = []
-        self._outbox_bytes = 0
-        self._written: list[_Written] = []
-        self._writing: list[_Written] = []  # waiters of the batch being written now
-        self._writer_task: trio.lowlevel.Task | None = None
-        self._direct = False  # a caller is writing (see the module docstring)
-        self._space = trio.lowlevel.ParkingLot()
-        self._max_send_queue = config.max_send_queue
-        # reader / handler side
-        self._inbox: deque[Frame] = deque()
-        self._idle_workers: list[trio.lowlevel.Task] = []
-        self._workers = 0
-        self._spare = 0  # workers woken or started that have not taken a request yet
-        self._busy = 0
-        self._reader_parked: trio.lowlevel.Task | None = None
-        # native: the peer's requests in progress, queued (None) or running (their scope)
-        self._handler_scopes: dict[int, trio.CancelScope | None] = {}
-        self._reader_paused = False  # held back by our own back-pressure
-        # The memory budget (see the module docstring): bytes of incoming bodies and of
-        # their replies the connection holds now; of them, replies in the outbox, released
-        # by the writer once written.
-        self._held = 0
-        self._outbox_held = 0
-        self._budget = config.max_held_bytes
-        self._last_request_accepted = 0
-        self._idle = trio.Event()
-        self._idle.set()
-        # peer's goaway
+        self._handlers = HandlerPool(self, handler, max_workers=config.max_concurrent_handlers)
+        self._call_waiters = _CreditWaiters()
+        self._oneway_waiters = _CreditWaiters()
+        self._credit_seen = 0
+        self._reader_scope: trio.CancelScope | None = None
+        self._flush_at = math.inf
+        self.reply_queued = False  # an inline handler queued an answer during this batch
+        self._v1_cancelled: deque[int] = deque()
         self._peer_last_processed: int | None = None
         self._peer_closed = False
-        self._last_heard = 0.0
         self._rtt: float | None = None
-        self._pong: tuple[int, bytes] | None = None  # the PONG owed (the latest PING's)
-        self._control_tokens = float(CONTROL_BURST)
-        self._control_at = 0.0
-        # counters
         self._requests_sent = 0
         self._replies_received = 0
         self._messages_sent = 0
-        self._requests_received = 0
-        self._messages_received = 0
-        # structure
         self._services: trio.Nursery | None = None
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._closed = trio.Event()
+        self._progress = trio.Event()  # set when calls or handlers end (graceful close)
 
     # -- properties ------------------------------------------------------------------------
 
     @property
     def profile(self) -> str:
         """The wire profile, ``"native"`` or ``"monte-v1"``."""
-        return self._stream.profile
+        return self.facts.profile
 
     @property
     def peer_public_key(self) -> PublicKey | None:
         """The peer's authenticated static key (native profile); ``None`` for monte-v1."""
-        return self._stream.peer_public_key
+        return self.facts.peer_public_key
 
     @property
     def initiator(self) -> bool:
         """Whether this side dialed the connection."""
-        return self._stream.initiator
+        return self.facts.initiator
 
     @property
     def closed(self) -> bool:
@@ -370,26 +297,32 @@ class Connection(trio.abc.AsyncResource):
 
     @property
     def load(self) -> int:
-        """How busy the connection is: pending requests, plus 1 if records are queued."""
-        return len(self._dispatcher) + (1 if self._outbox or self._direct else 0)
+        """How busy the connection is: pending requests, plus 1 if messages are queued."""
+        return len(self._dispatcher) + (
+            1 if self._session.send_queue_bytes or self._writer.direct else 0
+        )
 
     def statistics(self) -> ConnectionStatistics:
         """Return a snapshot of this connection's counters."""
+        handlers = self._handlers
         return ConnectionStatistics(
             requests_sent=self._requests_sent,
             replies_received=self._replies_received,
             replies_dropped=self._dispatcher.dropped,
             messages_sent=self._messages_sent,
-            requests_received=self._requests_received,
-            messages_received=self._messages_received,
+            requests_received=handlers.requests_received,
+            messages_received=handlers.messages_received,
             pending_requests=len(self._dispatcher),
-            queued_bytes=self._outbox_bytes,
-            running_handlers=self._busy,
+            queued_bytes=self._session.send_queue_bytes,
+            running_handlers=handlers.busy,
             rtt=self._rtt,
         )
 
     def __repr__(self) -> str:
         return f"<monte_trio.Connection {self.name!r} {self.profile} {self._state.value}>"
+
+    def _is_closed(self) -> bool:
+        return self._state is _CLOSED
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -428,13 +361,9 @@ class Connection(trio.abc.AsyncResource):
         try:
             async with trio.open_nursery() as services:
                 self._services = services
-                self._last_heard = self._control_at = trio.current_time()
+                self._handlers.nursery = services
                 services.start_soon(self._guarded, self._reader, name=f"{self.name} reader")
-                services.start_soon(self._guarded, self._writer, name=f"{self.name} writer")
-                if self._native and self._config.keepalive_interval is not None:
-                    services.start_soon(
-                        self._guarded, self._keepalive, name=f"{self.name} keepalive"
-                    )
+                services.start_soon(self._guarded, self._writer.run, name=f"{self.name} writer")
                 task_status.started()
         finally:
             self._finish(ConnectionClosed("the connection was closed"))
@@ -487,28 +416,28 @@ class Connection(trio.abc.AsyncResource):
                 with trio.CancelScope(shield=True):
                     await self._closed.wait()
 
-    async def _close_gracefully(self, grace_period: float) -> None:
+    def _start_closing(self) -> None:
         if self._state is _OPEN:
             self._state = _CLOSING
-            if self._native:
-                self._send_control(_GOAWAY, self._last_request_accepted)
+            self._session.start_close()
+            self._writer.wake()
+            self._call_waiters.wake_all()
+            self._oneway_waiters.wake_all()
+
+    async def _close_gracefully(self, grace_period: float) -> None:
+        self._start_closing()
         with trio.move_on_after(grace_period):
             # Native: also wait for the peer's GOAWAY. Whatever the peer wrote before it
             # learned that we are closing is ordered before its GOAWAY, so no message it
             # has already written is lost.
             while (
-                self._busy
-                or self._inbox
+                self._handlers.active
                 or len(self._dispatcher)
                 or (self._native and self._peer_last_processed is None and not self._peer_closed)
-            ) and not self._closed_now:
-                self._idle = trio.Event()
-                await self._idle.wait()
+            ) and self._state is not _CLOSED:
+                self._progress = trio.Event()
+                await self._progress.wait()
             await self._flush()
-
-    @property
-    def _closed_now(self) -> bool:
-        return self._state is _CLOSED
 
     def _finish(self, reason: ConnectionClosed) -> None:
         """End the connection now: fail every waiter and cancel the service tasks."""
@@ -517,27 +446,20 @@ class Connection(trio.abc.AsyncResource):
         self._state = _CLOSED
         self._close_reason = reason
         self._fail_pending(reason.reason)
-        for waiter in (*self._writing, *self._written):
-            if waiter.task is not None:
-                trio.lowlevel.reschedule(
-                    waiter.task, outcome.Error(ConnectionClosed(reason.reason))
-                )
-                waiter.task = None
-        self._writing = []
-        self._written = []
-        self._outbox = []
-        self._outbox_bytes = 0
-        self._space.unpark_all()
-        self._idle.set()
+        self._writer.fail_waiters(lambda: ConnectionClosed(reason.reason))
+        self._call_waiters.wake_all()
+        self._oneway_waiters.wake_all()
+        self._progress.set()
+        self._handlers.idle.set()
         if self._services is not None:
             self._services.cancel_scope.cancel()
 
     def _fail_pending(self, reason: str) -> None:
-        """Fail this side's requests awaiting replies: safe to retry if the peer said so."""
+        """Fail this side's calls awaiting answers: safe to retry if the peer said so."""
         peer_last = self._peer_last_processed
 
         def error_for(ident: int) -> ConnectionClosed:
-            if peer_last is not None and (peer_last == 0 or id_after(ident, peer_last)):
+            if peer_last is not None and ident > peer_last:
                 return RequestNotProcessed(
                     f"the peer shut down without processing request {ident} "
                     f"(it processed up to {peer_last}); it is safe to retry"
@@ -549,252 +471,25 @@ class Connection(trio.abc.AsyncResource):
     def _closed_error(self) -> ConnectionClosed:
         if self._close_reason is not None:
             return ConnectionClosed(self._close_reason.reason)
+        if self._peer_last_processed is not None:
+            return RequestNotProcessed(
+                "the peer is shutting down (it sent GOAWAY); this call was not sent, it is "
+                "safe to retry on a new connection"
+            )
         return ConnectionClosed("the connection is closing; open a new one")
 
-    # -- outgoing calls --------------------------------------------------------------------
+    def _ended(self) -> ConnectionClosed:
+        """The error for a call refused because the connection (or its session) ended."""
+        if self._close_reason is None and self._state is _OPEN:
+            return ConnectionClosed("the connection is ending (the peer broke the protocol)")
+        return self._closed_error()
 
-    async def request(self, body: bytes) -> bytes:
-        """Send a request and return the peer's reply.
-
-        Cancel it with a cancel scope (for example ``trio.fail_after``); its reply, if it
-        comes later, is dropped, and the native profile tells the peer's handler to stop.
-
-        Raises:
-            ConnectionClosed: the connection ended before the reply arrived.
-            RequestNotProcessed: the peer shut down without processing it: safe to retry.
-            RemoteError: the peer's handler raised (native profile).
-            LimitExceeded: too many requests are pending on this connection.
-            LocalProtocolError: ``body`` is larger than the message size limit.
-        """
-        await self._ready_to_queue()
-        # Direct only when no other request is in flight: callers that run together
-        # (many requests on one connection) are better served by one batched write.
-        direct = not self._dispatcher and self._writer_idle
-        ident, channel = self._dispatcher.allocate()
-        records: list[bytes | None] = [] if direct else self._outbox
-        try:
-            size = self._codec.encode(_REQUEST, ident, body, records)
-        except BaseException:
-            self._dispatcher.discard(ident)
-            raise
-        self._requests_sent += 1
-        if direct:
-            try:
-                await self._write_directly(records)
-            except BaseException:
-                self._dispatcher.discard(ident)
-                raise
-        else:
-            self._outbox_bytes += size
-            self._wake_writer()
-        try:
-            kind, payload = await channel.receive()
-        except BaseException:
-            if self._dispatcher.discard(ident) and self._native and self._state is _OPEN:
-                self._send_control(_CANCEL, ident)
-            raise
-        self._replies_received += 1
-        if kind == _ERROR:
-            # The peer's text: escaped (no terminal escapes, no control characters) and
-            # cut, since callers print it and put it in logs.
-            raise RemoteError(escape_peer_text(payload.decode("utf-8", errors="replace")))
-        return payload
-
-    async def send(self, body: bytes) -> None:
-        """Send a one-way message and return once it has been written to the socket.
-
-        If cancelled before the writer took the message, it is not sent; after that it is
-        sent whole, and the caller learns nothing more.
-
-        Raises:
-            ConnectionClosed: the connection ended before the message was written.
-            LocalProtocolError: ``body`` is larger than the message size limit.
-        """
-        await self._ready_to_queue()
-        if self._writer_idle:
-            records: list[bytes | None] = []
-            self._codec.encode(_ONEWAY, 0, body, records)
-            self._messages_sent += 1
-            await self._write_directly(records)
-            return
-        waiter = _Written(trio.lowlevel.current_task(), self._outbox, len(self._outbox))
-        self._enqueue(_ONEWAY, 0, body)
-        waiter.stop = len(self._outbox)
-        self._written.append(waiter)
-        self._messages_sent += 1
-        self._wake_writer()
-
-        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            if waiter.batch is self._outbox:
-                for i in range(waiter.start, waiter.stop):
-                    self._outbox[i] = None
-            waiter.task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def send_nowait(self, body: bytes) -> None:
-        """Queue a one-way message for the writer and return at once.
-
-        Raises:
-            trio.WouldBlock: the send queue is full (``max_send_queue``); wait with
-                :meth:`send` or retry later.
-            ConnectionClosed: the connection is closing or closed.
-            LocalProtocolError: ``body`` is larger than the message size limit.
-        """
-        if self._state is not _OPEN:
-            raise self._closed_error()
-        if self._outbox_bytes >= self._max_send_queue:
-            raise trio.WouldBlock
-        self._enqueue(_ONEWAY, 0, body)
-        self._messages_sent += 1
-        self._wake_writer()
-
-    async def _ready_to_queue(self) -> None:
-        """The start of every call: a cancellation point, room in the send queue, and a
-        connection still open."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._outbox_bytes >= self._max_send_queue:
-            await self._wait_for_space()
-        if self._state is not _OPEN:
-            raise self._closed_error()
-
-    async def _wait_for_space(self) -> None:
-        while self._outbox_bytes >= self._max_send_queue and self._state is not _CLOSED:
-            await self._space.park()
-
-    def _enqueue(self, kind: int, ident: int, payload: bytes) -> None:
-        self._outbox_bytes += self._codec.encode(kind, ident, payload, self._outbox)
-
-    def _send_control(self, kind: int, ident: int, payload: bytes = b"") -> None:
-        """Queue a frame written on behalf of the protocol. It never raises: a frame that
-        cannot be encoded ends this connection (with a logged reason) instead.
-
-        It counts in the send queue like a call, without waiting for room: what the peer
-        can make us queue here is bounded elsewhere. CANCEL: one per request of ours
-        (``max_pending_requests``); GOAWAY: one; keepalive PING: one per interval; an
-        inline handler's error reply: the reader stops once the send queue is full. Error
-        replies of async handlers go through ``_reply`` (budget and send queue), and the
-        owed PONG is one frame kept as state (``_control``)."""
-        try:
-            self._enqueue(kind, ident, payload)
-        except LocalProtocolError as exc:
-            logger.warning("%s: closing: could not send a protocol frame: %s", self.name, exc)
-            self._fail(f"could not send a protocol frame: {exc}", exc)
-            return
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        task = self._writer_task
-        if task is not None and not self._direct:
-            self._writer_task = None
-            trio.lowlevel.reschedule(task)
-
-    @property
-    def _writer_idle(self) -> bool:
-        """Whether a caller may write directly: the writer is parked with nothing queued,
-        and the stream is record-safe (a cancelled write cannot cut a record)."""
-        return (
-            self._writer_task is not None
-            and not self._direct
-            and not self._outbox
-            and not self._written
-            and self._pong is None
-            and self._stream.record_safe
-            and not self._stream.has_unsent
-        )
-
-    async def _write_directly(self, records: list[bytes | None]) -> None:
-        """Write ``records`` from the calling task while the writer is idle.
-
-        The stream is record-safe: if the caller is cancelled part-way, the unsent rest
-        of its records is kept by the stream and the writer sends it next, so no record
-        is ever cut in half. Records queued meanwhile go to the writer afterwards, in
-        order. The write is bounded by ``write_timeout`` like the writer's.
-
-        Raises:
-            ConnectionClosed: the write failed; the connection is closed.
-        """
-        write_timeout = self._config.write_timeout
-        self._direct = True
-        try:
-            if write_timeout is None:
-                await self._stream.send_records(records)
-            else:
-                with trio.fail_after(write_timeout):
-                    await self._stream.send_records(records)
-        except _WRITE_ERRORS as exc:
-            self._write_failed(exc, write_timeout)
-            raise self._closed_error() from exc
-        finally:
-            self._direct = False
-            if self._outbox or self._written or self._pong or self._stream.has_unsent:
-                self._wake_writer()
-
-    async def _flush(self) -> None:
-        """Wait until everything queued so far has been written."""
-        if self._state is _CLOSED:
-            return
-        waiter = _Written(trio.lowlevel.current_task(), self._outbox, len(self._outbox))
-        self._written.append(waiter)
-        self._wake_writer()
-
-        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            waiter.task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        try:
-            await trio.lowlevel.wait_task_rescheduled(abort)
-        except ConnectionClosed:
-            pass
-
-    # -- the writer ------------------------------------------------------------------------
-
-    async def _writer(self) -> None:
-        stream = self._stream
-        write_timeout = self._config.write_timeout
-        try:
-            while True:
-                if (
-                    not self._outbox
-                    and not self._written
-                    and self._pong is None
-                    and not stream.has_unsent
-                ):
-                    self._writer_task = trio.lowlevel.current_task()
-
-                    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-                        self._writer_task = None
-                        return trio.lowlevel.Abort.SUCCEEDED
-
-                    await trio.lowlevel.wait_task_rescheduled(abort)
-                    continue
-                batch, self._outbox = self._outbox, []
-                self._outbox_bytes = 0
-                held, self._outbox_held = self._outbox_held, 0
-                if self._pong is not None:  # after whole messages: never inside one
-                    (ping_id, ping_payload), self._pong = self._pong, None
-                    self._codec.encode(_PONG, ping_id, ping_payload, batch)
-                written, self._written = self._written, []
-                self._writing = written
-                self._space.unpark_all()
-                if batch or stream.has_unsent:
-                    if write_timeout is None:
-                        await stream.send_records(batch)
-                    else:
-                        with trio.fail_after(write_timeout):
-                            await stream.send_records(batch)
-                else:
-                    await trio.lowlevel.checkpoint()
-                if held:
-                    self._release(held)  # the replies of that batch are written
-                self._writing = []
-                for waiter in written:
-                    if waiter.task is not None:
-                        trio.lowlevel.reschedule(waiter.task)
-                        waiter.task = None
-        except _WRITE_ERRORS as exc:
-            self._write_failed(exc, write_timeout)
+    def _fail(self, reason: str, cause: BaseException | None = None) -> None:
+        if self._state is not _CLOSED:
+            logger.debug("%s: %s", self.name, reason)
+        error = ConnectionClosed(reason)
+        error.__cause__ = cause
+        self._finish(error)
 
     def _write_failed(self, exc: BaseException, write_timeout: float | None) -> None:
         if isinstance(exc, trio.TooSlowError):
@@ -804,105 +499,424 @@ class Connection(trio.abc.AsyncResource):
         else:
             self._fail(f"the connection was lost while writing: {exc}", exc)
 
-    def _fail(self, reason: str, cause: BaseException | None = None) -> None:
-        if self._state is not _CLOSED:
-            logger.debug("%s: %s", self.name, reason)
-        error = ConnectionClosed(reason)
-        error.__cause__ = cause
-        self._finish(error)
+    # -- outgoing calls --------------------------------------------------------------------
+
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self._max_send:
+            raise LocalProtocolError(
+                f"message of {len(body)} bytes exceeds the peer's maximum of "
+                f"{self._max_send} (max_message_size)"
+            )
+
+    def _parent(self) -> int:
+        """The peer's call the current handler serves on this connection, if any."""
+        current = current_call.get()
+        if current is not None and current[0] is self:
+            return current[1]
+        return 0
+
+    async def _open_call(self, body: bytes) -> int:
+        """Take credit for a call carrying ``body`` and put it into the session."""
+        session = self._session
+        parent = self._parent() if self._native else 0
+        waiters = self._call_waiters
+        queued = False
+        try:
+            while True:
+                if self._state is not _OPEN and not parent:
+                    raise self._closed_error()
+                if not waiters or queued:
+                    try:
+                        ident = session.send_request(body, parent=parent)
+                    except LocalProtocolError:
+                        if session.state >= SESSION_CLOSED:
+                            raise self._ended() from None
+                        if not parent or self._state is _CLOSED:
+                            raise
+                        parent = 0  # the handler already answered: an ordinary call
+                        continue
+                    if ident is not None:
+                        if queued and waiters:
+                            waiters.wake_one()  # credit may be left for the next one
+                        return ident
+                queued = True
+                await waiters.wait()
+        except BaseException:
+            if queued and waiters:
+                waiters.wake_one()  # pass the wake-up on
+            raise
+
+    async def request(self, body: bytes) -> bytes:
+        """Send a request and return the peer's reply.
+
+        Cancel it with a cancel scope (for example ``trio.fail_after``); its reply, if it
+        comes later, is dropped, and the native profile tells the peer's handler to stop.
+        A call that waits for credit (the peer's call slots or request window) waits in
+        order of arrival.
+
+        Raises:
+            ConnectionClosed: the connection ended before the reply arrived.
+            RequestNotProcessed: the peer shut down without processing it: safe to retry.
+            RemoteError: the peer's handler raised (native profile).
+            LimitExceeded: too many requests are pending on this connection.
+            LocalProtocolError: ``body`` is larger than the message size limit.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._state is not _OPEN and not self._parent():
+            raise self._closed_error()
+        self._check_size(body)
+        dispatcher = self._dispatcher
+        dispatcher.check_room()
+        writer = self._writer
+        session = self._session
+        if session.send_queue_bytes >= writer.max_send_queue:
+            await writer.wait_for_space(self._is_closed)
+        # Direct only when no other call is in flight: callers that run together (many
+        # requests on one connection) are better served by one batched write.
+        direct = not dispatcher and writer.quiet
+        ident = await self._open_call(body)
+        channel = dispatcher.add(ident)
+        self._requests_sent += 1
+        try:
+            if direct and writer.quiet:
+                try:
+                    await writer.write_directly()
+                except WRITE_ERRORS as exc:
+                    self._write_failed(exc, self._config.write_timeout)
+                    raise self._closed_error() from exc
+            else:
+                writer.wake()
+            kind, payload, detail = await channel.receive()
+        except BaseException:
+            if dispatcher.discard(ident) and self._state is not _CLOSED:
+                self._cancel(ident)
+            raise
+        self._replies_received += 1
+        if kind == EV_REPLY:
+            session.delivered(ident)
+            if not dispatcher:
+                self._progress.set()
+            self.credit_returned(len(payload) + 64)
+            return payload
+        self._progress.set()
+        # The peer's text: escaped (no terminal escapes, no control characters) and cut,
+        # since callers print it and put it in logs.
+        text = escape_peer_text(payload.decode("utf-8", errors="replace"))
+        if detail in RETRY_SAFE:
+            raise RequestNotProcessed(f"the peer refused request {ident}: {text}")
+        raise RemoteError(text)
+
+    async def send(self, body: bytes) -> None:
+        """Send a one-way message and return once it has been written to the socket.
+
+        It waits for credit (the peer's request window) and for room in the send queue,
+        in order of arrival. Once it has credit the message is in the send queue and goes
+        out whole even if the caller is cancelled while waiting for the write.
+
+        Raises:
+            ConnectionClosed: the connection ended before the message was written.
+            LocalProtocolError: ``body`` is larger than the message size limit.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._state is not _OPEN:
+            raise self._closed_error()
+        self._check_size(body)
+        writer = self._writer
+        if self._session.send_queue_bytes >= writer.max_send_queue:
+            await writer.wait_for_space(self._is_closed)
+        direct = writer.quiet
+        await self._queue_oneway(body)
+        if direct and writer.quiet:
+            try:
+                await writer.write_directly()
+            except WRITE_ERRORS as exc:
+                self._write_failed(exc, self._config.write_timeout)
+                raise self._closed_error() from exc
+            return
+        await writer.wait_written()
+
+    async def _queue_oneway(self, body: bytes) -> None:
+        session = self._session
+        waiters = self._oneway_waiters
+        queued = False
+        try:
+            while True:
+                if self._state is not _OPEN:
+                    raise self._closed_error()
+                if session.state >= SESSION_CLOSED:
+                    raise self._ended()
+                if (not waiters or queued) and session.send_oneway(body):
+                    self._messages_sent += 1
+                    if queued and waiters:
+                        waiters.wake_one()
+                    return
+                queued = True
+                await waiters.wait()
+        except BaseException:
+            if queued and waiters:
+                waiters.wake_one()
+            raise
+
+    def send_nowait(self, body: bytes) -> None:
+        """Queue a one-way message for the writer and return at once.
+
+        Raises:
+            trio.WouldBlock: no credit (the peer's request window is spent), the send
+                queue is full (``max_send_queue``), or another sender is already waiting;
+                wait with :meth:`send` or retry later.
+            ConnectionClosed: the connection is closing or closed.
+            LocalProtocolError: ``body`` is larger than the message size limit.
+        """
+        session = self._session
+        if self._state is not _OPEN or session.state >= SESSION_CLOSED:
+            raise self._ended()
+        if (
+            session.send_queue_bytes >= self._writer.max_send_queue
+            or self._oneway_waiters
+            or len(body) > self._max_send
+            or not session.send_oneway(body)
+        ):
+            if len(body) > self._max_send:
+                self._check_size(body)
+            raise trio.WouldBlock
+        self._messages_sent += 1
+        self._writer.wake()
+
+    async def _flush(self) -> None:
+        """Wait until everything queued so far has been written."""
+        if self._state is _CLOSED:
+            return
+        try:
+            await self._writer.wait_written()
+        except ConnectionClosed:
+            pass
+
+    def _cancel(self, ident: int) -> None:
+        """Our caller gave up on call ``ident``."""
+        if self._native:
+            self._session.cancel(ident)
+            self._writer.wake()
+            self._credit_moved()
+            return
+        # monte-v1: remember the last cancelled calls, so a late reply is recognised and
+        # counted as dropped; older ones are forgotten (Go handlers may never reply).
+        cancelled = self._v1_cancelled
+        cancelled.append(ident)
+        if len(cancelled) > _V1_CANCELLED:
+            self._session.cancel(cancelled.popleft())
+
+    def credit_returned(self, nbytes: int) -> None:
+        """``nbytes`` of credit went back into the session: send it at once if it is
+        large, else let it ride on the next write (see :meth:`defer_flush`)."""
+        writer = self._writer
+        writer.owed += nbytes
+        if writer.task is None:
+            return  # the writer is awake (or writing): it packs the credit
+        if writer.owed >= _CREDIT_NOW:
+            writer.wake()
+        else:
+            self.defer_flush()
+
+    def defer_flush(self) -> None:
+        """Something small (credit, a pong) waits with nothing else to write: let it ride
+        on the next write, or have the writer send it alone within ``_CREDIT_DELAY`` (the
+        reader's timer: the reader is the one task that always comes back)."""
+        due = trio.current_time() + _CREDIT_DELAY
+        if due < self._flush_at:
+            self._flush_at = due
+            scope = self._reader_scope
+            if scope is not None and due < scope.deadline:
+                scope.deadline = due
+
+    def _credit_moved(self) -> None:
+        seen = self._session.credit_changed
+        if seen != self._credit_seen:
+            self._credit_seen = seen
+            self._call_waiters.wake_one()
+            self._oneway_waiters.wake_one()
 
     # -- the reader ------------------------------------------------------------------------
 
     async def _reader(self) -> None:
         stream = self._stream
-        decode = self._codec.decode
+        session = self._session
         deliver = self._dispatcher.deliver
-        inbox = self._inbox
+        handlers = self._handlers
+        take = handlers.take
+        writer = self._writer
+        native = self._native
         limit = self._config.max_concurrent_handlers
-        inline = self._inline is not None
         idle_timeout = self._config.idle_timeout
-        codec = self._codec
-        budget = self._budget
+        next_service = 0.0
+        idle_at = math.inf
         try:
             while True:
-                if idle_timeout is None:
-                    records = await stream.receive_records()
-                else:
-                    with trio.move_on_after(idle_timeout) as idle_scope:
+                # One cancel scope per timer expiry, not per receive: its deadline is only
+                # moved when the timer changes (entering and leaving a scope with a deadline
+                # cost about as much as the rest of the loop). Nothing in the loop awaits
+                # except the receive, so the deadline can only interrupt that.
+                with trio.CancelScope() as scope:
+                    self._reader_scope = scope
+                    while True:
+                        timer = session.get_timer()
+                        deadline = self._flush_at
+                        if idle_timeout is not None:
+                            idle_at = trio.current_time() + idle_timeout
+                            if idle_at < deadline:
+                                deadline = idle_at
+                        if timer is not None and timer < deadline:
+                            deadline = timer
+                        if deadline != scope.deadline:
+                            scope.deadline = deadline
                         records = await stream.receive_records()
-                    if idle_scope.cancelled_caught:
-                        self._fail(f"nothing received for {idle_timeout} s (idle_timeout)")
-                        return
-                if not records:
+                        if not records:
+                            break
+                        if native:
+                            now = trio.current_time()
+                            if now >= next_service:
+                                # Refill the control budget before charging this batch.
+                                self._on_events(session.handle_timer(now))
+                                next_service = now + _SERVICE_INTERVAL
+                            # Record by record: what came before a violation is still
+                            # delivered (a record packs many frames, so this costs little).
+                            for record in records:
+                                for event in session.receive_records([record]):
+                                    kind = event[0]
+                                    if kind == EV_REPLY:
+                                        ident = event[1]
+                                        if not deliver(ident, (EV_REPLY, event[2], None)):  # type: ignore[arg-type]
+                                            session.delivered(ident)
+                                    elif kind in (EV_REQUEST, EV_ONEWAY):
+                                        take(event[1], event[2], event[3])  # type: ignore[arg-type]
+                                    else:
+                                        self._on_events((event,))
+                        else:
+                            # monte-v1 may pause below: no deadline may cut that short.
+                            self._reader_scope = None
+                            scope.deadline = math.inf
+                            await self._v1_events(session.receive_records(records))
+                        del records
+                        if session.wants_write and writer.task is not None:
+                            if (
+                                self.reply_queued
+                                or session.send_queue_bytes
+                                or writer.owed >= _CREDIT_NOW
+                            ):
+                                writer.wake()
+                            else:
+                                self.defer_flush()  # credit or a pong only: it may ride along
+                        self.reply_queued = False
+                        if session.credit_changed != self._credit_seen:
+                            self._credit_moved()
+                        if not native:
+                            while len(handlers.inbox) >= limit:
+                                await self._pause_reading()
+                            self._reader_scope = scope
+                self._reader_scope = None
+                if not scope.cancelled_caught:
                     await self._drain_after_eof()
                     return
-                if self._native:
-                    self._last_heard = trio.current_time()
-                for plaintext in records:
-                    frame = decode(plaintext)
-                    if frame is None:
-                        # A fragment: the message being reassembled counts in the budget.
-                        while self._held and self._held + codec.reassembling >= budget:
-                            await self._pause_reading()
-                        continue
-                    kind = frame[0]
-                    if kind in (_REPLY, _ERROR):
-                        if deliver(frame[1], (kind, frame[2])):
-                            continue
-                    elif kind in (_REQUEST, _ONEWAY):
-                        self._take_request(frame)
-                        if inline:
-                            if self._outbox_bytes >= self._max_send_queue:
-                                # inline replies (or error replies) outran the writer
-                                self._reader_paused = True
-                                try:
-                                    await self._wait_for_space()
-                                finally:
-                                    self._resume_reading()
-                        else:
-                            # The memory budget: held back until handlers finish and
-                            # their replies are written.
-                            while self._held >= budget:
-                                await self._pause_reading()
-                    else:
-                        self._control(frame)
-                if self._state is _CLOSING and not self._busy and not inbox:
-                    self._idle.set()
-                while len(inbox) >= limit:
-                    await self._pause_reading()
+                now = trio.current_time()
+                if now >= idle_at:
+                    self._fail(f"nothing received for {idle_timeout} s (idle_timeout)")
+                    return
+                if now >= self._flush_at:
+                    self._flush_at = math.inf
+                timer = session.get_timer()
+                if timer is not None and now >= timer:
+                    self._on_events(session.handle_timer(now))
+                    next_service = now + _SERVICE_INTERVAL
+                if session.wants_write:
+                    writer.wake()
         except RemoteProtocolError as exc:
             logger.warning("%s: closing: %s", self.name, exc)
+            await self._send_final_goaway()
             self._fail(f"the peer broke the protocol: {exc}", exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(f"the connection was lost while reading: {exc}", exc)
 
+    async def _v1_events(self, events: list[tuple[int, int, object, object]]) -> None:
+        """monte-v1 has no credit: the reader is held back by the send queue (inline
+        replies that outran the writer) after each request, and by the handler cap."""
+        session = self._session
+        writer = self._writer
+        inline = self._handlers.inline is not None
+        for kind, ident, body, _ in events:
+            if kind == EV_REPLY:
+                self._dispatcher.deliver(ident, (EV_REPLY, body, None))  # type: ignore[arg-type]
+                continue
+            self._handlers.take(ident, body, 0)  # type: ignore[arg-type]
+            if inline and session.send_queue_bytes >= writer.max_send_queue:
+                writer.wake()
+                session.reader_paused(True)
+                try:
+                    await writer.wait_for_space(self._is_closed)
+                finally:
+                    session.reader_paused(False)
+
+    async def _send_final_goaway(self) -> None:
+        """After a protocol violation: the session's final GOAWAY, if the writer is idle."""
+        writer = self._writer
+        if not self._native or not writer.quiet:
+            return
+        with trio.move_on_after(1.0):
+            try:
+                await writer.write_directly()
+            except WRITE_ERRORS:
+                pass
+
+    def _on_events(self, events: object) -> None:
+        """The session's less frequent events (see ``_proto._session``)."""
+        for event in events:  # type: ignore[attr-defined]
+            kind, ident, a, b = event
+            if kind == EV_ERROR:
+                if not self._dispatcher.deliver(ident, (EV_ERROR, b.encode(), a)):
+                    pass
+            elif kind == EV_CANCEL:
+                self._handlers.cancel(ident)
+            elif kind == EV_GOAWAY:
+                self._on_goaway(ident, a, b)
+            elif kind == EV_PONG:
+                self._rtt = max(0.0, trio.current_time() - a)
+            elif kind == EV_CLOSED:
+                self._fail(
+                    "the peer was silent for longer than keepalive_tolerance "
+                    f"({self._config.keepalive_tolerance} s); it is presumed dead"
+                    if "keepalive" in str(a)
+                    else f"the connection ended: {a}"
+                )
+
+    def _on_goaway(self, last: int, code: int, failed: tuple[int, ...]) -> None:
+        self._peer_last_processed = last
+        for ident in failed:
+            self._dispatcher.fail(
+                ident,
+                RequestNotProcessed(
+                    f"the peer is shutting down and did not process request {ident} "
+                    f"(it processed up to {last}); it is safe to retry"
+                ),
+            )
+        if self._state is _OPEN:
+            self._state = _CLOSING
+        self._call_waiters.wake_all()
+        self._oneway_waiters.wake_all()
+        self._writer.wake()
+        self._progress.set()
+
     async def _pause_reading(self) -> None:
-        """Hold the reader back (our own back-pressure, not the peer's silence) until a
-        worker takes a request or budget is released; the caller checks again."""
-        self._reader_parked = trio.lowlevel.current_task()
-        self._reader_paused = True
+        """monte-v1: hold the reader back (our own back-pressure, not the peer's silence)
+        until a worker takes a request."""
+        self._handlers.reader_parked = trio.lowlevel.current_task()
+        self._session.reader_paused(True)
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            self._reader_parked = None
+            self._handlers.reader_parked = None
             return trio.lowlevel.Abort.SUCCEEDED
 
         try:
             await trio.lowlevel.wait_task_rescheduled(abort)
         finally:
-            self._resume_reading()
-
-    def _release(self, size: int) -> None:
-        """Give ``size`` bytes back to the memory budget and let a paused reader check."""
-        self._held -= size
-        if self._reader_parked is not None:
-            task, self._reader_parked = self._reader_parked, None
-            trio.lowlevel.reschedule(task)
-
-    def _resume_reading(self) -> None:
-        """The reader is no longer held back by us. What the peer sent meanwhile waited in
-        buffers, so its silence is counted from now on, not from before the pause."""
-        self._reader_paused = False
-        self._last_heard = trio.current_time()
+            self._session.reader_paused(False)
 
     async def _drain_after_eof(self) -> None:
         """The peer closed its end: finish the work it already handed us, then close.
@@ -917,312 +931,15 @@ class Connection(trio.abc.AsyncResource):
         if self._state is _OPEN:
             self._state = _CLOSING
         self._fail_pending(reason)
-        self._idle.set()
+        self._call_waiters.wake_all()
+        self._oneway_waiters.wake_all()
+        self._progress.set()
         with trio.move_on_after(self._config.grace_period):
-            while (self._busy or self._inbox) and not self._closed_now:
-                self._idle = trio.Event()
-                await self._idle.wait()
+            while self._handlers.active and self._state is not _CLOSED:
+                self._handlers.idle = trio.Event()
+                await self._handlers.idle.wait()
         self._fail(reason)
 
-    def _take_request(self, frame: Frame) -> None:
-        if frame[0] == _REQUEST:
-            if self._state is not _OPEN and self._native:
-                # After our GOAWAY, requests beyond the id it announced are not processed:
-                # the peer fails them as safe to retry.
-                return
-            ident = frame[1]
-            self._last_request_accepted = ident
-            if self._native and self._inline is None:
-                scopes = self._handler_scopes
-                if ident in scopes:
-                    raise RemoteProtocolError(
-                        f"the peer sent request {ident} again while it is still in "
-                        "progress; a request id is reused only after its reply"
-                    )
-                scopes[ident] = None  # queued
-        if self._inline is not None:
-            self._serve_inline(frame)
-            return
-        self._held += len(frame[2])
-        self._inbox.append(frame)
-        if self._spare == 0:
-            self._add_worker()
 
-    def _add_worker(self) -> None:
-        if self._idle_workers:
-            self._spare += 1
-            trio.lowlevel.reschedule(self._idle_workers.pop())
-        elif self._workers < self._config.max_concurrent_handlers:
-            assert self._services is not None
-            self._workers += 1
-            self._spare += 1
-            self._services.start_soon(self._guarded, self._worker, name=f"{self.name} handler")
-
-    def _control(self, frame: Frame) -> None:
-        kind, ident, payload = frame
-        scopes = self._handler_scopes
-        if kind == _CANCEL and ident in scopes:
-            scope = scopes.pop(ident)
-            if scope is not None:
-                scope.cancel()
-            else:  # not started yet: drop it from the inbox
-                for queued in self._inbox:
-                    if queued[1] == ident and queued[0] == _REQUEST:
-                        self._inbox.remove(queued)
-                        self._release(len(queued[2]))
-                        break
-            return
-        # Every other control frame costs us work and carries no request: budgeted.
-        self._spend_control_budget(kind)
-        if kind == _PING:
-            # At most one PONG is owed: the latest PING's, written by the writer. It counts
-            # in the send queue like any queued record (the writer empties both at once).
-            owed = self._pong
-            if owed is not None:
-                self._outbox_bytes -= _HEADER_SIZE + len(owed[1])
-            self._pong = (ident, payload)
-            self._outbox_bytes += _HEADER_SIZE + len(payload)
-            self._wake_writer()
-        elif kind == _PONG:
-            if len(payload) == _PING_PAYLOAD.size:
-                (sent_at,) = _PING_PAYLOAD.unpack(payload)
-                self._rtt = max(0.0, trio.current_time() - sent_at)
-        elif kind == _GOAWAY:
-            self._peer_last_processed = ident
-            if self._state is _OPEN:
-                # Answer with our own GOAWAY: it tells the peer which of its requests we
-                # accepted, and that nothing new from us follows it.
-                self._state = _CLOSING
-                self._send_control(_GOAWAY, self._last_request_accepted)
-            # Requests the peer will never process fail now, safe to retry. Ids are
-            # compared in allocation order (serial-number arithmetic); 0: none processed.
-            for pending in self._dispatcher.pending_ids():
-                if ident == 0 or id_after(pending, ident):
-                    self._dispatcher.fail(
-                        pending,
-                        RequestNotProcessed(
-                            f"the peer is shutting down and did not process request "
-                            f"{pending} (it processed up to {ident}); it is safe to retry"
-                        ),
-                    )
-            self._idle.set()
-
-    def _spend_control_budget(self, kind: int) -> None:
-        """A token bucket: CONTROL_BURST frames at once, CONTROL_RATE per second after."""
-        now = trio.current_time()
-        tokens = self._control_tokens + (now - self._control_at) * CONTROL_RATE
-        self._control_at = now
-        if tokens < 1.0:
-            raise RemoteProtocolError(
-                f"the peer sent control frames ({FrameKind(kind).name} last) faster than "
-                f"{CONTROL_RATE} per second after a burst of {CONTROL_BURST}"
-            )
-        self._control_tokens = min(float(CONTROL_BURST), tokens) - 1.0
-
-    # -- handlers --------------------------------------------------------------------------
-
-    async def _worker(self) -> None:
-        inbox = self._inbox
-        me = trio.lowlevel.current_task()
-        try:
-            while True:
-                if not inbox:
-                    self._idle_workers.append(me)
-                    self._spare -= 1
-
-                    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-                        # Runs in whichever task cancelled us: never call current_task() here.
-                        self._idle_workers.remove(me)
-                        self._spare += 1
-                        return trio.lowlevel.Abort.SUCCEEDED
-
-                    await trio.lowlevel.wait_task_rescheduled(abort)
-                    continue
-                self._spare -= 1
-                if self._reader_parked is not None:
-                    task, self._reader_parked = self._reader_parked, None
-                    trio.lowlevel.reschedule(task)
-                if len(inbox) > 1 and self._spare == 0:
-                    self._add_worker()
-                self._busy += 1
-                try:
-                    # No local keeps the frame: its body is freed when the handler is done
-                    # with it, as the memory budget assumes.
-                    await self._serve(inbox.popleft())
-                finally:
-                    self._busy -= 1
-                    self._spare += 1
-                    if not self._busy and not inbox:
-                        self._idle.set()
-        finally:
-            self._workers -= 1
-
-    def _request_for(self, frame: Frame) -> Request:
-        """The handler's view of an incoming request or message (and count it)."""
-        kind, ident, body = frame
-        oneway = kind == _ONEWAY
-        if oneway:
-            self._messages_received += 1
-        else:
-            self._requests_received += 1
-        return Request(body, ident, oneway, self)
-
-    async def _serve(self, frame: Frame) -> None:
-        """Run the handler for a request the reader charged to the memory budget, and
-        queue its reply (or error reply), which takes over the charge until written."""
-        charged = len(frame[2])
-        request = self._request_for(frame)
-        del frame
-        ident, oneway = request.id, request.oneway
-        kind = _REPLY
-        try:
-            if self._native and not oneway:
-                scopes = self._handler_scopes
-                with trio.CancelScope() as scope:
-                    scopes[ident] = scope
-                    try:
-                        reply = _reply_body(await self._handler(request))
-                    finally:
-                        if scopes.get(ident) is scope:
-                            del scopes[ident]
-                if scope.cancelled_caught:
-                    self._release(charged)
-                    return  # the caller cancelled: it expects no reply
-            else:
-                reply = _reply_body(await self._handler(request))
-        except Exception as exc:
-            # An error reply for the peer's request takes the same path as a reply: it is
-            # charged to the budget and waits for room in the send queue, so a peer that
-            # never reads cannot make us queue error replies without bound.
-            error = self._handler_failed(request, exc)
-            if error is None:
-                self._release(charged)
-                return
-            kind, reply = _ERROR, error
-        del request  # the body is the handler's now: only the reply is held
-        if oneway or self._state is _CLOSED or self._peer_closed:
-            self._release(charged)  # nobody is left to read a reply
-            return
-        self._held += len(reply) - charged
-        charged = len(reply)
-        # Encoded at once and the reply dropped: the records are its only copy from here.
-        records: list[bytes | None] = []
-        size = self._encode_reply(kind, ident, reply, records)
-        del reply
-        if size is None:
-            self._release(charged)
-            return
-        await self._reply(records, size, charged)
-
-    def _serve_inline(self, frame: Frame) -> None:
-        """Run a plain-function handler in the reader and queue its reply."""
-        assert self._inline is not None
-        request = self._request_for(frame)
-        try:
-            reply = self._inline(request)
-            if type(reply) is not bytes:
-                reply = _reply_body(reply)
-        except Exception as exc:
-            # Queued at once, like an inline reply: the reader stops reading once the
-            # send queue is full, so these are bounded by max_send_queue (plus one).
-            error = self._handler_failed(request, exc)
-            if error is not None:
-                self._send_control(_ERROR, request.id, error)
-            return
-        if request.oneway or self._state is _CLOSED or self._peer_closed:
-            return
-        self._reply_nowait(_REPLY, request.id, reply)
-
-    async def _reply(self, records: list[bytes | None], size: int, charged: int) -> None:
-        """Write a handler's encoded reply (or error reply) of ``size`` bytes, once the send
-        queue has room. It holds ``charged`` bytes of the memory budget, released once it
-        is written (by the writer, if queued) or dropped."""
-        if self._outbox_bytes >= self._max_send_queue:
-            try:
-                await self._wait_for_space()
-            except BaseException:
-                self._release(charged)
-                raise
-        if self._state is _CLOSED or self._peer_closed:
-            self._release(charged)
-            return
-        if self._busy == 1 and not self._inbox and self._writer_idle:  # the only handler
-            try:
-                with contextlib.suppress(ConnectionClosed):  # the connection has ended
-                    await self._write_directly(records)
-            finally:
-                self._release(charged)
-            return
-        self._outbox.extend(records)
-        self._outbox_bytes += size
-        self._outbox_held += charged
-        self._wake_writer()
-
-    def _reply_nowait(self, kind: int, ident: int, payload: bytes) -> None:
-        """Queue an inline handler's reply for the writer, without waiting for room in the
-        send queue (the reader stops reading while the send queue is full)."""
-        size = self._encode_reply(kind, ident, payload, self._outbox)
-        if size is not None:
-            self._outbox_bytes += size
-            self._wake_writer()
-
-    def _encode_reply(
-        self, kind: int, ident: int, payload: bytes, out: list[bytes | None]
-    ) -> int | None:
-        """Encode a reply into ``out`` and return its size. A reply too large to send
-        becomes an error reply (native), or ends the connection (monte-v1 cannot report
-        it): ``None``."""
-        try:
-            return self._codec.encode(kind, ident, payload, out)
-        except LocalProtocolError as exc:
-            if not self._native:
-                self._fail(f"a handler's reply could not be sent: {exc}", exc)
-                return None
-            message = fit_text(f"the reply could not be sent: {exc}", self._codec.max_message_size)
-            return self._codec.encode(_ERROR, ident, message, out)
-
-    def _handler_failed(self, request: Request, exc: Exception) -> bytes | None:
-        """Log a handler's exception; return the error reply's text to send, if any."""
-        if request.oneway:
-            logger.error("%s: handler raised on a one-way message", self.name, exc_info=exc)
-            return None
-        if not self._native:
-            # monte-v1 has no error reply: rather than leave the caller waiting forever,
-            # end the connection so every caller on it learns at once.
-            logger.error(
-                "%s: handler raised; monte-v1 cannot report errors, closing the connection",
-                self.name,
-                exc_info=exc,
-            )
-            self._fail(f"the handler for request {request.id} raised {exc!r}", exc)
-            return None
-        logger.info("%s: handler raised for request %d: %r", self.name, request.id, exc)
-        if not self._config.expose_errors:
-            message = "the handler raised an exception"
-        elif self._config.expose_tracebacks:
-            message = "".join(traceback.format_exception(exc))
-        else:
-            message = f"{type(exc).__name__}: {exc}"
-        if self._state is _CLOSED or self._peer_closed:
-            return None
-        return fit_text(message, self._codec.max_message_size)
-
-    # -- keepalive (native) ----------------------------------------------------------------
-
-    async def _keepalive(self) -> None:
-        interval = self._config.keepalive_interval
-        tolerance = self._config.keepalive_tolerance
-        assert interval is not None
-        ping_id = 0
-        while True:
-            await trio.sleep(interval)
-            # Time the reader spends held back by our own back-pressure is not silence.
-            silent = 0.0 if self._reader_paused else trio.current_time() - self._last_heard
-            if silent >= tolerance:
-                self._fail(
-                    f"the peer was silent for {silent:.1f} s (keepalive_tolerance "
-                    f"{tolerance} s); it is presumed dead"
-                )
-                return
-            ping_id = (ping_id + 1) % 2**32
-            self._send_control(_PING, ping_id, _PING_PAYLOAD.pack(trio.current_time()))
+# Re-exported for outcome's type checkers (reschedule with errors).
+_ = outcome

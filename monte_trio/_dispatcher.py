@@ -1,4 +1,4 @@
-"""Request ids and the routing of replies to the callers waiting for them.
+"""The routing of answers to the callers waiting for them.
 
 Each outstanding request owns a :class:`ReplyChannel`, a one-shot
 :class:`trio.abc.ReceiveChannel`: the reader task delivers the reply into it without
@@ -13,7 +13,6 @@ gave up, or the peer is confused) is dropped and counted.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
 
 import outcome
 import trio
@@ -22,10 +21,9 @@ from ._exceptions import LimitExceeded
 
 __all__ = ["Dispatcher", "Reply", "ReplyChannel"]
 
-_ID_SPACE: Final = 2**32
-
-Reply = tuple[int, bytes]
-"""What a request receives: ``(frame kind, payload)``; the kind is REPLY or ERROR."""
+Reply = tuple[int, bytes, object]
+"""What a call receives: ``(event, body, detail)``: the session's EV_REPLY with the body,
+or EV_ERROR with the error text (UTF-8) and the error code."""
 
 
 class ReplyChannel(trio.abc.ReceiveChannel[Reply]):
@@ -94,51 +92,49 @@ class ReplyChannel(trio.abc.ReceiveChannel[Reply]):
 
 
 class Dispatcher:
-    """Allocates request ids and routes replies to their :class:`ReplyChannel`.
+    """Routes answers to the :class:`ReplyChannel` of each call in flight.
+
+    Call ids are allocated by the session (it owns their parity and order); the
+    dispatcher only maps an id to the channel its caller receives on.
 
     Args:
-        first_id: the first id to allocate; ids then step by 2 so each side of a connection
-            has its own parity (1, 3, 5, ... for the side that dialed; 2, 4, 6, ... for the
-            side that accepted), as in Go monte. Ids wrap around within 32 bits, skipping 0
-            and any id still pending.
-        max_pending: how many requests may await a reply at once.
+        max_pending: how many calls may await an answer at once.
     """
 
-    __slots__ = ("_max_pending", "_next", "_pending", "dropped")
+    __slots__ = ("_max_pending", "_pending", "dropped")
 
-    def __init__(self, *, first_id: int, max_pending: int) -> None:
-        if first_id not in (1, 2):
-            raise ValueError("first_id must be 1 (dialing side) or 2 (accepting side)")
-        self._next = first_id
+    def __init__(self, *, max_pending: int) -> None:
         self._max_pending = max_pending
         self._pending: dict[int, ReplyChannel] = {}
         self.dropped = 0
-        """Replies that arrived for no pending request (late, after a cancel)."""
+        """Answers that arrived for no pending call (late, after a cancel)."""
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def allocate(self) -> tuple[int, ReplyChannel]:
-        """Return a fresh request id and the channel its reply will arrive on.
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def check_room(self) -> None:
+        """Raise if one more call would exceed ``max_pending``.
 
         Raises:
-            LimitExceeded: ``max_pending`` requests are already waiting.
+            LimitExceeded: ``max_pending`` calls are already waiting.
         """
         if len(self._pending) >= self._max_pending:
             raise LimitExceeded(
                 f"{self._max_pending} requests are already awaiting replies on this "
                 "connection (max_pending_requests); wait for some to finish or raise the limit"
             )
-        ident = self._next
-        while ident in self._pending:  # only after wrapping around 2**31 requests
-            ident = (ident + 2) % _ID_SPACE or 2
-        self._next = (ident + 2) % _ID_SPACE or 2
+
+    def add(self, ident: int) -> ReplyChannel:
+        """Return the channel the answer of call ``ident`` will arrive on."""
         channel = ReplyChannel()
         self._pending[ident] = channel
-        return ident, channel
+        return channel
 
     def deliver(self, ident: int, reply: Reply) -> bool:
-        """Route a reply; ``False`` (and counted in :attr:`dropped`) if nobody waits for it."""
+        """Route an answer; ``False`` (and counted in :attr:`dropped`) if nobody waits."""
         channel = self._pending.pop(ident, None)
         if channel is None or not channel.deliver(reply):
             self.dropped += 1
@@ -146,20 +142,20 @@ class Dispatcher:
         return True
 
     def discard(self, ident: int) -> bool:
-        """Forget a request whose caller gave up; ``True`` if it was still pending."""
+        """Forget a call whose caller gave up; ``True`` if it was still pending."""
         return self._pending.pop(ident, None) is not None
 
     def fail(self, ident: int, exc: BaseException) -> bool:
-        """Fail one pending request with ``exc``; ``False`` if it was not pending."""
+        """Fail one pending call with ``exc``; ``False`` if it was not pending."""
         channel = self._pending.pop(ident, None)
         return channel is not None and channel.fail(exc)
 
     def pending_ids(self) -> list[int]:
-        """The ids awaiting replies, oldest first."""
+        """The ids awaiting answers, oldest first."""
         return list(self._pending)
 
     def fail_all(self, make_error: Callable[[int], BaseException]) -> None:
-        """Fail every pending request with ``make_error(ident)`` and forget them all."""
+        """Fail every pending call with ``make_error(ident)`` and forget them all."""
         pending, self._pending = self._pending, {}
         for ident, channel in pending.items():
             channel.fail(make_error(ident))

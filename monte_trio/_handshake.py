@@ -14,26 +14,70 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, ClassVar
 
+import attrs
 import trio
 
 from ._config import ConnectionConfig
 from ._exceptions import HandshakeError, MonteError
-from ._proto._frames import MonteV1Codec
 from ._proto._monte_v1 import MONTE_V1_DEFAULT_MAX_RECORD, MonteV1HandshakeState
+from ._proto._session import MonteV1Session, Session
+from ._proto._wire2 import Hello2
 from ._secure_stream import SecureStream
 
 if TYPE_CHECKING:
-    from ._keys import Identity
+    from ._keys import Identity, PublicKey
     from ._trust import TrustPolicy
 
-__all__ = ["Handshake", "MonteV1Handshake", "resolve_handshake"]
+__all__ = ["Handshake", "MonteV1Handshake", "SessionFacts", "resolve_handshake"]
+
+NATIVE = "native"
+MONTE_V1 = "monte-v1"
+
+
+@attrs.frozen(kw_only=True)
+class SessionFacts:
+    """What a handshake agreed: the one place the connection's facts live.
+
+    Attributes:
+        profile: the wire profile, ``"native"`` or ``"monte-v1"``.
+        initiator: whether this side dialed the connection.
+        peer_public_key: the peer's authenticated static key (native), else ``None``.
+        local_hello: the hello this side sent (native): the limits it accepts.
+        peer_hello: the hello the peer sent (native): the limits this side obeys.
+        max_record_size: monte-v1: the largest record either side accepts.
+        max_message_size: the largest message body this side sends (the peer's limit,
+            and for monte-v1 also the local ``max_message_size``).
+    """
+
+    profile: str
+    initiator: bool
+    peer_public_key: PublicKey | None = None
+    local_hello: Hello2 | None = None
+    peer_hello: Hello2 | None = None
+    max_record_size: int = 0
+    max_message_size: int = 0
+
+    def new_session(self, config: ConnectionConfig, now: float) -> Session | MonteV1Session:
+        """The sans-IO session that makes every protocol decision of the connection."""
+        if self.local_hello is None or self.peer_hello is None:
+            return MonteV1Session(initiator=self.initiator, max_record_size=self.max_record_size)
+        return Session(
+            initiator=self.initiator,
+            local=self.local_hello,
+            peer=self.peer_hello,
+            now=now,
+            keepalive_interval=config.keepalive_interval,
+            keepalive_tolerance=config.keepalive_tolerance,
+            grace_period=config.grace_period,
+        )
 
 
 class Handshake(abc.ABC):
     """Establishes a secure stream over a connected transport.
 
     Subclass it to plug in another key exchange; the result must be a
-    :class:`~monte_trio.SecureStream` whose ``codec`` the connection will speak.
+    :class:`~monte_trio.SecureStream` whose ``facts`` (a :class:`SessionFacts`) say
+    which session the connection runs.
 
     Attributes:
         profile: the wire profile's name.
@@ -108,17 +152,14 @@ class MonteV1Handshake(Handshake):
             initial = opener.receive_data(rest) if rest else []
         except MonteError as exc:
             raise HandshakeError(f"invalid record right after the handshake: {exc}") from exc
-        codec = MonteV1Codec(initiator=initiator, max_record_size=max_record)
-        codec.max_message_size = min(codec.max_message_size, config.max_message_size)
-        return SecureStream(
-            transport,
-            sealer,
-            opener,
+        facts = SessionFacts(
             profile=self.profile,
-            codec=codec,
             initiator=initiator,
-            initial_records=initial,
+            max_record_size=max_record,
+            # u32 seq + 16-byte tag: a message must fit one record
+            max_message_size=min(max_record - 20, config.max_message_size),
         )
+        return SecureStream(transport, sealer, opener, facts=facts, initial_records=initial)
 
 
 def resolve_handshake(

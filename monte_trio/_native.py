@@ -13,7 +13,7 @@ import trio
 
 from ._config import ConnectionConfig
 from ._exceptions import HandshakeError, MonteError, PeerRejected, RemoteProtocolError
-from ._handshake import Handshake
+from ._handshake import Handshake, SessionFacts
 from ._keys import Identity, PublicKey
 from ._proto import _native as wire
 from ._proto._noise import HandshakeState
@@ -108,7 +108,19 @@ class NoiseHandshake(Handshake):
 
     def _hello(self, config: ConnectionConfig) -> wire.Hello:
         max_record = min(config.max_record_size or wire.MAX_RECORD, wire.MAX_RECORD)
-        return wire.Hello(max_record_size=max_record, max_message_size=config.max_message_size)
+        if max_record < wire.MIN_RECORD_SIZE:
+            raise HandshakeError(
+                f"max_record_size {max_record} is below the native profile's floor of "
+                f"{wire.MIN_RECORD_SIZE}; raise it (or leave it unset)"
+            )
+        return wire.Hello(
+            max_record_size=max_record,
+            max_message_size=config.max_message_size,
+            request_window=config.effective_request_window,
+            reply_window=config.effective_reply_window,
+            max_calls=config.max_calls,
+            nested_allowance=config.nested_allowance,
+        )
 
     async def handshake(
         self,
@@ -268,18 +280,13 @@ class NoiseHandshake(Handshake):
         initiator: bool,
         initial: list[bytes],
     ) -> SecureStream:
-        codec = wire.NativeCodec(
-            max_record_size=sealer.max_plaintext + 16,
-            send_limit=peer_hello.max_message_size,
-            receive_limit=config.max_message_size,
-        )
-        return SecureStream(
-            transport,
-            sealer,
-            opener,
+        facts = SessionFacts(
             profile=self.profile,
-            codec=codec,
             initiator=initiator,
             peer_public_key=peer_key,
-            initial_records=initial,
+            local_hello=self._hello(config),
+            peer_hello=peer_hello,
+            max_record_size=sealer.max_plaintext + 16,
+            max_message_size=peer_hello.max_message_size,
         )
+        return SecureStream(transport, sealer, opener, facts=facts, initial_records=initial)

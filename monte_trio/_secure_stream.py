@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._proto._frames import FrameCodec
 from ._proto._records import RecordOpener, RecordSealer
 from ._util import ConflictDetector
 
 if TYPE_CHECKING:
-    from ._keys import PublicKey
+    from ._handshake import SessionFacts
 
 __all__ = ["SecureStream"]
 
@@ -46,10 +45,8 @@ class SecureStream(trio.abc.Stream):
 
     Attributes:
         transport: the underlying stream (usually a :class:`trio.SocketStream`).
-        profile: the wire profile agreed in the handshake (``"native"`` or ``"monte-v1"``).
-        codec: the message layer agreed in the handshake.
-        initiator: whether this side dialed the connection.
-        peer_public_key: the peer's authenticated static key (native), else ``None``.
+        facts: what the handshake agreed (profile, side, peer key, limits): the one
+            place a :class:`~monte_trio.Connection` builds its session from.
     """
 
     def __init__(
@@ -58,17 +55,11 @@ class SecureStream(trio.abc.Stream):
         sealer: RecordSealer,
         opener: RecordOpener,
         *,
-        profile: str,
-        codec: FrameCodec,
-        initiator: bool,
-        peer_public_key: PublicKey | None = None,
+        facts: SessionFacts,
         initial_records: list[bytes] | None = None,
     ) -> None:
         self.transport = transport
-        self.profile = profile
-        self.codec = codec
-        self.initiator = initiator
-        self.peer_public_key = peer_public_key
+        self.facts = facts
         self._sealer = sealer
         self._opener = opener
         self._pending_records: list[bytes] = list(initial_records or ())

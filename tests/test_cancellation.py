@@ -183,8 +183,10 @@ async def test_b_cancelled_while_queued_behind_a_blocked_writer(
             await still_serving(client, server, handler)
             assert handler.seen[big] == 1  # the record being written went out whole
             if call == "send":
-                # blanked in the outbox: never written, never handled
-                assert handler.seen[b"victim"] == 0
+                # Since the session (wire v2): a one-way message that got its credit is
+                # queued for good; cancelling the wait for its write does not unsend it.
+                # It goes out whole, after the big one, and is handled once.
+                assert handler.seen[b"victim"] == 1
             elif profile == "native":
                 # written, then CANCEL right behind it in the same batch: the server drops
                 # it from its inbox before a handler takes it; no reply is sent
@@ -261,7 +263,9 @@ async def test_d_cancelled_while_awaiting_the_reply(
                 handler.release.set()
                 await trio.sleep(0.1)
                 assert handler.cancelled == []
-                assert client.statistics().replies_dropped == 1
+                # native: the session absorbs an answer to a cancelled call (and credits
+                # it back at once), so the connection never sees it; monte-v1 counts it.
+                assert client.statistics().replies_dropped == (0 if profile == "native" else 1)
             await still_serving(client, server, handler)
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of the Dispatcher (request ids, reply routing) and its ReplyChannel."""
+"""Unit tests of the Dispatcher (reply routing) and its ReplyChannel."""
 
 from __future__ import annotations
 
@@ -12,69 +12,33 @@ from monte_trio._dispatcher import Dispatcher, ReplyChannel
 TIMEOUT = 5
 
 
-# ---- ids ----------------------------------------------------------------------------------
+# Call ids (parity, order, never wrapping) are the session's since wire v2: see
+# tests/test_session.py. Here a stand-in allocates them as the session does.
 
 
-@pytest.mark.parametrize(("first", "expected"), [(1, [1, 3, 5, 7]), (2, [2, 4, 6, 8])])
-def test_ids_have_the_side_parity_and_step_by_two(first: int, expected: list[int]) -> None:
-    d = Dispatcher(first_id=first, max_pending=100)
-    assert [d.allocate()[0] for _ in range(4)] == expected
-    assert len(d) == 4
+class _Dispatcher(Dispatcher):
+    """A Dispatcher with the session's id allocation (1, 3, 5 ... or 2, 4, 6 ...)."""
 
+    def __init__(self, *, first_id: int, max_pending: int) -> None:
+        super().__init__(max_pending=max_pending)
+        self.next_id = first_id
 
-@pytest.mark.parametrize("first", [0, 3, -1])
-def test_first_id_must_be_1_or_2(first: int) -> None:
-    with pytest.raises(ValueError, match="first_id"):
-        Dispatcher(first_id=first, max_pending=1)
-
-
-def test_odd_ids_wrap_within_32_bits_and_skip_pending() -> None:
-    d = Dispatcher(first_id=1, max_pending=100)
-    first, _ = d.allocate()  # id 1 stays pending
-    assert first == 1
-    d._next = 2**32 - 3
-    ids = [d.allocate()[0] for _ in range(3)]
-    # 2**32 - 3, 2**32 - 1, then wraps to 1 (pending: skipped) -> 3
-    assert ids == [2**32 - 3, 2**32 - 1, 3]
-    assert all(0 < i < 2**32 and i % 2 == 1 for i in ids)
-
-
-def test_even_ids_wrap_skipping_zero() -> None:
-    d = Dispatcher(first_id=2, max_pending=100)
-    d._next = 2**32 - 2
-    ids = [d.allocate()[0] for _ in range(3)]
-    assert ids == [2**32 - 2, 2, 4]
-    assert 0 not in ids
-
-
-def test_wrap_skips_every_pending_id() -> None:
-    d = Dispatcher(first_id=2, max_pending=100)
-    held = [d.allocate()[0] for _ in range(3)]  # 2, 4, 6 pending
-    assert held == [2, 4, 6]
-    d._next = 2**32 - 2
-    assert d.allocate()[0] == 2**32 - 2
-    assert d.allocate()[0] == 8  # 2, 4, 6 still pending
-
-
-def test_released_ids_are_reused_after_wrap() -> None:
-    d = Dispatcher(first_id=1, max_pending=100)
-    ident, _ = d.allocate()
-    assert d.discard(ident)
-    d._next = 2**32 - 1
-    assert d.allocate()[0] == 2**32 - 1
-    assert d.allocate()[0] == 1
+    def allocate(self) -> tuple[int, ReplyChannel]:
+        self.check_room()
+        ident, self.next_id = self.next_id, self.next_id + 2
+        return ident, self.add(ident)
 
 
 # ---- limits -------------------------------------------------------------------------------
 
 
 def test_limit_exceeded_then_room_again() -> None:
-    d = Dispatcher(first_id=1, max_pending=3)
+    d = _Dispatcher(first_id=1, max_pending=3)
     ids = [d.allocate()[0] for _ in range(3)]
     with pytest.raises(LimitExceeded, match="max_pending_requests"):
         d.allocate()
     assert len(d) == 3
-    assert d.deliver(ids[0], (2, b"x"))
+    assert d.deliver(ids[0], (2, b"x", None))
     assert d.allocate()[0] == 7  # one slot free again; ids keep stepping
     with pytest.raises(LimitExceeded):
         d.allocate()
@@ -84,47 +48,47 @@ def test_limit_exceeded_then_room_again() -> None:
 
 
 async def test_deliver_routes_to_the_right_channel() -> None:
-    d = Dispatcher(first_id=1, max_pending=10)
+    d = _Dispatcher(first_id=1, max_pending=10)
     (a, ca), (b, cb) = d.allocate(), d.allocate()
-    assert d.deliver(b, (2, b"for b"))
-    assert d.deliver(a, (2, b"for a"))
-    assert await ca.receive() == (2, b"for a")
-    assert await cb.receive() == (2, b"for b")
+    assert d.deliver(b, (2, b"for b", None))
+    assert d.deliver(a, (2, b"for a", None))
+    assert await ca.receive() == (2, b"for a", None)
+    assert await cb.receive() == (2, b"for b", None)
     assert len(d) == 0
     assert d.dropped == 0
 
 
 def test_unknown_or_duplicate_reply_is_dropped_and_counted() -> None:
-    d = Dispatcher(first_id=1, max_pending=10)
+    d = _Dispatcher(first_id=1, max_pending=10)
     ident, _ = d.allocate()
-    assert not d.deliver(99, (2, b"unknown"))
+    assert not d.deliver(99, (2, b"unknown", None))
     assert d.dropped == 1
-    assert d.deliver(ident, (2, b"ok"))
-    assert not d.deliver(ident, (2, b"again"))
+    assert d.deliver(ident, (2, b"ok", None))
+    assert not d.deliver(ident, (2, b"again", None))
     assert d.dropped == 2
 
 
 def test_discard_forgets_and_late_reply_is_dropped() -> None:
-    d = Dispatcher(first_id=1, max_pending=10)
+    d = _Dispatcher(first_id=1, max_pending=10)
     ident, _ = d.allocate()
     assert d.discard(ident) is True
     assert d.discard(ident) is False
     assert len(d) == 0
-    assert not d.deliver(ident, (2, b"late"))
+    assert not d.deliver(ident, (2, b"late", None))
     assert d.dropped == 1
 
 
 def test_delivery_to_a_closed_channel_counts_as_dropped() -> None:
-    d = Dispatcher(first_id=1, max_pending=10)
+    d = _Dispatcher(first_id=1, max_pending=10)
     ident, channel = d.allocate()
     channel._closed = True  # what aclose() does, without awaiting
-    assert not d.deliver(ident, (2, b"late"))
+    assert not d.deliver(ident, (2, b"late", None))
     assert d.dropped == 1
     assert len(d) == 0
 
 
 async def test_fail_one() -> None:
-    d = Dispatcher(first_id=1, max_pending=10)
+    d = _Dispatcher(first_id=1, max_pending=10)
     (a, ca), (b, _) = d.allocate(), d.allocate()
     assert d.fail(a, ConnectionClosed("gone"))
     assert not d.fail(a, ConnectionClosed("again"))
@@ -134,7 +98,7 @@ async def test_fail_one() -> None:
 
 
 async def test_fail_all_fails_every_waiter_with_its_own_error() -> None:
-    d = Dispatcher(first_id=2, max_pending=10)
+    d = _Dispatcher(first_id=2, max_pending=10)
     channels = [d.allocate() for _ in range(5)]
     assert d.pending_ids() == [2, 4, 6, 8, 10]
     results: dict[int, str] = {}
@@ -167,17 +131,17 @@ def waiting(ch: ReplyChannel) -> bool:
 
 async def test_channel_receive_after_deliver_then_end_of_channel() -> None:
     ch = ReplyChannel()
-    assert ch.deliver((2, b"reply"))
-    assert not ch.deliver((2, b"second"))
+    assert ch.deliver((2, b"reply", None))
+    assert not ch.deliver((2, b"second", None))
     assert not ch.fail(ConnectionClosed("x"))
-    assert await ch.receive() == (2, b"reply")
+    assert await ch.receive() == (2, b"reply", None)
     with pytest.raises(trio.EndOfChannel):
         await ch.receive()
 
 
 async def test_channel_wakes_a_waiting_receiver_once() -> None:
     ch = ReplyChannel()
-    got: list[tuple[int, bytes]] = []
+    got: list[tuple[int, bytes, object]] = []
 
     async def receiver() -> None:
         got.append(await ch.receive())
@@ -187,9 +151,9 @@ async def test_channel_wakes_a_waiting_receiver_once() -> None:
             nursery.start_soon(receiver)
             await trio.testing.wait_all_tasks_blocked()
             assert got == []
-            assert ch.deliver((3, b"error text"))
-            assert not ch.deliver((2, b"too late"))
-    assert got == [(3, b"error text")]
+            assert ch.deliver((3, b"error text", None))
+            assert not ch.deliver((2, b"too late", None))
+    assert got == [(3, b"error text", None)]
     with pytest.raises(trio.EndOfChannel):
         await ch.receive()
 
@@ -202,7 +166,7 @@ async def test_channel_second_receiver_is_busy() -> None:
             await trio.testing.wait_all_tasks_blocked()
             with pytest.raises(trio.BusyResourceError):
                 await ch.receive()
-            ch.deliver((2, b""))
+            ch.deliver((2, b"", None))
 
 
 async def test_channel_cancel_while_waiting_then_deliver_later() -> None:
@@ -215,8 +179,8 @@ async def test_channel_cancel_while_waiting_then_deliver_later() -> None:
             nursery.cancel_scope.cancel()
         # The cancelled waiter left no trace: a later delivery is kept for a new receiver.
         assert not waiting(ch)
-        assert ch.deliver((2, b"after cancel"))
-        assert await ch.receive() == (2, b"after cancel")
+        assert ch.deliver((2, b"after cancel", None))
+        assert await ch.receive() == (2, b"after cancel", None)
 
 
 async def test_channel_fail_raises_in_receiver() -> None:
@@ -231,14 +195,14 @@ async def test_channel_fail_raises_in_receiver() -> None:
 async def test_channel_aclose_ignores_later_delivery() -> None:
     ch = ReplyChannel()
     await ch.aclose()
-    assert not ch.deliver((2, b"late"))
+    assert not ch.deliver((2, b"late", None))
     with pytest.raises(trio.EndOfChannel):
         await ch.receive()
 
 
 async def test_channel_aclose_discards_a_delivered_reply() -> None:
     ch = ReplyChannel()
-    assert ch.deliver((2, b"unread"))
+    assert ch.deliver((2, b"unread", None))
     await ch.aclose()
     with pytest.raises(trio.EndOfChannel):
         await ch.receive()
@@ -248,9 +212,9 @@ async def test_channel_cancelled_receive_does_not_consume_a_ready_reply() -> Non
     # Trio's rule: an operation that raises Cancelled did not happen. A receive cancelled
     # with the reply already there must leave it for the next receive.
     ch = ReplyChannel()
-    ch.deliver((2, b"x"))
+    ch.deliver((2, b"x", None))
     with trio.CancelScope() as scope:
         scope.cancel()
         await ch.receive()
     assert scope.cancelled_caught
-    assert await ch.receive() == (2, b"x")
+    assert await ch.receive() == (2, b"x", None)

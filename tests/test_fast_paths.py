@@ -35,6 +35,10 @@ from monte_trio.testing import FaultyNetwork, open_connection_pair, secure_strea
 TIMEOUT = 30  # seconds (virtual under the autojump clock)
 
 
+# How long returned credit may wait for a write to ride on (monte_trio._connection).
+CREDIT_FLUSH_DELAY = 0.005
+
+
 class WriterSteps(trio.abc.Instrument):
     """Counts the steps run by every connection's writer task."""
 
@@ -146,17 +150,23 @@ async def test_calls_on_a_quiet_connection_skip_the_writer(profile: Handshake) -
         async with socket_connection_pair(profile, server_handler=handler) as (client, server):
             await client.request(b"warm up")
             await trio.testing.wait_all_tasks_blocked()
+            slow = 0
             trio.lowlevel.add_instrument(instrument)
             try:
                 for i in range(50):
+                    start = trio.current_time()
                     await client.send(b"note %d" % i)
                     assert await client.request(b"abc%d" % i) == (b"abc%d" % i)[::-1]
+                    slow += trio.current_time() - start >= CREDIT_FLUSH_DELAY
             finally:
                 trio.lowlevel.remove_instrument(instrument)
             assert server.statistics().messages_received == 50
     # Requests, one-way messages and the handler's replies were all written by the task
-    # that made them: neither connection's writer ran.
-    assert instrument.steps == 0
+    # that made them: neither connection's writer ran. The one exception is native credit:
+    # returned credit rides on the next write, and only a connection that stays quiet for
+    # CREDIT_FLUSH_DELAY has its writer send it alone (one wake-up, at most three steps),
+    # which a loaded machine can cause in an iteration that slow.
+    assert instrument.steps <= (3 * slow if is_native(profile) else 0)
 
 
 async def test_concurrent_callers_on_a_socket_all_arrive(profile: Handshake) -> None:
@@ -180,10 +190,12 @@ async def test_concurrent_callers_on_a_socket_all_arrive(profile: Handshake) -> 
 
 
 async def test_cancelled_direct_write_is_sent_whole(profile: Handshake) -> None:
-    # The server takes one request at a time and its handler waits, so it soon stops
-    # reading; a large send on the quiet client connection is written directly and
+    # monte-v1: the server takes one request at a time and its handler waits, so it soon
+    # stops reading; a large send on the quiet client connection is written directly and
     # blocks on the full socket. Cancelling it must not cut a record: once the server
-    # reads again, everything arrives intact and the connection goes on.
+    # reads again, everything arrives intact and the connection goes on. Native (wire
+    # v2): the server never stops reading (credit bounds it instead), so the big send
+    # completes while the handler is still busy; everything arrives intact all the same.
     release = trio.Event()
     got: list[bytes] = []
 
@@ -213,7 +225,7 @@ async def test_cancelled_direct_write_is_sent_whole(profile: Handshake) -> None:
                         inner.start_soon(client.send, big)
                         await trio.testing.wait_all_tasks_blocked()
                         scope.cancel()
-                assert scope.cancelled_caught
+                assert scope.cancelled_caught == (not is_native(profile))
                 release.set()
             assert await client.request(b"after") == b"ok"
             assert not client.closed
@@ -338,7 +350,10 @@ async def test_inline_replies_are_held_back_by_the_send_queue(
         return b"R" * 1000
 
     net = FaultyNetwork(buffer_size=1024, max_segment=512)
-    server_config = ConnectionConfig(max_send_queue=4000)
+    # monte-v1: the server's reader stops once the send queue is full. Native (wire v2):
+    # the reader never stops; the server's 4 call slots hold the other requests at the
+    # client, so at most 4 replies are ever owed.
+    server_config = ConnectionConfig(max_send_queue=4000, max_calls=4)
     n = 40
     with trio.fail_after(TIMEOUT):
         async with network_connection_pair(

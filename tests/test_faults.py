@@ -271,7 +271,8 @@ async def test_goaway_during_faults_is_retry_safe(
             server = Server(
                 handler,
                 handshake=make_handshake(profile),
-                config=attrs.evolve(CONFIG, max_concurrent_handlers=4),
+                # native: 4 call slots (credit, wire v2) hold the other calls at the client
+                config=attrs.evolve(CONFIG, max_concurrent_handlers=4, max_calls=4),
             )
             await outer.start(server.serve_listeners, [network.listen("server")])
             async with network_client(network, profile, max_conns=1) as client:

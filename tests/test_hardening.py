@@ -36,15 +36,22 @@ from monte_trio import (
     SecureStream,
     Server,
 )
+from monte_trio._handshake import SessionFacts
 from monte_trio._proto import _native as wire
-from monte_trio._proto._frames import Frame
+from monte_trio._proto import _wire2 as wire2
 from monte_trio._proto._noise import HandshakeState
+from monte_trio._proto._session import Session
 from monte_trio.testing import secure_stream_pair
 
 LOCALHOST = "127.0.0.1"
 _U16 = struct.Struct(">H")
 U32_MAX = 2**32 - 1
-ONEWAY, REQUEST, REPLY, ERROR, CANCEL, PING, PONG, GOAWAY = range(8)
+K = wire2.Kind
+ONEWAY, REQUEST, REPLY, ERROR, CONT = K.ONEWAY, K.REQUEST, K.REPLY, K.ERROR, K.CONTINUATION
+CANCEL, PING, PONG, GOAWAY, CREDIT = K.CANCEL, K.PING, K.PONG, K.GOAWAY, K.CREDIT
+Frame = tuple[int, int, bytes]
+"""A frame as the raw peer reads it: (kind, id, payload); a fragmented message is
+reassembled, an ERROR's and a GOAWAY's code is stripped, a nested request's parent too."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -53,13 +60,31 @@ ONEWAY, REQUEST, REPLY, ERROR, CANCEL, PING, PONG, GOAWAY = range(8)
 
 
 def hello_bytes(max_record: int = wire.MAX_RECORD, max_message: int = 2**20) -> bytes:
-    """A version 1 hello with any limits (u32 fields, unchecked here)."""
-    return struct.pack(">BBIII", wire.VERSION, 0, max_record, max_message, 0)
+    """A version 2 (TLV) hello with any limits (unchecked here), windows at their floors."""
+    return wire2.Hello2(
+        max_record_size=max_record,
+        max_message_size=max_message,
+        request_window=wire2.default_request_window(max_message),
+        reply_window=wire2.default_reply_window(max_message),
+    ).encode()
 
 
 def frame(kind: int, ident: int, payload: bytes = b"", flags: int = 0) -> bytes:
-    """One record's plaintext: the frame header then the payload."""
-    return wire.HEADER.pack(kind, flags, ident) + payload
+    """One wire v2 frame (a record's plaintext may hold several). A GOAWAY without a
+    payload gets the 2-byte code NO_ERROR, an ERROR without one the code INTERNAL."""
+    if kind == GOAWAY and not payload:
+        payload = b"\x00\x00"
+    return wire2.HEADER.pack(kind, flags, len(payload), ident) + payload
+
+
+def error_frame(ident: int, text: bytes) -> bytes:
+    """An ERROR answer: u16 code (INTERNAL) then the text."""
+    return frame(ERROR, ident, int(wire2.ErrorCode.INTERNAL).to_bytes(2, "big") + text)
+
+
+def first_fragment(ident: int, total: int, data: bytes, kind: int = REQUEST) -> bytes:
+    """The first frame of a fragmented message: u32 total, then data; flagged MORE."""
+    return frame(kind, ident, total.to_bytes(4, "big") + data, flags=wire2.FLAG_MORE)
 
 
 class _Bytes:
@@ -83,15 +108,57 @@ class _Bytes:
 
 
 class RawPeer:
-    """The hostile end of a native connection: sends any record plaintext, reads frames."""
+    """The hostile end of a native connection: sends any frames, reads frames.
 
-    def __init__(self, secure: SecureStream) -> None:
+    It answers nothing by itself but credit: each answer it reads returns its reply
+    window (as a well-behaved peer does when its caller takes the reply), so the real
+    side can go on answering."""
+
+    def __init__(self, secure: SecureStream, reply_window: int = 0) -> None:
         self.secure = secure
         self._frames: list[Frame] = []
         self._kept: list[Frame] = []
-        self._decoder = wire.NativeCodec(
-            max_record_size=wire.MAX_RECORD, send_limit=U32_MAX, receive_limit=U32_MAX
+        self._partial: dict[int, tuple[int, bytearray]] = {}
+        self._reply_limit = reply_window
+        self.request_window = 0  # the latest request-window limit the real side granted
+
+    def decode(self, plaintext: bytes) -> list[Frame]:
+        """The complete frames (messages reassembled) of one record."""
+        out: list[Frame] = []
+        off = 0
+        while off < len(plaintext):
+            kind, flags, length, ident = wire2.HEADER.unpack_from(plaintext, off)
+            payload = plaintext[off + 8 : off + 8 + length]
+            off += 8 + length
+            if kind == CONT:
+                first_kind, buffer = self._partial[ident]
+                buffer += payload
+                if flags & wire2.FLAG_MORE:
+                    continue
+                del self._partial[ident]
+                kind, payload = first_kind, bytes(buffer)
+            else:
+                if flags & wire2.FLAG_NESTED:
+                    payload = payload[4:]
+                if flags & wire2.FLAG_MORE:
+                    self._partial[ident] = (kind, bytearray(payload[4:]))
+                    continue
+            if kind in (ERROR, GOAWAY):
+                payload = payload[2:]
+            if kind == CREDIT and ident == wire2.CreditLimit.REQUEST_WINDOW:
+                self.request_window = int.from_bytes(payload, "big")
+            out.append((kind, ident, payload))
+        return out
+
+    async def _credit(self, frames: list[Frame]) -> None:
+        grant = sum(
+            len(f[2]) + (2 if f[0] == ERROR else 0) + 64 for f in frames if f[0] in (REPLY, ERROR)
         )
+        if grant and self._reply_limit:
+            self._reply_limit += grant
+            await self.send(
+                frame(CREDIT, wire2.CreditLimit.REPLY_WINDOW, self._reply_limit.to_bytes(8, "big"))
+            )
 
     async def send(self, *plaintexts: bytes) -> bool:
         """Send records; ``False`` if the real peer has already closed the connection."""
@@ -111,9 +178,9 @@ class RawPeer:
             if not records:
                 return None
             for record in records:
-                decoded = self._decoder.decode(record)
-                if decoded is not None:
-                    self._frames.append(decoded)
+                decoded = self.decode(record)
+                self._frames.extend(decoded)
+                await self._credit(decoded)
         return self._frames.pop(0)
 
     async def frame_of(self, *kinds: int, ident: int | None = None) -> Frame | None:
@@ -169,11 +236,16 @@ def _secure(
     sealer, opener = wire.transport(
         send, receive, peer_max_record=peer_hello.max_record_size, own_max_record=wire.MAX_RECORD
     )
-    codec = wire.NativeCodec(
-        max_record_size=peer_hello.max_record_size, send_limit=U32_MAX, receive_limit=U32_MAX
-    )
-    secure = SecureStream(stream, sealer, opener, profile="native", codec=codec, initiator=True)
+    facts = SessionFacts(profile="native", initiator=initiator)  # driven by hand, not a session
+    secure = SecureStream(stream, sealer, opener, facts=facts)
     return secure, opener.receive_data(rest) if rest else []
+
+
+def _reply_window(hello: bytes) -> int:
+    try:
+        return wire.Hello.decode(hello).reply_window
+    except monte_trio.RemoteProtocolError:
+        return 0
 
 
 async def raw_client(port: int, hello: bytes) -> RawPeer | None:
@@ -201,11 +273,9 @@ async def raw_client(port: int, hello: bytes) -> RawPeer | None:
         await stream.aclose()
         return None
     assert wire.decode_verdict(records[0]) == (True, "")
-    peer = RawPeer(secure)
+    peer = RawPeer(secure, _reply_window(hello))
     for record in records[1:]:
-        decoded = peer._decoder.decode(record)
-        if decoded is not None:
-            peer._frames.append(decoded)
+        peer._frames.extend(peer.decode(record))
     return peer
 
 
@@ -227,7 +297,7 @@ async def raw_server_accept(stream: trio.abc.Stream, hello: bytes) -> RawPeer | 
     client_hello = wire.Hello.decode(state.read_message(msg3))
     secure, _ = _secure(stream, state, client_hello, False, bytes(reader.buffer))
     await secure.send_records([wire.encode_verdict(True)])
-    return RawPeer(secure)
+    return RawPeer(secure, _reply_window(hello))
 
 
 @asynccontextmanager
@@ -301,7 +371,7 @@ async def attack_server_paths(peer: RawPeer, max_message: int) -> None:
     await peer.send(frame(PING, 7, b"12345678"))
     assert await peer.frame_of(PONG) == (PONG, 7, b"12345678")
     await peer.send(frame(REQUEST, 1, b"raise"))
-    kind, ident, payload = await peer.frame_of(REPLY, ERROR) or (None, 0, b"")
+    kind, ident, payload = await peer.frame_of(REPLY, ERROR) or (0, 0, b"")
     assert (kind, ident) == (ERROR, 1)
     assert check_text(payload, max_message).startswith("ValueError: éé")
     await peer.send(frame(REQUEST, 3, b"big"))
@@ -338,7 +408,8 @@ KEEPALIVE = ConnectionConfig(keepalive_interval=0.05, keepalive_tolerance=10)
 
 
 def test_the_floors_are_stated() -> None:
-    assert wire.MIN_RECORD_SIZE == 65
+    # wire v2: a record holds an ERROR frame (8 + 2 + 998) and every control frame whole
+    assert wire.MIN_RECORD_SIZE == wire2.MIN_RECORD_SIZE == 1024
     assert wire.MIN_MESSAGE_SIZE == 1024
 
 
@@ -409,36 +480,39 @@ async def test_hello_extremes_against_a_real_client(
 async def test_a_hello_below_the_floor_names_field_value_and_floor() -> None:
     with pytest.raises(monte_trio.RemoteProtocolError, match=r"max_message_size 1, .*1024"):
         wire.Hello.decode(hello_bytes(wire.MAX_RECORD, 1))
-    with pytest.raises(monte_trio.RemoteProtocolError, match=r"max_record_size 64, .*65\.\.65535"):
-        wire.Hello.decode(hello_bytes(64, 1024))
+    with pytest.raises(
+        monte_trio.RemoteProtocolError, match=r"max_record_size 1023, .*1024\.\.65535"
+    ):
+        wire.Hello.decode(hello_bytes(1023, 1024))
 
 
 # Every frame kind, from a peer at the floors: (frames to send, the connection survives).
+# Wire v2 rules: an answer or a CANCEL naming an id that was never opened is a protocol
+# error (ids are allocated in order, so "never opened" is one comparison); calls may
+# interleave their fragments, and control frames may come between fragments.
 FRAME_CASES: dict[str, tuple[list[bytes], bool]] = {
     "oneway": ([frame(ONEWAY, 0, b"m")], True),
     "request": ([frame(REQUEST, 1, b"r")], True),
-    "reply-unknown": ([frame(REPLY, 99, b"?")], True),
-    "error-unknown": ([frame(ERROR, 99, b"?")], True),
-    "cancel-unknown": ([frame(CANCEL, 99)], True),
+    "request-then-cancel": ([frame(REQUEST, 1, b"r"), frame(CANCEL, 1)], True),
+    "reply-never-opened": ([frame(REPLY, 98, b"?")], False),
+    "error-never-opened": ([error_frame(98, b"?")], False),
+    "cancel-never-opened": ([frame(CANCEL, 99)], False),
     "ping": ([frame(PING, 1, b"12345678")], True),
     "ping-16": ([frame(PING, 1, bytes(16))], True),
     "ping-17": ([frame(PING, 1, bytes(17))], False),
-    "ping-more": ([frame(PING, 1, b"a", flags=wire.FLAG_MORE)], False),
+    "ping-more": ([frame(PING, 1, b"a", flags=wire2.FLAG_MORE)], False),
     "pong": ([frame(PONG, 1, b"12345678")], True),
     "pong-17": ([frame(PONG, 1, bytes(17))], False),
     "kind-8": ([frame(8, 0)], False),
     "kind-255": ([frame(255, 0)], False),
+    "extension-kind": ([frame(0x40, 0, b"skipped")], True),
     "short": ([b"\x01\x00\x00"], False),
-    "empty-more": ([frame(REQUEST, 1, b"", flags=wire.FLAG_MORE)], False),
-    "interleaved": (
-        [frame(REQUEST, 1, b"a", flags=wire.FLAG_MORE), frame(REQUEST, 3, b"b")],
-        False,
-    ),
-    "ping-in-fragments": (
-        [frame(REQUEST, 1, b"a", flags=wire.FLAG_MORE), frame(PING, 1, b"x")],
-        False,
-    ),
-    "oversized": ([frame(REQUEST, 1, bytes(1000), flags=wire.FLAG_MORE)] * 20, False),
+    "empty-more": ([frame(REQUEST, 1, b"", flags=wire2.FLAG_MORE)], False),
+    "interleaved": ([first_fragment(1, 2, b"a"), frame(REQUEST, 3, b"b")], True),
+    "ping-in-fragments": ([first_fragment(1, 2, b"a"), frame(PING, 1, b"x")], True),
+    "continuation-unknown": ([frame(CONT, 1, b"a")], False),
+    "oversized": ([first_fragment(1, 20_000, bytes(996))], False),
+    "over-total": ([first_fragment(1, 2, b"a"), frame(CONT, 1, b"bc")], False),
 }
 
 
@@ -522,7 +596,9 @@ async def test_cancel_hits_only_its_own_request_near_the_end_of_the_id_space() -
         return request.body
 
     server = Server(handler, trust=AcceptAnyKey())
-    ids = [U32_MAX - 2, U32_MAX, 1, 3]  # odd, wrapping around
+    # Wire v2: ids only grow (never wrap); near the top of the id space.
+    a, b, c, d, last = U32_MAX - 8, U32_MAX - 6, U32_MAX - 4, U32_MAX - 2, U32_MAX
+    ids = [a, b, c, d]
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, 0, LOCALHOST)
@@ -531,29 +607,31 @@ async def test_cancel_hits_only_its_own_request_near_the_end_of_the_id_space() -
             assert peer is not None
             await peer.send(*(frame(REQUEST, i, b"%d" % i) for i in ids))
             # Cancelled while queued or while running: either way, never answered.
-            await peer.send(frame(CANCEL, U32_MAX), frame(CANCEL, 1))
+            await peer.send(frame(CANCEL, b), frame(CANCEL, c))
             await peer.send(frame(PING, 1, b"sync"))  # read after the cancels
             assert await peer.frame_of(PONG) == (PONG, 1, b"sync")
             release.set()
-            await peer.send(frame(REQUEST, 5, b"last"))
-            assert await peer.frame_of(REPLY, ident=5) == (REPLY, 5, b"last")
-            for ident in (U32_MAX - 2, 3):
+            await peer.send(frame(REQUEST, last, b"last"))
+            assert await peer.frame_of(REPLY, ident=last) == (REPLY, last, b"last")
+            for ident in (a, d):
                 assert await peer.frame_of(REPLY, ident=ident) == (REPLY, ident, b"%d" % ident)
+            for ident in (b, c):  # each cancel is answered ERROR(CANCELLED), never REPLY
+                assert await peer.frame_of(REPLY, ERROR, ident=ident) == (ERROR, ident, b"")
             await peer.aclose()
             await server.shutdown(grace_period=1.0)
             nursery.cancel_scope.cancel()
-    assert sorted(finished) == [3, 5, U32_MAX - 2]
+    assert sorted(finished) == [a, d, last]
 
 
 @pytest.mark.parametrize(
     ("last", "not_processed"),
-    [(0, [1, 3, 5]), (U32_MAX, [1, 3, 5]), (U32_MAX - 2, [1, 3, 5]), (1, [3, 5]), (5, [])],
+    [(0, [1, 3, 5]), (1, [3, 5]), (3, [5]), (5, [])],
 )
-async def test_goaway_compares_ids_across_wraparound_initiator(
+async def test_goaway_fails_exactly_the_calls_above_its_last_id(
     last: int, not_processed: list[int]
 ) -> None:
-    """A client's requests 1, 3, 5 against a GOAWAY announcing ``last``: with ids
-    compared in serial-number order, 1 comes after 2**32 - 1."""
+    """A client's requests 1, 3, 5 against a GOAWAY announcing ``last`` (wire v2: ids
+    never wrap, so the comparison is plain)."""
     results: dict[int, str] = {}
 
     async def attack(peer: RawPeer) -> None:
@@ -586,9 +664,12 @@ async def test_goaway_compares_ids_across_wraparound_initiator(
     assert results == {i: "not processed" if i in not_processed else "done" for i in (1, 3, 5)}
 
 
-@pytest.mark.parametrize(("last", "processed"), [(0, False), (U32_MAX - 1, False), (2, True)])
-async def test_goaway_compares_ids_across_wraparound_acceptor(last: int, processed: bool) -> None:
-    """The server's callback request (id 2, even) against the client's GOAWAY."""
+@pytest.mark.parametrize("last", [0, 1])
+async def test_a_nested_callback_survives_the_peers_goaway(last: int) -> None:
+    """The server's callback (id 2, nested under the client's call 1) against the
+    client's GOAWAY: wire v2 keeps nested calls outside GOAWAY (the client's handler
+    serving call 1 needs its answer), so it is answered either way."""
+    processed = True
 
     async def calls_back(request: Request) -> bytes:
         try:
@@ -604,7 +685,8 @@ async def test_goaway_compares_ids_across_wraparound_acceptor(last: int, process
             assert peer is not None
             await peer.send(frame(REQUEST, 1, b"go"))
             assert await peer.frame_of(REQUEST) == (REQUEST, 2, b"callback")
-            await peer.send(frame(GOAWAY, last))
+            await peer.send(frame(GOAWAY, 0))
+            assert last in (0, 1)
             if processed:
                 await peer.send(frame(REPLY, 2, b"answered"))
             expected = b"answered" if processed else b"not processed"
@@ -657,7 +739,8 @@ async def test_a_control_frame_flood_is_disconnected(flood: Callable[[int], byte
         async with serving() as (_, port):
             peer = await raw_client(port, hello_bytes())
             assert peer is not None
-            await peer.send(*(flood(i) for i in range(wire.CONTROL_BURST + 1)))
+            # Over the burst (wire v2: the first GOAWAY is not charged, the others are).
+            await peer.send(*(flood(i) for i in range(wire.CONTROL_BURST + 10)))
             await peer.send(frame(REQUEST, 1, b"alive?"))
             assert await peer.frame_of(REPLY) is None
             await peer.aclose()
@@ -679,7 +762,7 @@ async def test_the_control_budget_refills_with_time(
                 assert not server.closed, f"closed after {second} s at the allowed rate"
             await peer.send(*(frame(PING, i, b"p") for i in range(wire.CONTROL_BURST + 1)))
             await server.wait_closed()
-    assert "control frames" in str(server.close_reason)
+    assert "control-frame flood" in str(server.close_reason)
     await peer.aclose()
 
 
@@ -694,22 +777,26 @@ async def test_empty_more_fragments_are_refused_at_once() -> None:
             while await peer.send(*([empty] * 1000)):
                 sent += 1
                 assert sent < 100, "the server kept reading empty fragments"
-            assert await peer.next_frame() is None
+            # Closed at once; wire v2 says why first, in a final GOAWAY (PROTOCOL).
+            assert {f[0] for f in await peer.wait_closed()} <= {GOAWAY}
             await peer.aclose()
             await assert_served(port)
 
 
-def test_reassembly_memory_is_the_payload_whatever_the_fragment_sizes() -> None:
-    codec = wire.NativeCodec(max_record_size=wire.MAX_RECORD, send_limit=2**20, receive_limit=4096)
-    for i in range(4095):
-        assert codec.decode(frame(REQUEST, 1, b"x", flags=wire.FLAG_MORE)) is None
-        assert codec.reassembling == i + 1
-    assert codec.decode(frame(REQUEST, 1, b"y")) == (REQUEST, 1, b"x" * 4095 + b"y")
-    assert codec.reassembling == 0
-    for _ in range(4096):
-        codec.decode(frame(REQUEST, 3, b"x", flags=wire.FLAG_MORE))
-    with pytest.raises(monte_trio.RemoteProtocolError, match="max_message_size"):
-        codec.decode(frame(REQUEST, 3, b"x", flags=wire.FLAG_MORE))
+def test_a_fragmented_message_is_checked_against_its_total_before_buffering() -> None:
+    """Wire v2: the first fragment announces the total; a total above M is refused before
+    anything is buffered, and fragments beyond the total are refused (the session)."""
+    local = wire2.Hello2(max_message_size=4096)
+    session = Session(initiator=False, local=local, peer=wire2.Hello2())
+    assert session.receive_records([first_fragment(1, 4096, b"x")]) == []
+    for _ in range(4094):
+        assert session.receive_records([frame(CONT, 1, b"x", flags=wire2.FLAG_MORE)]) == []
+    events = session.receive_records([frame(CONT, 1, b"y")])
+    assert [e[:3] for e in events] == [(1, 1, b"x" * 4095 + b"y")]
+    with pytest.raises(monte_trio.RemoteProtocolError, match="4097 bytes exceeds M"):
+        Session(initiator=False, local=local, peer=wire2.Hello2()).receive_records(
+            [first_fragment(1, 4097, b"x")]
+        )
 
 
 def test_a_verdict_reason_is_at_most_1024_bytes() -> None:
@@ -772,23 +859,26 @@ async def test_remote_error_text_fits_the_callers_limit() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Item 4: the per-connection memory budget (max_held_bytes); item 3: error replies are
-# bounded; peer text in RemoteError is escaped
+# Item 4: the per-connection memory budget (wire v2: the request window replaces
+# max_held_bytes); item 3: error replies are bounded; peer text in RemoteError is escaped
 # ---------------------------------------------------------------------------------------
 
 MSG = 64 * 1024  # two records each
 BUDGET = 256 * 1024
-BUDGET_CONFIG = ConnectionConfig(max_message_size=MSG, max_held_bytes=BUDGET)
+BUDGET_CONFIG = ConnectionConfig(max_message_size=MSG, request_window=BUDGET)
+COST = MSG + wire2.MESSAGE_COST  # what one such request costs of the window
 
 
 def request_records(ident: int, body: bytes) -> list[bytes]:
     """The record plaintexts of one REQUEST, split as a real sender splits it."""
-    encoder = wire.NativeCodec(
-        max_record_size=wire.MAX_RECORD, send_limit=U32_MAX, receive_limit=U32_MAX
-    )
-    records: list[bytes | None] = []
-    encoder.encode(REQUEST, ident, body, records)
-    return [r for r in records if r is not None]
+    chunk = 60_000
+    if len(body) <= chunk:
+        return [frame(REQUEST, ident, body)]
+    records = [first_fragment(ident, len(body), body[:chunk])]
+    for start in range(chunk, len(body), chunk):
+        more = wire2.FLAG_MORE if start + chunk < len(body) else 0
+        records.append(frame(CONT, ident, body[start : start + chunk], flags=more))
+    return records
 
 
 @asynccontextmanager
@@ -808,22 +898,28 @@ async def serving_handler(
 
 
 def test_the_budget_must_hold_one_message_of_the_largest_size() -> None:
+    """Wire v2: the request window's floor is two messages of the largest size (one is
+    the nested-call reserve), the reply window's one."""
     default = ConnectionConfig()
-    assert default.max_held_bytes >= default.max_message_size
-    assert ConnectionConfig(max_message_size=MSG, max_held_bytes=MSG).max_held_bytes == MSG
-    with pytest.raises(ValueError, match=r"max_held_bytes \(1048576\) must be at least "):
-        ConnectionConfig(max_message_size=2 * 1024 * 1024, max_held_bytes=1024 * 1024)
-    with pytest.raises(ValueError, match="raise max_held_bytes or lower max_message_size"):
-        ConnectionConfig(max_held_bytes=1024)
-    with pytest.raises(ValueError, match="max_held_bytes"):
-        ConnectionConfig(max_held_bytes=0)
+    assert default.effective_request_window == 2 * (default.max_message_size + 64)
+    assert default.effective_reply_window == default.max_message_size + 64
+    floor = 2 * COST
+    assert ConnectionConfig(max_message_size=MSG, request_window=floor).request_window == floor
+    with pytest.raises(ValueError, match=r"request_window \(131199\) must be at least "):
+        ConnectionConfig(max_message_size=MSG, request_window=floor - 1)
+    with pytest.raises(ValueError, match="raise it or lower max_message_size"):
+        ConnectionConfig(request_window=1024)
+    with pytest.raises(ValueError, match="reply_window"):
+        ConnectionConfig(max_message_size=MSG, reply_window=COST - 1)
+    with pytest.raises(ValueError, match="request_window"):
+        ConnectionConfig(request_window=0)
 
 
 async def test_a_flood_of_unread_big_requests_holds_at_most_the_budget() -> None:
-    """The 16 MiB flood, scaled down: 40 requests of 64 KiB that are never answered
-    (their replies never read). The server's connection starts handlers for at most
-    budget / message size of them, serves other clients meanwhile, and answers them all
-    once they can finish."""
+    """The 16 MiB flood, scaled down: 40 requests of 64 KiB whose handlers do not finish.
+    Wire v2: the peer may send only what the request window grants (budget / cost of
+    one message), the server serves other clients meanwhile, and each request's credit
+    comes back once its handler is done, which lets the next ones in."""
     started = 0
     release = trio.Event()
 
@@ -836,31 +932,38 @@ async def test_a_flood_of_unread_big_requests_holds_at_most_the_budget() -> None
 
     bodies = {2 * i + 1: bytes([i]) * MSG for i in range(40)}
     with trio.fail_after(20):
-        async with serving_handler(holds, BUDGET_CONFIG) as port, trio.open_nursery() as nursery:
+        async with serving_handler(holds, BUDGET_CONFIG) as port:
             peer = await raw_client(port, hello_bytes())
             assert peer is not None
+            peer.request_window = BUDGET
+            pending = list(bodies.items())
+            used = 0
 
-            async def flood() -> None:
-                for ident, body in bodies.items():
-                    if not await peer.send(*request_records(ident, body)):
-                        return  # pragma: no cover (the server closed it: the test fails)
+            async def send_what_fits() -> None:
+                nonlocal used
+                while pending and used + COST <= peer.request_window:
+                    ident, body = pending.pop(0)
+                    assert await peer.send(*request_records(ident, body))
+                    used += COST
 
-            nursery.start_soon(flood)
+            await send_what_fits()
             await trio.testing.wait_all_tasks_blocked(cushion=0.1)
-            assert 1 <= started <= BUDGET // MSG + 1
+            assert started == BUDGET // COST  # 3: what the window holds
             await assert_served(port)  # another connection is served meanwhile
-            assert started <= BUDGET // MSG + 1
+            assert started == BUDGET // COST
             release.set()
             for ident, body in bodies.items():
-                assert await peer.frame_of(REPLY, ERROR, ident=ident) == (REPLY, ident, body)
+                got = await peer.frame_of(REPLY, ERROR, ident=ident)
+                assert got == (REPLY, ident, body)
+                await send_what_fits()  # CREDIT frames read meanwhile raised the window
             await peer.aclose()
     assert started == len(bodies)
 
 
 async def test_a_message_as_large_as_the_budget_is_accepted() -> None:
-    """budget == max_message_size: one such message is always accepted; a second one
-    waits (its reading is paused) until the first is done, then is served too."""
-    config = ConnectionConfig(max_message_size=MSG, max_held_bytes=MSG)
+    """The request window at its floor (two messages of the largest size): both are
+    accepted and held; they are served as handlers finish."""
+    config = ConnectionConfig(max_message_size=MSG, request_window=2 * COST)
     started: list[int] = []
     release = trio.Event()
 
@@ -875,13 +978,11 @@ async def test_a_message_as_large_as_the_budget_is_accepted() -> None:
             peer = await raw_client(port, hello_bytes())
             assert peer is not None
             await peer.send(*request_records(1, b"a" * MSG), *request_records(3, b"b" * MSG))
-            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
-            assert started == [1]
+            assert await peer.frame_of(REPLY, ident=3) == (REPLY, 3, b"b" * MSG)
+            assert started == [1, 3]
             release.set()
             assert await peer.frame_of(REPLY, ident=1) == (REPLY, 1, b"a" * MSG)
-            assert await peer.frame_of(REPLY, ident=3) == (REPLY, 3, b"b" * MSG)
             await peer.aclose()
-            assert started == [1, 3]
             # A real client with the same limits, both ways.
             async with monte_trio.open_client(
                 LOCALHOST, port, trust=AcceptAnyKey(), config=config
@@ -907,16 +1008,17 @@ async def test_unread_error_replies_are_bounded() -> None:
             assert peer is not None
 
             async def flood() -> None:
-                for i in range(20):
-                    batch = [frame(REQUEST, 2 * (100 * i + j) + 1, b"r") for j in range(100)]
+                # Wire v2: at most max_calls (128) calls open; one more would be a
+                # protocol violation. Error texts are cut to 998 bytes.
+                for i in range(2):
+                    batch = [frame(REQUEST, 2 * (64 * i + j) + 1, b"r") for j in range(64)]
                     if not await peer.send(*batch):
                         return  # pragma: no cover
 
             nursery.start_soon(flood)
             await trio.testing.wait_all_tasks_blocked(cushion=0.1)
-            # 2,000 requests; unbounded, 120 MB of error replies would have been queued.
-            # What is started is what the socket buffers took, plus the budget.
-            assert started < 1000
+            # Unbounded, 60 kB each would have been queued; now at most 128 x 1,000 bytes.
+            assert started <= 128
             await assert_served(port)
             nursery.cancel_scope.cancel()
             await peer.aclose()
@@ -926,7 +1028,9 @@ async def test_a_remote_error_text_is_escaped_and_cut() -> None:
     async def attack(peer: RawPeer) -> None:
         request = await peer.frame_of(REQUEST)
         assert request is not None
-        await peer.send(frame(ERROR, request[1], b"\x1b[2J\x07bad\r\n" + b"A" * 5000))
+        # An ERROR frame carries at most 998 bytes of text (wire v2).
+        text = b"\x1b[2J\x07bad\r\n" + b"A" * 600 + b"\x01" * 200
+        await peer.send(error_frame(request[1], text))
         await peer.frame_of(GOAWAY)
         await peer.send(frame(GOAWAY, 0))
         await peer.wait_closed()
@@ -942,5 +1046,7 @@ async def test_a_remote_error_text_is_escaped_and_cut() -> None:
     assert str(info.value) == text
     assert text.startswith("\\x1b[2J\\x07bad\\x0d\\x0aAAA")
     assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
-    assert text.endswith("... [cut at 1024 characters]")
-    assert len(text) < 1100
+    # Wire v2 bounds an ERROR's text at 998 bytes on the wire (a longer frame is a
+    # protocol error), so it arrives whole: at most 4 printable characters per byte.
+    assert text.endswith("\\x01" * 200)
+    assert len(text) <= 4 * wire2.MAX_ERROR_TEXT

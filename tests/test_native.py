@@ -276,8 +276,9 @@ async def test_bad_record_closes_that_connection_only(attack: str) -> None:
                         await tap.inner.send_eof()
                 elif attack == "reordered":
                     async with trio.open_nursery() as nursery:
-                        # Two requests queued together, written in one batch, then swapped.
-                        for body in (b"one", b"two"):
+                        # Two requests queued together, written in one batch, then swapped
+                        # (40 kB each: two records, since a record packs several frames).
+                        for body in (b"1" * 40_000, b"2" * 40_000):
                             nursery.start_soon(_expect_closed, victim.connections[0], body)
                 else:
                     with pytest.raises(ConnectionClosed):
@@ -385,7 +386,10 @@ async def test_goaway_says_which_requests_are_safe_to_retry(
         async with open_connection_pair(
             NoiseHandshake(trust=AcceptAnyKey()),
             server_handler=slow,
-            server_config=ConnectionConfig(max_concurrent_handlers=1, grace_period=30),
+            # Two call slots (wire v2 credit): C waits at the client for a slot.
+            server_config=ConnectionConfig(
+                max_concurrent_handlers=1, max_calls=2, grace_period=30
+            ),
         ) as (client, server):
 
             async def call(body: bytes) -> None:
@@ -398,8 +402,8 @@ async def test_goaway_says_which_requests_are_safe_to_retry(
                 for body in (b"A", b"B", b"C"):
                     nursery.start_soon(call, body)
                     await trio.testing.wait_all_tasks_blocked()
-                # A runs; B waits in the server's inbox (accepted); the server stopped
-                # reading at its handler limit, so C was never accepted.
+                # A runs; B waits in the server's inbox (accepted); C waits at the
+                # client for a call slot, so it was never sent.
                 nursery.start_soon(server.aclose)
                 await trio.testing.wait_all_tasks_blocked()
                 assert isinstance(results[b"C"], RequestNotProcessed)
@@ -453,7 +457,7 @@ async def test_refusal_reason_reaches_a_client_with_small_records() -> None:
                 "127.0.0.1",
                 port,
                 trust=AcceptAnyKey(),
-                config=ConnectionConfig(max_record_size=100),
+                config=ConnectionConfig(max_record_size=1024),  # wire v2's floor
             ):
                 pass  # pragma: no cover
 

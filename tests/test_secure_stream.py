@@ -52,10 +52,10 @@ async def test_check_two_way_stream(profile: Handshake) -> None:
 async def test_pair_attributes(monte_v1: Handshake) -> None:
     with trio.fail_after(TIMEOUT):
         client, server = await secure_stream_pair(monte_v1)
-    assert client.initiator
-    assert not server.initiator
-    assert client.profile == server.profile == "monte-v1"
-    assert client.peer_public_key is None
+    assert client.facts.initiator
+    assert not server.facts.initiator
+    assert client.facts.profile == server.facts.profile == "monte-v1"
+    assert client.facts.peer_public_key is None
     assert client.max_plaintext == 4096 - 16
 
 

@@ -1,5 +1,5 @@
 """Synchronous tests of the sans-IO session (native wire v2): one per rule of
-docs/wire-native-v2.rst, a Hypothesis state machine over two sessions back to back, and the
+docs/wire-native.rst, a Hypothesis state machine over two sessions back to back, and the
 nested-call scenarios. No event loop anywhere."""
 
 from __future__ import annotations

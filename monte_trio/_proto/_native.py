@@ -13,7 +13,8 @@ framed as follows (the full specification, with test vectors, is in docs/wire-na
 * ``msg1`` carries the initiator's ephemeral key and an empty payload (it is not
   encrypted, so nothing is said there).
 * ``msg2`` and ``msg3`` carry each side's static key and its :class:`Hello`, encrypted: the
-  protocol version, the largest record and message it accepts, and feature bits.
+  version 2 TLV hello (version, record and message sizes, windows, call slots, nested
+  allowance, feature bits).
 * An initiator whose trust policy refuses the responder's key sends an empty ``msg3``
   (length 0) instead of the real one, so an impostor never learns the initiator's key, and
   closes; the responder reports the refusal.
@@ -26,8 +27,10 @@ framed as follows (the full specification, with test vectors, is in docs/wire-na
 After the handshake each direction has its own key from Noise's ``Split()``; nonces are
 the Noise counters; both sides rekey (Noise ``REKEY``) every :data:`REKEY_INTERVAL` records
 of a direction, keeping every key's use far below AES-GCM's limits. Every record's
-plaintext is a 6-byte header ``u8 kind | u8 flags | u32 id`` then payload bytes; a message
-larger than one record is split across records flagged :data:`FLAG_MORE`.
+plaintext carries one or more wire version 2 frames: the session
+(:mod:`monte_trio._proto._session`) packs and parses them. :class:`NativeCodec` (one
+6-byte-header frame per record) is the older frame layer, kept only for the record-layer
+known-answer vectors and the fuzz tests.
 """
 
 from __future__ import annotations
@@ -35,9 +38,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-import attrs
-
 from .._exceptions import HandshakeError, LocalProtocolError, RemoteProtocolError
+from . import _wire2
 from ._frames import Frame, FrameKind
 from ._noise import CipherState
 from ._records import NOISE_AESGCM_NONCE, NOISE_CHACHAPOLY_NONCE, RecordOpener, RecordSealer
@@ -71,16 +73,16 @@ __all__ = [
 
 MAGIC: Final = b"MNTRIO"
 """The first six bytes each side sends."""
-VERSION: Final = 1
-"""The native profile's version, in the preamble, the prologue and the hello."""
+VERSION: Final = _wire2.VERSION
+"""The native profile's version (2), in the preamble, the prologue and the hello."""
 PREAMBLE_SIZE: Final = 8
 FLAG_PSK: Final = 0x01
 """Initiator preamble flag: a pre-shared key is in use (``XXpsk3``)."""
 MAX_RECORD: Final = 65535
 """Noise's limit on one transport message, so the largest record (ciphertext and tag)."""
-MIN_RECORD_SIZE: Final = 65
-"""The smallest ``max_record_size`` a hello may announce: a 16-byte tag, a 6-byte frame
-header and 43 bytes of payload, more than any control frame needs."""
+MIN_RECORD_SIZE: Final = _wire2.MIN_RECORD_SIZE
+"""The smallest ``max_record_size`` a hello may announce (1,024: an ERROR frame and every
+control frame fit one record)."""
 MIN_MESSAGE_SIZE: Final = 1024
 """The smallest ``max_message_size`` a hello may announce: room for every control frame
 and for a useful error text."""
@@ -106,8 +108,6 @@ FLAG_MORE: Final = 0x01
 """Frame flag: the message continues in the next record."""
 VERDICT_ACCEPT: Final = 0
 VERDICT_REFUSE: Final = 1
-
-_HELLO = struct.Struct(">BBIII")
 
 
 class Status:
@@ -156,59 +156,8 @@ def decode_preamble(data: bytes, *, who: str) -> tuple[int, int]:
     return data[6], data[7]
 
 
-@attrs.frozen
-class Hello:
-    """What each side tells the other, encrypted, during the handshake.
-
-    Attributes:
-        version: the sender's protocol version.
-        max_record_size: the largest record the sender accepts (:data:`MIN_RECORD_SIZE`
-            to :data:`MAX_RECORD`).
-        max_message_size: the largest message the sender accepts (at least
-            :data:`MIN_MESSAGE_SIZE`).
-        features: feature bits (none defined in version 1; unknown bits are ignored).
-    """
-
-    version: int = VERSION
-    max_record_size: int = MAX_RECORD
-    max_message_size: int = 16 * 1024 * 1024
-    features: int = 0
-
-    def encode(self) -> bytes:
-        """Serialise as ``u8 version, u8 flags (0), u32 max_record, u32 max_message,
-        u32 features``."""
-        return _HELLO.pack(
-            self.version,
-            0,
-            self.max_record_size,
-            self.max_message_size,
-            self.features,
-        )
-
-    @classmethod
-    def decode(cls, data: bytes) -> Hello:
-        """Parse a hello; trailing bytes (from a later version) are ignored.
-
-        Raises:
-            RemoteProtocolError: too short, or limits outside the protocol's ranges (the
-                message names the field, the value and the allowed range).
-        """
-        if len(data) < _HELLO.size:
-            raise RemoteProtocolError(
-                f"hello of {len(data)} bytes is too short (at least {_HELLO.size})"
-            )
-        version, _flags, max_record, max_message, features = _HELLO.unpack_from(data)
-        if not MIN_RECORD_SIZE <= max_record <= MAX_RECORD:
-            raise RemoteProtocolError(
-                f"the peer announced max_record_size {max_record}, outside the allowed "
-                f"range {MIN_RECORD_SIZE}..{MAX_RECORD}"
-            )
-        if max_message < MIN_MESSAGE_SIZE:
-            raise RemoteProtocolError(
-                f"the peer announced max_message_size {max_message}, below the floor of "
-                f"{MIN_MESSAGE_SIZE}"
-            )
-        return cls(version, max_record, max_message, features)
+Hello = _wire2.Hello2
+"""The hello each side sends in msg2 / msg3 (wire version 2: TLV, see ``_wire2``)."""
 
 
 def encode_verdict(accept: bool, reason: str = "", *, max_size: int = 1025) -> bytes:

@@ -1,7 +1,7 @@
 """Native wire version 2: the frame header, kinds, flags, error codes and the TLV hello.
 
 The codec half of :mod:`monte_trio._proto._session` (the full specification is
-docs/wire-native-v2.rst). Version 2 keeps version 1's handshake, records and rekeying and
+docs/wire-native.rst). Version 2 keeps version 1's handshake, records and rekeying and
 changes what a record's plaintext carries: one or more frames, each
 ``u8 kind | u8 flags | u16 length | u32 id | payload``. Nothing here performs I/O or imports
 trio.
@@ -68,7 +68,7 @@ CONTROL_RATE: Final = 100
 FLAG_MORE: Final = 0x01
 """Data frames: the message continues in a CONTINUATION frame of the same id."""
 FLAG_END: Final = 0x02
-"""Reserved for streaming calls (next issue): the sender's half of the call ends."""
+"""Reserved for streaming calls: the sender's half of the call ends."""
 FLAG_NESTED: Final = 0x04
 """REQUEST: a call made by a handler of the call named by the ``u32 parent`` prefix."""
 
@@ -90,7 +90,7 @@ class Kind(enum.IntEnum):
 
 
 class ErrorCode(enum.IntEnum):
-    """Codes carried by GOAWAY and ERROR (and by RESET in the next issue)."""
+    """Codes carried by GOAWAY and ERROR (and by RESET, with streams)."""
 
     NO_ERROR = 0
     PROTOCOL = 1

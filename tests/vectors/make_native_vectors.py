@@ -1,4 +1,4 @@
-"""Generate tests/vectors/native-v1.json: known-answer vectors for the native profile.
+"""Generate tests/vectors/native-handshake.json: known-answer vectors for the native profile.
 
 Run from the repository root::
 
@@ -37,7 +37,7 @@ from monte_trio._proto._records import (
     RecordSealer,
 )
 
-OUTPUT = Path(__file__).with_name("native-v1.json")
+OUTPUT = Path(__file__).with_name("native-handshake.json")
 LABEL_PREFIX = b"monte_trio native-v1 test vector: "
 U16 = struct.Struct(">H")
 PING_PAYLOAD = struct.Struct(">d")
@@ -48,8 +48,8 @@ R2I = "responder_to_initiator"
 # records and messages, so that a message split into several records stays short in the
 # file; the initiator uses the defaults.
 # Fixed limits (not the defaults), so the vectors do not change when a default does.
-INITIATOR_CONFIG = ConnectionConfig(max_message_size=16 << 20, max_held_bytes=16 << 20)
-RESPONDER_CONFIG = ConnectionConfig(max_record_size=256, max_message_size=1024)
+INITIATOR_CONFIG = ConnectionConfig(max_message_size=16 << 20)
+RESPONDER_CONFIG = ConnectionConfig(max_record_size=1024, max_message_size=4096)
 
 TEST_REKEY_INTERVAL = 4
 """A TEST-ONLY rekey interval, far below the protocol's wire.REKEY_INTERVAL (2**20)."""
@@ -77,7 +77,14 @@ WRONG_PSK = derive("wrong psk")
 def hello_for(config: ConnectionConfig) -> wire.Hello:
     """The hello NoiseHandshake._hello builds from ``config``."""
     max_record = min(config.max_record_size or wire.MAX_RECORD, wire.MAX_RECORD)
-    return wire.Hello(max_record_size=max_record, max_message_size=config.max_message_size)
+    return wire.Hello(
+        max_record_size=max_record,
+        max_message_size=config.max_message_size,
+        request_window=config.effective_request_window,
+        reply_window=config.effective_reply_window,
+        max_calls=config.max_calls,
+        nested_allowance=config.nested_allowance,
+    )
 
 
 def hello_json(hello: wire.Hello) -> dict[str, Any]:
@@ -85,6 +92,10 @@ def hello_json(hello: wire.Hello) -> dict[str, Any]:
         "version": hello.version,
         "max_record_size": hello.max_record_size,
         "max_message_size": hello.max_message_size,
+        "request_window": hello.request_window,
+        "reply_window": hello.reply_window,
+        "max_calls": hello.max_calls,
+        "nested_allowance": hello.nested_allowance,
         "features": hello.features,
         "encoded": hello.encode().hex(),
     }
@@ -199,7 +210,7 @@ def build_case(psk: bytes | None, cipher: str) -> dict[str, Any]:
     openers = {I2R: r_opener, R2I: i_opener}
     by_direction: dict[str, list[bytes]] = {I2R: [], R2I: [verdict_wire]}
 
-    big = bytes(i % 251 for i in range(600))
+    big = bytes(i % 251 for i in range(2400))
     script: list[tuple[str, str, FrameKind, int, bytes]] = [
         ("a request from the initiator (first id 1)", I2R, FrameKind.REQUEST, 1, b"hello, server"),
         ("its reply, same id", R2I, FrameKind.REPLY, 1, b"hello, client"),
@@ -225,7 +236,7 @@ def build_case(psk: bytes | None, cipher: str) -> dict[str, Any]:
         ),
         ("the PONG echoes id and payload", R2I, FrameKind.PONG, 1, PING_PAYLOAD.pack(1234.5)),
         (
-            "a 600-byte request split into 3 records (the responder accepts 256-byte records)",
+            "a 2400-byte request split into 3 records (the responder accepts 1024-byte records)",
             I2R,
             FrameKind.REQUEST,
             7,
@@ -483,7 +494,7 @@ def build_invalid(
         },
         {
             "name": "oversized-length",
-            "what": "a length prefix above the receiver's max record size (256): refused "
+            "what": "a length prefix above the receiver's max record size (1024): refused "
             "from its 4 bytes alone",
             "direction": I2R,
             "preceded_by": 0,
@@ -605,7 +616,7 @@ def build_invalid_handshakes(
 def preamble_refusals() -> list[dict[str, Any]]:
     out = []
     for what, sent, responder_psk, status in (
-        ("version 2 offered", wire.encode_preamble(0, version=2), False, 1),
+        ("version 1 offered", wire.encode_preamble(0, version=1), False, 1),
         ("no psk flag, responder has a psk", wire.encode_preamble(0), True, 2),
         ("psk flag, responder has none", wire.encode_preamble(wire.FLAG_PSK), False, 3),
     ):
@@ -632,9 +643,10 @@ NOTES = [
     "25519 and hash BLAKE2b always.",
     "initiator_config / responder_config: each side's ConnectionConfig (null "
     "max_record_size = the profile default 65535). *_hello: the hello each side sends, "
-    "built from its config like NoiseHandshake does; 'encoded' is u8 version | u8 flags "
-    "(reserved, 0) | u32 max_record_size | u32 max_message_size | u32 features.",
-    "prologue = b'monte_trio native/' | u8 version (1) | 0x00 | protocol_name (ASCII) | "
+    "built from its config like NoiseHandshake does; 'encoded' is the version 2 TLV hello "
+    "(u16 type | u16 length | value, types 1..8 in increasing order; docs/wire-native.rst, "
+    "'Hello').",
+    "prologue = b'monte_trio native/' | u8 version (2) | 0x00 | protocol_name (ASCII) | "
     "the initiator's 8-byte preamble, as both sides mix it into h before msg1.",
     "handshake: initiator_preamble = b'MNTRIO' | u8 version | u8 flags (0x01 = psk). "
     "wire_1 = initiator_preamble | u16 len(msg1) | msg1 (payload empty). wire_2 = "
@@ -655,7 +667,7 @@ NOTES = [
     "3 ERROR, 4 CANCEL, 5 PING, 6 PONG, 7 GOAWAY; flags 0x01 = MORE (the message continues "
     "in the next record of this direction). 'message' is the frame the receiver's codec "
     "returns after this record (kind, id, whole payload), or null while a split message is "
-    "incomplete. The 600-byte payload is byte(i % 251) for i = 0..599; the responder "
+    "incomplete. The 2400-byte payload is byte(i % 251) for i = 0..2399; the responder "
     "accepts 256-byte records, so a record carries at most 256 - 16 - 6 = 234 payload "
     "bytes towards it.",
     "rekey: REKEY(k) = first 32 bytes of ENCRYPT(k, nonce 2**64-1, ad empty, 32 zero "
@@ -695,7 +707,7 @@ def build() -> dict[str, Any]:
     return {
         "source": "generated by tests/vectors/make_native_vectors.py from monte_trio's sans-IO "
         "modules (the helpers NoiseHandshake uses); see docs/wire-native.rst",
-        "profile": "monte_trio native, version 1",
+        "profile": f"monte_trio native, version {wire.VERSION}",
         "notes": NOTES,
         "key_labels": {
             "initiator_static": "initiator static",

@@ -1,0 +1,425 @@
+"""Serving the peer's calls: :class:`Request`, the handler kinds and the worker pool.
+
+* **Handler workers** take requests from the *inbox* and run the user's async handler, so
+  a handler may itself call back over the same connection without deadlocking (Go monte
+  runs handlers inline in its reader and deadlocks there). Workers are long-lived and
+  started only as concurrency requires, up to ``max_concurrent_handlers``; at most one idle
+  worker is woken per burst, and it wakes another only if the inbox still holds work once
+  it starts a handler.
+* A handler that is a plain function (not ``async def``) cannot await anything, so it
+  cannot deadlock: the reader calls it **inline**, with no hand-off to a worker, and its
+  reply goes into the session's queue.
+* A **nested call** (the peer's handler calling us back while it serves one of our
+  calls) runs in a task of its own, outside ``max_concurrent_handlers``: every wait then
+  points down the call tree, so callbacks cannot deadlock on busy handlers. A worker marks
+  the call it serves in a context variable, so a call its handler makes back over
+  ``request.connection`` carries that call as its parent.
+* When a handler is done with a body the session returns its credit (``consumed``); its
+  reply or error reply goes into the session, which holds it while the peer's reply window
+  is short (the reader never waits for that).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ._exceptions import LocalProtocolError
+from ._proto._wire2 import ErrorCode
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._keys import PublicKey
+
+__all__ = [
+    "AsyncHandler",
+    "Handler",
+    "HandlerPool",
+    "InlineHandler",
+    "Request",
+    "current_call",
+    "is_async_handler",
+]
+
+logger = logging.getLogger("monte_trio")
+
+current_call: contextvars.ContextVar[tuple[object, int] | None] = contextvars.ContextVar(
+    "monte_trio_current_call", default=None
+)
+"""``(connection, call id)`` of the peer's call the current handler serves: a call the
+handler makes back over the same connection is *nested* under it."""
+
+
+@attrs.define(eq=False)
+class Request:
+    """An incoming request or one-way message, as given to a handler.
+
+    A slotted attrs class, made once per message: it is not frozen, because a frozen
+    class costs a few hundred nanoseconds more to create, but nothing reads it back
+    after the handler, so changing its attributes has no effect.
+
+    Attributes:
+        body: the message body.
+        id: the request id (0 for a one-way message).
+        oneway: ``True`` for a one-way message: the handler's return value is ignored.
+        connection: the connection it arrived on; the handler may call the peer back on it.
+    """
+
+    body: bytes
+    id: int
+    oneway: bool
+    connection: Connection = attrs.field(repr=False)
+
+    @property
+    def peer_public_key(self) -> PublicKey | None:
+        """The peer's authenticated static key (native profile), for authorisation."""
+        return self.connection.peer_public_key
+
+
+AsyncHandler = Callable[[Request], Awaitable[bytes | None]]
+"""An ``async def`` handler: it runs in a handler worker task and may await anything,
+including calls back to the peer over ``request.connection``."""
+
+InlineHandler = Callable[[Request], bytes | None]
+"""A plain-function handler: the connection's reader calls it inline, which saves a task
+switch per request. It must return promptly and never block: while it runs, nothing more
+is read from that connection."""
+
+Handler = AsyncHandler | InlineHandler
+"""What serves requests and one-way messages: it returns the reply body (``None`` means an
+empty reply); for one-way messages the return value is ignored.
+
+An ``async def`` function (or any callable whose call is a coroutine function) runs in a
+handler worker, concurrently with others, up to ``max_concurrent_handlers``. A plain
+function runs inline in the connection's reader: the fastest choice for handlers that
+compute their reply without waiting for anything."""
+
+
+def is_async_handler(handler: object) -> bool:
+    """Whether ``handler`` is called as a coroutine function (else it runs inline)."""
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 (an instance with async __call__)
+    )
+
+
+def reply_body(reply: object) -> bytes:
+    """Check what a handler returned: the reply body, bytes-like or ``None``."""
+    if reply is None:
+        return b""
+    if isinstance(reply, bytes | bytearray | memoryview):
+        return reply  # type: ignore[return-value]  # the session takes any bytes-like body
+    hint = ""
+    if inspect.isawaitable(reply):
+        if inspect.iscoroutine(reply):
+            reply.close()
+        hint = (
+            "; it is awaitable, but the handler is not an async function, so it was "
+            "called inline: define it with async def"
+        )
+    raise TypeError(
+        f"the handler returned a {type(reply).__name__}; it must return bytes or None{hint}"
+    )
+
+
+async def _no_handler(request: Request) -> bytes | None:
+    raise LocalProtocolError("this side accepts no requests (no handler was given)")
+
+
+class HandlerPool:
+    """The handlers of one connection: inline calls, the worker pool, nested-call tasks.
+
+    Args:
+        connection: the connection served (its session takes the answers).
+        handler: the user's handler, or ``None`` to refuse requests.
+        max_workers: ``max_concurrent_handlers``.
+    """
+
+    def __init__(
+        self, connection: Connection, handler: Handler | None, *, max_workers: int
+    ) -> None:
+        self._conn = connection
+        self._session = connection._session
+        self.handler: AsyncHandler = _no_handler
+        self.inline: InlineHandler | None = None
+        if handler is not None and is_async_handler(handler):
+            self.handler = handler  # type: ignore[assignment]
+        elif handler is not None:
+            self.inline = handler  # type: ignore[assignment]
+        self._max_workers = max_workers
+        self.inbox: deque[tuple[int, bytes, int]] = deque()
+        self._idle_workers: list[trio.lowlevel.Task] = []
+        self._workers = 0
+        self._spare = 0  # workers woken or started that have not taken a request yet
+        self.busy = 0
+        self.nursery: trio.Nursery | None = None
+        # native: the peer's requests in progress: queued (None) or running (their scope)
+        self.scopes: dict[int, trio.CancelScope | None] = {}
+        self.reader_parked: trio.lowlevel.Task | None = None
+        self.idle = trio.Event()
+        self.idle.set()
+        self.requests_received = 0
+        self.messages_received = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any request is queued or running."""
+        return bool(self.busy or self.inbox)
+
+    def _settle(self) -> None:
+        if not self.busy and not self.inbox:
+            self.idle.set()
+            self._conn._progress.set()
+
+    # -- the reader's side -----------------------------------------------------------------
+
+    def take(self, ident: int, body: bytes, parent: int) -> None:
+        """A request (``ident`` > 0) or one-way message (0) from the reader."""
+        if ident:
+            self.requests_received += 1
+        else:
+            self.messages_received += 1
+        if self.inline is not None:
+            self._serve_inline(ident, body)
+            return
+        if self._conn._native and ident:
+            self.scopes[ident] = None  # queued
+        if parent:
+            # Nested: outside the handler cap, in a task of its own.
+            assert self.nursery is not None
+            self.busy += 1
+            self.idle = trio.Event() if self.idle.is_set() else self.idle
+            self.nursery.start_soon(self._run_nested, ident, body)
+            return
+        self.inbox.append((ident, body, parent))
+        if self.idle.is_set():
+            self.idle = trio.Event()
+        if self._spare == 0:
+            self._add_worker()
+
+    def cancel(self, ident: int) -> None:
+        """The peer cancelled its call ``ident`` (native)."""
+        if ident not in self.scopes:
+            return
+        scope = self.scopes[ident]
+        if scope is not None:
+            scope.cancel()  # the worker answers ERROR(CANCELLED) once the handler ended
+            return
+        for queued in self.inbox:
+            if queued[0] == ident:
+                self.inbox.remove(queued)
+                break
+        del self.scopes[ident]
+        session = self._session
+        session.consumed(ident)
+        session.send_error(ident, ErrorCode.CANCELLED, "")
+        self._settle()
+
+    def _add_worker(self) -> None:
+        if self._idle_workers:
+            self._spare += 1
+            trio.lowlevel.reschedule(self._idle_workers.pop())
+        elif self._workers < self._max_workers:
+            assert self.nursery is not None
+            self._workers += 1
+            self._spare += 1
+            self.nursery.start_soon(
+                self._conn._guarded, self._worker, name=f"{self._conn.name} handler"
+            )
+
+    # -- running handlers ------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        inbox = self.inbox
+        me = trio.lowlevel.current_task()
+        try:
+            while True:
+                if not inbox:
+                    self._idle_workers.append(me)
+                    self._spare -= 1
+                    self._settle()
+
+                    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+                        # Runs in whichever task cancelled us: never call current_task() here.
+                        self._idle_workers.remove(me)
+                        self._spare += 1
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    continue
+                self._spare -= 1
+                if self.reader_parked is not None:
+                    task, self.reader_parked = self.reader_parked, None
+                    trio.lowlevel.reschedule(task)
+                if len(inbox) > 1 and self._spare == 0:
+                    self._add_worker()
+                self.busy += 1
+                try:
+                    ident, body, _ = inbox.popleft()
+                    await self._serve(ident, body)
+                    del body
+                finally:
+                    self.busy -= 1
+                    self._spare += 1
+                if not inbox and self._session.wants_write:
+                    # The end of a burst: the credit the handlers returned goes out soon.
+                    self._conn.credit_returned(0)
+        finally:
+            self._workers -= 1
+
+    async def _run_nested(self, ident: int, body: bytes) -> None:
+        try:
+            await self._conn._guarded(functools.partial(self._serve, ident, body))
+        finally:
+            self.busy -= 1
+            self._settle()
+            self._conn.credit_returned(0)
+
+    async def _serve(self, ident: int, body: bytes) -> None:
+        """Run the async handler for one request and queue its answer."""
+        conn = self._conn
+        session = self._session
+        size = len(body)
+        request = Request(body, ident, not ident, conn)
+        del body
+        if not ident:
+            try:
+                await self.handler(request)
+            except Exception as exc:
+                logger.error("%s: handler raised on a one-way message", conn.name, exc_info=exc)
+            finally:
+                session.consumed(0, size)
+                conn._writer.owed += size + 64
+            return
+        native = conn._native
+        token = current_call.set((conn, ident))
+        try:
+            if native:
+                scopes = self.scopes
+                with trio.CancelScope() as scope:
+                    if ident in scopes:
+                        scopes[ident] = scope
+                    else:  # cancelled before it started
+                        scope.cancel()
+                    reply = reply_body(await self.handler(request))
+                if scopes.get(ident) is scope:
+                    del scopes[ident]
+                if scope.cancelled_caught:
+                    session.consumed(ident)
+                    self._answer_error(ident, ErrorCode.CANCELLED, "")
+                    return
+            else:
+                reply = reply_body(await self.handler(request))
+        except Exception as exc:
+            self.scopes.pop(ident, None)
+            session.consumed(ident)
+            text = self._failed(ident, exc)
+            if text is not None:
+                self._answer_error(ident, ErrorCode.INTERNAL, text)
+            return
+        finally:
+            current_call.reset(token)
+        del request
+        session.consumed(ident)
+        conn._writer.owed += size + 64
+        await self._answer(ident, reply)
+
+    def _serve_inline(self, ident: int, body: bytes) -> None:
+        """Run a plain-function handler in the reader and queue its answer."""
+        assert self.inline is not None
+        session = self._session
+        request = Request(body, ident, not ident, self._conn)
+        try:
+            reply = self.inline(request)
+            if type(reply) is not bytes:
+                reply = reply_body(reply)
+        except Exception as exc:
+            session.consumed(ident, len(body))
+            if ident:
+                text = self._failed(ident, exc)
+                if text is not None:
+                    self._answer_error(ident, ErrorCode.INTERNAL, text)
+            else:
+                logger.error(
+                    "%s: handler raised on a one-way message", self._conn.name, exc_info=exc
+                )
+            return
+        session.consumed(ident, len(body))
+        self._conn._writer.owed += len(body) + 64
+        if ident:
+            self._queue_reply(ident, reply)
+            self._conn.reply_queued = True  # the reader wakes the writer after the batch
+
+    async def _answer(self, ident: int, reply: bytes) -> None:
+        """Queue a worker's reply once the send queue has room; write it directly when
+        this is the only handler and the connection is quiet."""
+        conn = self._conn
+        writer = conn._writer
+        if self._session.send_queue_bytes >= writer.max_send_queue:
+            await writer.wait_for_space(conn._is_closed)
+        if not self._queue_reply(ident, reply):
+            return
+        if self.busy == 1 and not self.inbox and writer.quiet:
+            try:
+                await writer.write_directly()
+            except Exception as exc:
+                conn._write_failed(exc, conn._config.write_timeout)
+        else:
+            writer.wake()
+
+    def _queue_reply(self, ident: int, reply: bytes) -> bool:
+        """Put a reply into the session; ``False`` if there is nobody to send it to."""
+        conn = self._conn
+        if conn._is_closed() or conn._peer_closed:
+            return False
+        try:
+            self._session.send_reply(ident, reply)
+        except LocalProtocolError as exc:
+            if not conn._native:
+                conn._fail(f"a handler's reply could not be sent: {exc}", exc)
+                return False
+            if conn._is_closed():
+                return False
+            self._answer_error(ident, ErrorCode.INTERNAL, f"the reply could not be sent: {exc}")
+        return True
+
+    def _answer_error(self, ident: int, code: int, text: str) -> None:
+        conn = self._conn
+        if conn._is_closed() or conn._peer_closed:
+            return
+        try:
+            self._session.send_error(ident, code, text)
+        except LocalProtocolError:
+            return  # the session has ended: nobody can receive it
+        conn._writer.wake()
+
+    def _failed(self, ident: int, exc: Exception) -> str | None:
+        """Log a handler's exception; return the error reply's text to send, if any."""
+        conn = self._conn
+        if not conn._native:
+            # monte-v1 has no error reply: rather than leave the caller waiting forever,
+            # end the connection so every caller on it learns at once.
+            logger.error(
+                "%s: handler raised; monte-v1 cannot report errors, closing the connection",
+                conn.name,
+                exc_info=exc,
+            )
+            conn._fail(f"the handler for request {ident} raised {exc!r}", exc)
+            return None
+        logger.info("%s: handler raised for request %d: %r", conn.name, ident, exc)
+        config = conn._config
+        if not config.expose_errors:
+            return "the handler raised an exception"
+        if config.expose_tracebacks:
+            return "".join(traceback.format_exception(exc))
+        return f"{type(exc).__name__}: {exc}"
