@@ -643,7 +643,7 @@ def test_doc_worked_example_matches_the_vectors() -> None:
     blocks = doc_hex_blocks(DOC.read_text(encoding="utf-8"))
     known = _strings(VECTORS)
     missing = [block for block in blocks if block not in known]
-    assert not missing, f"hex in docs/wire-native.rst not found in native-handshake.json: {missing}"
+    assert not missing, f"hex in docs/wire-native.rst missing from the vectors: {missing}"
     xx = CASES[0]
     assert xx["name"] == "XX-AESGCM"
     for value in (
