@@ -1,5 +1,12 @@
 """monte_trio: fast, fully-encrypted, bidirectional RPC over TCP for Trio.
 
+Start with :func:`open_client` (a client and its pool of connections) and :class:`Server`
+(or :func:`serve`); handlers receive a :class:`Request`. The documentation, in ``docs/``
+of the source distribution (build it with ``nox -s docs``), has a quick start, the API
+reference, the command line (``python -m monte_trio --help``), the security model, the
+limits and what callers see on each fault (the Reliability page), and the wire
+specification.
+
 The public API is re-exported here; everything else is private.
 """
 

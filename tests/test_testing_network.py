@@ -8,7 +8,6 @@ import pytest
 import trio
 import trio.testing
 
-import monte_trio.testing
 from monte_trio.testing import (
     ChaosConfig,
     FaultEvent,
@@ -20,26 +19,6 @@ from monte_trio.testing import (
 )
 
 TIMEOUT = 60  # virtual seconds under the autojump clock
-
-
-def test_public_names_and_their_home() -> None:
-    # The network is split over private modules (_faults, _pipe, _stream, _network); users
-    # see one module: these names, each saying it lives in monte_trio.testing.
-    assert sorted(monte_trio.testing.__all__) == [
-        "ChaosConfig",
-        "FaultEvent",
-        "FaultKind",
-        "FaultyNetwork",
-        "Link",
-        "NetworkListener",
-        "NetworkStatistics",
-        "NetworkStream",
-        "open_connection_pair",
-        "secure_stream_pair",
-    ]
-    for name in monte_trio.testing.__all__:
-        obj = getattr(monte_trio.testing, name)
-        assert obj.__module__ == "monte_trio.testing", name
 
 
 async def pair(
