@@ -491,6 +491,18 @@ class Connection(trio.abc.AsyncResource):
         error.__cause__ = cause
         self._finish(error)
 
+    async def _write_directly(self) -> None:
+        """Write what the session holds from the calling task (the writer is quiet).
+
+        Raises:
+            ConnectionClosed: the write failed, and the connection with it.
+        """
+        try:
+            await self._writer.write_directly()
+        except WRITE_ERRORS as exc:
+            self._write_failed(exc, self._config.write_timeout)
+            raise self._closed_error() from exc
+
     def _write_failed(self, exc: BaseException, write_timeout: float | None) -> None:
         if isinstance(exc, trio.TooSlowError):
             self._fail(f"a write blocked for more than {write_timeout} s (write_timeout)")
@@ -579,11 +591,7 @@ class Connection(trio.abc.AsyncResource):
         self._requests_sent += 1
         try:
             if direct and writer.quiet:
-                try:
-                    await writer.write_directly()
-                except WRITE_ERRORS as exc:
-                    self._write_failed(exc, self._config.write_timeout)
-                    raise self._closed_error() from exc
+                await self._write_directly()
             else:
                 writer.wake()
             kind, payload, detail = await channel.receive()
@@ -627,11 +635,7 @@ class Connection(trio.abc.AsyncResource):
         direct = writer.quiet
         await self._queue_oneway(body)
         if direct and writer.quiet:
-            try:
-                await writer.write_directly()
-            except WRITE_ERRORS as exc:
-                self._write_failed(exc, self._config.write_timeout)
-                raise self._closed_error() from exc
+            await self._write_directly()
             return
         await writer.wait_written()
 
