@@ -79,9 +79,9 @@ from ._proto._session import (
     EV_PONG,
     EV_REPLY,
     EV_REQUEST,
-    MonteV1Session,
     Session,
 )
+from ._proto._session_v1 import MonteV1Session
 from ._proto._wire2 import RETRY_SAFE
 from ._secure_stream import SecureStream
 from ._util import escape_peer_text

@@ -20,7 +20,8 @@ import trio
 from ._config import ConnectionConfig
 from ._exceptions import HandshakeError, MonteError
 from ._proto._monte_v1 import MONTE_V1_DEFAULT_MAX_RECORD, MonteV1HandshakeState
-from ._proto._session import MonteV1Session, Session
+from ._proto._session import Session
+from ._proto._session_v1 import MonteV1Session
 from ._proto._wire2 import Hello2
 from ._secure_stream import SecureStream
 

@@ -32,7 +32,8 @@ import trio
 from ._exceptions import LocalProtocolError
 
 if TYPE_CHECKING:
-    from ._proto._session import MonteV1Session, Session
+    from ._proto._session import Session
+    from ._proto._session_v1 import MonteV1Session
     from ._secure_stream import SecureStream
 
 __all__ = ["WRITE_AHEAD", "WRITE_ERRORS", "Writer"]

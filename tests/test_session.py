@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from monte_trio import LocalProtocolError, RemoteProtocolError
 from monte_trio._proto import _session as S
+from monte_trio._proto._session_v1 import MonteV1Session
 from monte_trio._proto._wire2 import (
     ID_LIMIT,
     MESSAGE_COST,
@@ -42,7 +43,7 @@ def pump(x: S.Session, y: S.Session, maxp: int = MP) -> list[S.Event]:
     return y.receive_records(x.records_to_send(maxp))
 
 
-def call(s: S.Session | S.MonteV1Session, body: bytes, parent: int = 0) -> int:
+def call(s: S.Session | MonteV1Session, body: bytes, parent: int = 0) -> int:
     ident = s.send_request(body, parent=parent)
     assert ident is not None
     return ident
@@ -640,8 +641,8 @@ def test_plain_calls_cannot_take_the_nested_reserve() -> None:
 
 # --------------------------------------------------------------------------- monte-v1
 def test_monte_v1_session_routes_by_parity() -> None:
-    c = S.MonteV1Session(initiator=True, max_record_size=4096)
-    s = S.MonteV1Session(initiator=False, max_record_size=4096)
+    c = MonteV1Session(initiator=True, max_record_size=4096)
+    s = MonteV1Session(initiator=False, max_record_size=4096)
     i = call(c, b"req")
     c.send_oneway(b"one")
     records = c.records_to_send(4080)
