@@ -107,7 +107,7 @@ async def dial(
                     max_conns=1,
                 )
             )
-        except monte_trio.ConnectionClosed:  # not up yet (a HandshakeError is not retried)
+        except monte_trio.ConnectError:  # not up yet (a HandshakeError is not retried)
             if trio.current_time() + delay > deadline:
                 raise
         await trio.sleep(delay)

@@ -23,6 +23,7 @@ from ._connection import ConnectionStatistics as ConnectionStatistics
 from ._connection import Handler as Handler
 from ._connection import InlineHandler as InlineHandler
 from ._connection import Request as Request
+from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed
 from ._exceptions import DecryptionError as DecryptionError
 from ._exceptions import HandshakeError as HandshakeError
@@ -36,11 +37,12 @@ from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import RemoteError as RemoteError
 from ._exceptions import RemoteProtocolError as RemoteProtocolError
 from ._exceptions import RequestNotProcessed as RequestNotProcessed
+from ._handlers import inline as inline
 from ._handshake import Handshake as Handshake
 from ._handshake import MonteV1Handshake as MonteV1Handshake
 from ._keys import Identity as Identity
 from ._keys import PublicKey as PublicKey
-from ._native import NoiseHandshake as NoiseHandshake
+from ._native_handshake import NativeHandshake as NativeHandshake
 from ._secure_stream import SecureStream as SecureStream
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
@@ -57,6 +59,7 @@ __all__ = [
     "AsyncHandler",
     "Client",
     "ClientStatistics",
+    "ConnectError",
     "Connection",
     "ConnectionClosed",
     "ConnectionConfig",
@@ -76,7 +79,7 @@ __all__ = [
     "LocalProtocolError",
     "MonteError",
     "MonteV1Handshake",
-    "NoiseHandshake",
+    "NativeHandshake",
     "PeerRejected",
     "PinnedKeys",
     "ProtocolError",
@@ -89,6 +92,7 @@ __all__ = [
     "Server",
     "ServerStatistics",
     "TrustPolicy",
+    "inline",
     "open_client",
     "serve",
 ]

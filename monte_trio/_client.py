@@ -5,7 +5,9 @@ and I/O is awaited afterwards, so a cancelled caller never leaves the pool incon
 The rule is Go monte's: use an idle connection if there is one; otherwise dial a new one
 while under ``max_conns``; otherwise use the least loaded. A connection that breaks fails
 its own callers with :class:`~monte_trio.ConnectionClosed` and is dropped from the pool;
-the next call dials a replacement.
+the next call dials a replacement. A caller whose connection refuses its call before any
+of it was sent (:class:`~monte_trio.RequestNotProcessed`: the connection started closing)
+picks again, as httpcore's pool loop does, a bounded number of times.
 
 Every connection's tasks live in the client's nursery, which the ``async with`` block of
 :func:`open_client` owns: nothing runs after the block ends.
@@ -13,36 +15,71 @@ Every connection's tasks live in the client's nursery, which the ``async with`` 
 
 from __future__ import annotations
 
+import enum
 import logging
+from abc import ABCMeta
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 import trio
 
 from ._config import ConnectionConfig
 from ._connection import Connection, Handler
-from ._exceptions import ConnectionClosed, HandshakeError, HandshakeTimeout
-from ._handshake import Handshake, resolve_handshake
+from ._exceptions import (
+    ConnectError,
+    HandshakeError,
+    HandshakeTimeout,
+    RequestNotProcessed,
+)
+from ._handshake import Handshake
 from ._keys import Identity
+from ._native_handshake import resolve_handshake
 from ._trust import TrustPolicy
 
 __all__ = ["Client", "ClientStatistics", "ConnectionState", "open_client"]
 
 logger = logging.getLogger("monte_trio")
 
+_REASSIGNMENTS = 3
+"""How many times a call refused by its connection before any of it was sent (the
+connection started closing) is moved to another one before its error is raised."""
+
 Dialer = Callable[[], Awaitable[trio.abc.Stream]]
 """Opens a new transport stream to the server (for tests: an in-memory network)."""
 
 
-class ConnectionState:
-    """Names of the states reported to a ``connection_state`` hook, as in Go monte."""
+class ConnectionState(enum.Enum):
+    """The events reported to a ``connection_state`` hook, as Go monte's connection states.
+
+    A hook is called as ``hook(connection, event)`` in the task that runs the connection;
+    it must return promptly and not raise.
+    """
 
     NEW = "new"
+    """The connection is established (handshake done) and about to serve calls."""
     CLOSED = "closed"
+    """The connection has ended and left the pool or server (its ``close_reason`` says
+    why)."""
 
 
-ConnectionStateHook = Callable[[Connection, str], None]
+ConnectionStateHook = Callable[[Connection, ConnectionState], None]
+
+_T = TypeVar("_T")
+
+
+class _NoPublicConstructor(ABCMeta):
+    """A class users get from a function (as trio's ``Nursery``), never construct."""
+
+    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__} has no public constructor: "
+            "use monte_trio.open_client()"
+        )
+
+    def _create(cls: type[_T], *args: Any, **kwargs: Any) -> _T:
+        return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
 
 
 @attrs.frozen
@@ -62,11 +99,11 @@ class ClientStatistics:
     dial_failures: int
 
 
-class Client(trio.abc.AsyncResource):
+class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
     """A pool of up to ``max_conns`` connections to one server.
 
-    Make one with :func:`open_client`. The calls mirror :class:`~monte_trio.Connection`'s
-    and pick a connection for you.
+    Get one from :func:`open_client`; it has no public constructor. The calls mirror
+    :class:`~monte_trio.Connection`'s and pick a connection for you.
     """
 
     def __init__(
@@ -126,17 +163,42 @@ class Client(trio.abc.AsyncResource):
     async def request(self, body: bytes) -> bytes:
         """Send a request on a pooled connection and return the reply.
 
+        A call that its connection refuses before any of it was sent (the connection
+        started closing while the call waited for credit or room, or the peer sent GOAWAY)
+        is moved to another connection, or to a new one, up to three times; so is a call
+        the peer declared it did not process.
+
         See :meth:`Connection.request <monte_trio.Connection.request>` for the errors;
-        additionally :class:`~monte_trio.ConnectionClosed` if no connection could be
-        opened, and :class:`~monte_trio.HandshakeError` if the handshake failed.
+        additionally :class:`~monte_trio.ConnectError` if no connection could be opened,
+        and :class:`~monte_trio.HandshakeError` if the handshake failed.
         """
-        conn = await self._pick()
-        return await conn.request(body)
+        for attempt in range(_REASSIGNMENTS + 1):
+            conn = await self._pick()
+            try:
+                return await conn.request(body)
+            except RequestNotProcessed as exc:
+                self._reassigning(attempt, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def send(self, body: bytes) -> None:
-        """Send a one-way message on a pooled connection; return once it is written."""
-        conn = await self._pick()
-        await conn.send(body)
+        """Send a one-way message on a pooled connection; return once it is written.
+
+        A message refused before it was queued (its connection started closing) is moved
+        to another connection, as :meth:`request` does.
+        """
+        for attempt in range(_REASSIGNMENTS + 1):
+            conn = await self._pick()
+            try:
+                await conn.send(body)
+                return
+            except RequestNotProcessed as exc:
+                self._reassigning(attempt, exc)
+
+    def _reassigning(self, attempt: int, exc: RequestNotProcessed) -> None:
+        """A call was not processed: re-raise its error if it may not move again."""
+        if attempt >= _REASSIGNMENTS or self._closed:
+            raise exc
+        logger.debug("%s: moving a call to another connection: %s", self.peer, exc)
 
     def send_nowait(self, body: bytes) -> None:
         """Queue a one-way message on an open connection and return at once.
@@ -149,22 +211,22 @@ class Client(trio.abc.AsyncResource):
             trio.WouldBlock: no open connection has room in its send queue (or none is
                 open: this call cannot dial). Fall back to ``await client.send(body)``,
                 which waits for room and dials if needed.
-            ConnectionClosed: the client is closed.
+            RequestNotProcessed: the client is closed.
         """
         conn = self._nowait_conn
         if conn is not None and not conn.closed:
             try:
                 conn.send_nowait(body)
                 return
-            except trio.WouldBlock:
+            except (trio.WouldBlock, RequestNotProcessed):
                 pass
         if self._closed:
-            raise ConnectionClosed("the client is closed")
+            raise _client_closed()
         for candidate in sorted(self.connections, key=_load):
             if candidate is not conn:
                 try:
                     candidate.send_nowait(body)
-                except trio.WouldBlock:
+                except (trio.WouldBlock, RequestNotProcessed):
                     continue
                 self._nowait_conn = candidate
                 return
@@ -181,7 +243,7 @@ class Client(trio.abc.AsyncResource):
         # load: the caller's own call (which follows at once) makes the connection busy.
         while True:
             if self._closed:
-                raise ConnectionClosed("the client is closed")
+                raise _client_closed()
             best: Connection | None = None
             best_load = 0
             open_count = 0
@@ -189,7 +251,7 @@ class Client(trio.abc.AsyncResource):
                 if conn.closed:
                     continue
                 open_count += 1
-                load = conn.load
+                load = conn._load
                 if load == 0:
                     return conn
                 if best is None or load < best_load:
@@ -227,7 +289,10 @@ class Client(trio.abc.AsyncResource):
                 raise
             if self._closed:
                 await trio.aclose_forcefully(secure)
-                raise ConnectionClosed("the client was closed while this connection was dialed")
+                raise RequestNotProcessed(
+                    "the client was closed while a connection was dialed for this call; it "
+                    "was not sent"
+                )
             conn: Connection = await self._nursery.start(self._run_connection, secure)
             self._dials += 1
             return conn
@@ -247,9 +312,10 @@ class Client(trio.abc.AsyncResource):
                 error = exc
         self._dial_failures += 1
         what = "timed out" if isinstance(error, trio.TooSlowError) else str(error)
-        raise ConnectionClosed(
+        raise ConnectError(
             f"could not connect to {self.peer} ({self._dial_attempts} attempt(s), "
-            f"dial_timeout {self._dial_timeout} s): {what}"
+            f"dial_timeout {self._dial_timeout} s): {what}",
+            self.peer,
         ) from error
 
     async def _run_connection(
@@ -286,7 +352,11 @@ class Client(trio.abc.AsyncResource):
 
 
 def _load(conn: Connection) -> int:
-    return conn.load
+    return conn._load
+
+
+def _client_closed() -> RequestNotProcessed:
+    return RequestNotProcessed("the client is closed; this call was not sent")
 
 
 @asynccontextmanager
@@ -317,26 +387,28 @@ async def open_client(
         host: the server's host name or address.
         port: the server's port.
         handshake: the handshake to use; by default the native profile
-            (:class:`~monte_trio.NoiseHandshake`) built from ``identity``, ``trust`` and
+            (:class:`~monte_trio.NativeHandshake`) built from ``identity``, ``trust`` and
             ``psk``. Pass :class:`~monte_trio.MonteV1Handshake` to talk to Go monte.
         identity: this client's static key; a fresh one is generated if not given.
         trust: which server keys to accept (required for the native profile):
             :class:`~monte_trio.PinnedKeys`, :class:`~monte_trio.KnownKeysFile`, or
             :class:`~monte_trio.AcceptAnyKey` by explicit choice.
         psk: a 32-byte pre-shared key both sides must hold (native profile).
-        handler: serves requests the server sends to this client.
+        handler: serves requests the server sends to this client (see
+            :data:`~monte_trio.Handler`).
         config: limits and timers of each connection.
         max_conns: the most connections to keep to the server.
         dial_attempts: TCP connection attempts before a dial fails.
         dial_timeout: seconds allowed for each TCP connection attempt.
         handshake_timeout: seconds allowed for each handshake.
-        connection_state: called with ``(connection, "new")`` and
-            ``(connection, "closed")`` as connections come and go.
+        connection_state: called with ``(connection, ConnectionState.NEW)`` and
+            ``(connection, ConnectionState.CLOSED)`` as connections come and go.
         connect: instead of ``host`` and ``port``, an async function that opens a new
             transport stream (for example over :mod:`monte_trio.testing`'s network).
 
     Raises:
-        ConnectionClosed: the server could not be reached.
+        ConnectError: the server could not be reached (name resolution, refused,
+            unreachable, ``dial_timeout``).
         HandshakeError: the handshake failed (wrong profile, untrusted key, wrong psk).
     """
     if connect is None:
@@ -356,7 +428,7 @@ async def open_client(
     # the nursery, not wrapped in an ExceptionGroup by it.
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        client = Client(
+        client = Client._create(
             nursery,
             connect,
             peer=peer,

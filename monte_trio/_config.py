@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import attrs
 
+from ._proto._wire2 import MIN_MESSAGE_SIZE as _MIN_MESSAGE_SIZE
+
 __all__ = ["ConnectionConfig"]
 
 _KEEPALIVE_INTERVAL: float | None = 15.0
-_MIN_MESSAGE_SIZE = 1024  # the native profile's floor (monte_trio._proto._native)
 _MIN_RECORD_SIZE = 65
 _DEFAULT_MESSAGE_SIZE = 4 * 1024 * 1024
 _MESSAGE_COST = 64  # what each message costs of a window on top of its body (wire v2)
@@ -48,7 +49,9 @@ class ConnectionConfig:
             calls may make back to the peer on the same connection at once, outside
             ``max_calls`` (they cannot deadlock on slots or handlers).
         max_pending_requests: outgoing requests awaiting a reply at once on this
-            connection; one more raises :class:`~monte_trio.LimitExceeded`.
+            connection; one more waits for room, in order of arrival, as ``send`` waits
+            for the send queue (nested calls are bounded by ``nested_allowance``
+            instead).
         max_send_queue: bytes of queued, not yet written records above which
             ``send_nowait`` raises :class:`trio.WouldBlock` and ``send``/``request`` wait.
         max_concurrent_handlers: handlers running at once for this connection's incoming

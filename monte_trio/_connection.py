@@ -9,20 +9,19 @@ frames) is made by the connection's sans-IO session (:mod:`monte_trio._proto._se
 the :class:`~monte_trio._handshake.SessionFacts` the handshake returned. The connection
 only drives it. Entering it opens a nursery whose service scope holds:
 
-* the **reader** (this module): ``receive_records`` -> ``session.receive_records`` ->
-  events: answers to the callers' :class:`~monte_trio._dispatcher.ReplyChannel`, requests
-  and one-way messages to the :class:`~monte_trio._handlers.HandlerPool`, cancels to the
-  running handlers, goaways to the callers they fail, moved credit to the FIFO of callers
-  waiting for it. Native: it **never stops reading**: credit, not a paused socket, bounds
-  what the peer can make us hold, so a ping, a reply to our own call or a goaway is
-  processed at once even while every handler is busy. Its timer (keepalive, the grace
-  period, idle_timeout) is ``move_on_at`` around the receive: a stuck writer cannot stop
-  it. monte-v1 has no credit: there the reader pauses while ``max_concurrent_handlers``
-  requests are queued, and tells the session, so the pause is never taken for silence.
+* the **reader** (:mod:`monte_trio._reader`): records -> session -> events, dispatched to
+  the callers' :class:`~monte_trio._dispatcher.ReplyChannel`, the handlers and the callers
+  waiting for credit. Native: it **never stops reading** (credit bounds what the peer can
+  make us hold), and its timer (keepalive, the grace period, idle_timeout, a deferred
+  credit flush) is the deadline around its receive.
 * the **writer** (:mod:`monte_trio._writer`): the session's queue to the socket, packed,
   sealed and sent in batches; direct writes from callers on quiet connections.
 * the **handlers** (:mod:`monte_trio._handlers`): inline plain functions, the worker pool,
   nested calls in tasks of their own.
+
+This module is the connection's public surface (the calls, with their documentation),
+its lifecycle and the wiring of the parts; at about 700 lines it stays one module because
+what is left is one object's API. Each task's job lives in its own module.
 
 Outgoing calls take credit before they enter the session (a FIFO per kind of credit, so no
 task holds the write role while it waits); a caller cancelled after its grant passes the
@@ -55,7 +54,6 @@ from ._exceptions import (
     ConnectionClosed,
     LocalProtocolError,
     RemoteError,
-    RemoteProtocolError,
     RequestNotProcessed,
 )
 from ._handlers import (
@@ -65,27 +63,20 @@ from ._handlers import (
     InlineHandler,
     Request,
     current_call,
-    is_async_handler,
 )
 from ._proto._session import (
     CLOSED as SESSION_CLOSED,
 )
 from ._proto._session import (
-    EV_CANCEL,
-    EV_CLOSED,
-    EV_ERROR,
-    EV_GOAWAY,
-    EV_ONEWAY,
-    EV_PONG,
     EV_REPLY,
-    EV_REQUEST,
     Session,
 )
 from ._proto._session_v1 import MonteV1Session
 from ._proto._wire2 import RETRY_SAFE
+from ._reader import Reader
 from ._secure_stream import SecureStream
 from ._util import escape_peer_text
-from ._writer import WRITE_ERRORS, Writer
+from ._writer import CREDIT_DELAY, CREDIT_NOW, WRITE_ERRORS, Writer
 
 if TYPE_CHECKING:
     from ._handshake import SessionFacts
@@ -98,19 +89,10 @@ __all__ = [
     "Handler",
     "InlineHandler",
     "Request",
-    "is_async_handler",
 ]
 
 logger = logging.getLogger("monte_trio")
 
-_SERVICE_INTERVAL = 0.1
-"""Seconds between two ``handle_timer`` calls while frames arrive (control budget)."""
-_CREDIT_DELAY = 0.005
-"""Seconds a small credit return may wait for a write to ride on before the writer sends
-it alone: a lone CREDIT frame costs a wake-up, a seal and a system call on this side and
-a read on the peer's, as much as the message it pays for."""
-_CREDIT_NOW = 64 * 1024
-"""Returned credit at or above this is sent at once (a peer may be waiting for it)."""
 _V1_CANCELLED = 1024
 """monte-v1: cancelled calls whose late reply is still recognised (and counted as dropped)
 before the session forgets them (Go handlers may never reply)."""
@@ -157,51 +139,6 @@ _CLOSING = _State.CLOSING
 _CLOSED = _State.CLOSED
 
 
-class _CreditWaiters:
-    """Callers waiting for credit, first come first served (one FIFO per kind)."""
-
-    __slots__ = ("_queue",)
-
-    def __init__(self) -> None:
-        self._queue: deque[list[trio.lowlevel.Task | None]] = deque()
-
-    def __bool__(self) -> bool:
-        return bool(self._queue)
-
-    async def wait(self) -> None:
-        """Wait until woken (credit moved): the caller then retries at the head."""
-        slot: list[trio.lowlevel.Task | None] = [trio.lowlevel.current_task()]
-        self._queue.append(slot)
-
-        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            slot[0] = None
-            try:
-                self._queue.remove(slot)
-            except ValueError:  # pragma: no cover (already woken)
-                pass
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def wake_one(self) -> None:
-        """Wake the head waiter; it retries and wakes the next if credit is left."""
-        while self._queue:
-            slot = self._queue.popleft()
-            task = slot[0]
-            if task is not None:
-                slot[0] = None
-                trio.lowlevel.reschedule(task)
-                return
-
-    def wake_all(self) -> None:
-        """Wake every waiter (the connection is closing: they fail)."""
-        queue, self._queue = self._queue, deque()
-        for slot in queue:
-            if slot[0] is not None:
-                trio.lowlevel.reschedule(slot[0])
-                slot[0] = None
-
-
 class Connection(trio.abc.AsyncResource):
     """One secure connection, with calls in both directions.
 
@@ -213,8 +150,8 @@ class Connection(trio.abc.AsyncResource):
         stream: the secure stream a :class:`~monte_trio.Handshake` produced (its
             ``facts`` say which session to run).
         handler: serves the peer's requests and one-way messages (see :data:`Handler`:
-            an ``async def`` function runs in a worker task, a plain function inline in the
-            reader); ``None`` refuses them.
+            an async handler runs in a worker task, a plain function wrapped with
+            :func:`~monte_trio.inline` in the reader); ``None`` refuses them.
         config: limits and timers; defaults to :class:`~monte_trio.ConnectionConfig`\\ ().
         name: a label for logs (for example the peer's address).
     """
@@ -250,9 +187,10 @@ class Connection(trio.abc.AsyncResource):
             on_error=self._write_failed,
         )
         self._handlers = HandlerPool(self, handler, max_workers=config.max_concurrent_handlers)
-        self._call_waiters = _CreditWaiters()
-        self._oneway_waiters = _CreditWaiters()
+        self._call_waiters = trio.lowlevel.ParkingLot()
+        self._oneway_waiters = trio.lowlevel.ParkingLot()
         self._credit_seen = 0
+        self._pending_full = False  # a caller waits for room among the pending requests
         self._reader_scope: trio.CancelScope | None = None
         self._flush_at = math.inf
         self.reply_queued = False  # an inline handler queued an answer during this batch
@@ -296,8 +234,9 @@ class Connection(trio.abc.AsyncResource):
         return self._close_reason
 
     @property
-    def load(self) -> int:
-        """How busy the connection is: pending requests, plus 1 if messages are queued."""
+    def _load(self) -> int:
+        """How busy the connection is: pending requests, plus 1 if messages are queued
+        (the client pool's measure)."""
         return len(self._dispatcher) + (
             1 if self._session.send_queue_bytes or self._writer.direct else 0
         )
@@ -362,7 +301,7 @@ class Connection(trio.abc.AsyncResource):
             async with trio.open_nursery() as services:
                 self._services = services
                 self._handlers.nursery = services
-                services.start_soon(self._guarded, self._reader, name=f"{self.name} reader")
+                services.start_soon(self._guarded, Reader(self).run, name=f"{self.name} reader")
                 services.start_soon(self._guarded, self._writer.run, name=f"{self.name} writer")
                 task_status.started()
         finally:
@@ -416,13 +355,18 @@ class Connection(trio.abc.AsyncResource):
                 with trio.CancelScope(shield=True):
                     await self._closed.wait()
 
+    def _stop_accepting(self) -> None:
+        """The peer is closing (GOAWAY or end of stream): no new calls from this side."""
+        if self._state is _OPEN:
+            self._state = _CLOSING
+
     def _start_closing(self) -> None:
         if self._state is _OPEN:
             self._state = _CLOSING
             self._session.start_close()
             self._writer.wake()
-            self._call_waiters.wake_all()
-            self._oneway_waiters.wake_all()
+            self._call_waiters.unpark_all()
+            self._oneway_waiters.unpark_all()
 
     async def _close_gracefully(self, grace_period: float) -> None:
         self._start_closing()
@@ -447,8 +391,8 @@ class Connection(trio.abc.AsyncResource):
         self._close_reason = reason
         self._fail_pending(reason.reason)
         self._writer.fail_waiters(lambda: ConnectionClosed(reason.reason))
-        self._call_waiters.wake_all()
-        self._oneway_waiters.wake_all()
+        self._call_waiters.unpark_all()
+        self._oneway_waiters.unpark_all()
         self._progress.set()
         self._handlers.idle.set()
         if self._services is not None:
@@ -461,28 +405,34 @@ class Connection(trio.abc.AsyncResource):
         def error_for(ident: int) -> ConnectionClosed:
             if peer_last is not None and ident > peer_last:
                 return RequestNotProcessed(
-                    f"the peer shut down without processing request {ident} "
-                    f"(it processed up to {peer_last}); it is safe to retry"
+                    f"the peer shut down without processing the request with call id {ident} "
+                    f"(it processed call ids up to {peer_last}); it is safe to retry"
                 )
             return ConnectionClosed(reason)
 
         self._dispatcher.fail_all(error_for)
 
     def _closed_error(self) -> ConnectionClosed:
+        """The error for a call the connection's end interrupted after it was queued."""
         if self._close_reason is not None:
             return ConnectionClosed(self._close_reason.reason)
-        if self._peer_last_processed is not None:
-            return RequestNotProcessed(
-                "the peer is shutting down (it sent GOAWAY); this call was not sent, it is "
-                "safe to retry on a new connection"
-            )
-        return ConnectionClosed("the connection is closing; open a new one")
+        return ConnectionClosed("the connection is closing")
 
-    def _ended(self) -> ConnectionClosed:
-        """The error for a call refused because the connection (or its session) ended."""
-        if self._close_reason is None and self._state is _OPEN:
-            return ConnectionClosed("the connection is ending (the peer broke the protocol)")
-        return self._closed_error()
+    def _refused(self) -> RequestNotProcessed:
+        """The error for a call refused before any of it was sent: safe to retry."""
+        if self._close_reason is not None:
+            why = f"the connection is closed ({self._close_reason.reason})"
+        elif self._peer_last_processed is not None:
+            why = "the peer is shutting down (it sent GOAWAY)"
+        elif self._peer_closed:
+            why = "the peer closed the connection"
+        elif self._state is _OPEN:
+            why = "the connection is ending"
+        else:
+            why = "the connection is closing"
+        return RequestNotProcessed(
+            f"{why}; this call was not sent, it is safe to retry on another connection"
+        )
 
     def _fail(self, reason: str, cause: BaseException | None = None) -> None:
         if self._state is not _CLOSED:
@@ -532,53 +482,68 @@ class Connection(trio.abc.AsyncResource):
         session = self._session
         parent = self._parent() if self._native else 0
         waiters = self._call_waiters
+        dispatcher = self._dispatcher
+        max_pending = self._config.max_pending_requests
         queued = False
         try:
             while True:
                 if self._state is not _OPEN and not parent:
-                    raise self._closed_error()
-                if not waiters or queued:
+                    raise self._refused()
+                # Nested calls are bounded by nested_allowance instead: making them wait
+                # for our own calls' replies could deadlock the call tree.
+                if (not waiters or queued) and (parent or len(dispatcher) < max_pending):
                     try:
                         ident = session.send_request(body, parent=parent)
                     except LocalProtocolError:
-                        if session.state >= SESSION_CLOSED:
-                            raise self._ended() from None
-                        if not parent or self._state is _CLOSED:
-                            raise
+                        if session.state >= SESSION_CLOSED or not parent:
+                            raise self._refused() from None  # closing: nothing was sent
+                        if self._state is _CLOSED:
+                            raise self._refused() from None
                         parent = 0  # the handler already answered: an ordinary call
                         continue
                     if ident is not None:
                         if queued and waiters:
-                            waiters.wake_one()  # credit may be left for the next one
+                            waiters.unpark()  # credit may be left for the next one
                         return ident
+                if len(dispatcher) >= max_pending and not parent:
+                    self._pending_full = True
                 queued = True
-                await waiters.wait()
+                await waiters.park()
         except BaseException:
             if queued and waiters:
-                waiters.wake_one()  # pass the wake-up on
+                waiters.unpark()  # pass the wake-up on
             raise
+
+    def _call_ended(self) -> None:
+        """A call left the pending table: wake a caller waiting for room in it."""
+        if self._pending_full and len(self._dispatcher) < self._config.max_pending_requests:
+            self._pending_full = False
+            self._call_waiters.unpark()
 
     async def request(self, body: bytes) -> bytes:
         """Send a request and return the peer's reply.
 
         Cancel it with a cancel scope (for example ``trio.fail_after``); its reply, if it
         comes later, is dropped, and the native profile tells the peer's handler to stop.
-        A call that waits for credit (the peer's call slots or request window) waits in
-        order of arrival.
+        A call that waits, for credit (the peer's call slots or request window), for room
+        in the send queue (``max_send_queue``) or for room among the pending requests
+        (``max_pending_requests``), waits in order of arrival.
 
         Raises:
-            ConnectionClosed: the connection ended before the reply arrived.
-            RequestNotProcessed: the peer shut down without processing it: safe to retry.
+            ConnectionClosed: the connection ended before the reply arrived; the peer may
+                or may not have processed the request.
+            RequestNotProcessed: the request was certainly not processed: the connection
+                was closing or closed before it was sent, or the peer shut down without
+                processing it. It is safe to retry on another connection.
             RemoteError: the peer's handler raised (native profile).
-            LimitExceeded: too many requests are pending on this connection.
-            LocalProtocolError: ``body`` is larger than the message size limit.
+            LocalProtocolError: ``body`` is larger than the message size limit (nothing
+                was sent; the connection is still usable).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._state is not _OPEN and not self._parent():
-            raise self._closed_error()
+            raise self._refused()
         self._check_size(body)
         dispatcher = self._dispatcher
-        dispatcher.check_room()
         writer = self._writer
         session = self._session
         if session.send_queue_bytes >= writer.max_send_queue:
@@ -598,7 +563,9 @@ class Connection(trio.abc.AsyncResource):
         except BaseException:
             if dispatcher.discard(ident) and self._state is not _CLOSED:
                 self._cancel(ident)
+            self._call_ended()
             raise
+        self._call_ended()
         self._replies_received += 1
         if kind == EV_REPLY:
             session.delivered(ident)
@@ -611,7 +578,7 @@ class Connection(trio.abc.AsyncResource):
         # since callers print it and put it in logs.
         text = escape_peer_text(payload.decode("utf-8", errors="replace"))
         if detail in RETRY_SAFE:
-            raise RequestNotProcessed(f"the peer refused request {ident}: {text}")
+            raise RequestNotProcessed(f"the peer refused the request with call id {ident}: {text}")
         raise RemoteError(text)
 
     async def send(self, body: bytes) -> None:
@@ -623,11 +590,14 @@ class Connection(trio.abc.AsyncResource):
 
         Raises:
             ConnectionClosed: the connection ended before the message was written.
-            LocalProtocolError: ``body`` is larger than the message size limit.
+            RequestNotProcessed: the connection was closing or closed before the message
+                was queued: it was not sent, it is safe to send it on another connection.
+            LocalProtocolError: ``body`` is larger than the message size limit (nothing
+                was sent; the connection is still usable).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._state is not _OPEN:
-            raise self._closed_error()
+            raise self._refused()
         self._check_size(body)
         writer = self._writer
         if self._session.send_queue_bytes >= writer.max_send_queue:
@@ -645,20 +615,18 @@ class Connection(trio.abc.AsyncResource):
         queued = False
         try:
             while True:
-                if self._state is not _OPEN:
-                    raise self._closed_error()
-                if session.state >= SESSION_CLOSED:
-                    raise self._ended()
+                if self._state is not _OPEN or session.state >= SESSION_CLOSED:
+                    raise self._refused()
                 if (not waiters or queued) and session.send_oneway(body):
                     self._messages_sent += 1
                     if queued and waiters:
-                        waiters.wake_one()
+                        waiters.unpark()
                     return
                 queued = True
-                await waiters.wait()
+                await waiters.park()
         except BaseException:
             if queued and waiters:
-                waiters.wake_one()
+                waiters.unpark()
             raise
 
     def send_nowait(self, body: bytes) -> None:
@@ -668,12 +636,13 @@ class Connection(trio.abc.AsyncResource):
             trio.WouldBlock: no credit (the peer's request window is spent), the send
                 queue is full (``max_send_queue``), or another sender is already waiting;
                 wait with :meth:`send` or retry later.
-            ConnectionClosed: the connection is closing or closed.
-            LocalProtocolError: ``body`` is larger than the message size limit.
+            RequestNotProcessed: the connection is closing or closed (nothing was sent).
+            LocalProtocolError: ``body`` is larger than the message size limit (nothing
+                was sent; the connection is still usable).
         """
         session = self._session
         if self._state is not _OPEN or session.state >= SESSION_CLOSED:
-            raise self._ended()
+            raise self._refused()
         if (
             session.send_queue_bytes >= self._writer.max_send_queue
             or self._oneway_waiters
@@ -716,16 +685,16 @@ class Connection(trio.abc.AsyncResource):
         writer.owed += nbytes
         if writer.task is None:
             return  # the writer is awake (or writing): it packs the credit
-        if writer.owed >= _CREDIT_NOW:
+        if writer.owed >= CREDIT_NOW:
             writer.wake()
         else:
             self.defer_flush()
 
     def defer_flush(self) -> None:
         """Something small (credit, a pong) waits with nothing else to write: let it ride
-        on the next write, or have the writer send it alone within ``_CREDIT_DELAY`` (the
+        on the next write, or have the writer send it alone within ``CREDIT_DELAY`` (the
         reader's timer: the reader is the one task that always comes back)."""
-        due = trio.current_time() + _CREDIT_DELAY
+        due = trio.current_time() + CREDIT_DELAY
         if due < self._flush_at:
             self._flush_at = due
             scope = self._reader_scope
@@ -736,213 +705,8 @@ class Connection(trio.abc.AsyncResource):
         seen = self._session.credit_changed
         if seen != self._credit_seen:
             self._credit_seen = seen
-            self._call_waiters.wake_one()
-            self._oneway_waiters.wake_one()
-
-    # -- the reader ------------------------------------------------------------------------
-
-    async def _reader(self) -> None:
-        stream = self._stream
-        session = self._session
-        deliver = self._dispatcher.deliver
-        handlers = self._handlers
-        take = handlers.take
-        writer = self._writer
-        native = self._native
-        limit = self._config.max_concurrent_handlers
-        idle_timeout = self._config.idle_timeout
-        next_service = 0.0
-        idle_at = math.inf
-        try:
-            while True:
-                # One cancel scope per timer expiry, not per receive: its deadline is only
-                # moved when the timer changes (entering and leaving a scope with a deadline
-                # cost about as much as the rest of the loop). Nothing in the loop awaits
-                # except the receive, so the deadline can only interrupt that.
-                with trio.CancelScope() as scope:
-                    self._reader_scope = scope
-                    while True:
-                        timer = session.get_timer()
-                        deadline = self._flush_at
-                        if idle_timeout is not None:
-                            idle_at = trio.current_time() + idle_timeout
-                            if idle_at < deadline:
-                                deadline = idle_at
-                        if timer is not None and timer < deadline:
-                            deadline = timer
-                        if deadline != scope.deadline:
-                            scope.deadline = deadline
-                        records = await stream.receive_records()
-                        if not records:
-                            break
-                        if native:
-                            now = trio.current_time()
-                            if now >= next_service:
-                                # Refill the control budget before charging this batch.
-                                self._on_events(session.handle_timer(now))
-                                next_service = now + _SERVICE_INTERVAL
-                            # Record by record: what came before a violation is still
-                            # delivered (a record packs many frames, so this costs little).
-                            for record in records:
-                                for event in session.receive_records([record]):
-                                    kind = event[0]
-                                    if kind == EV_REPLY:
-                                        ident = event[1]
-                                        if not deliver(ident, (EV_REPLY, event[2], None)):  # type: ignore[arg-type]
-                                            session.delivered(ident)
-                                    elif kind in (EV_REQUEST, EV_ONEWAY):
-                                        take(event[1], event[2], event[3])  # type: ignore[arg-type]
-                                    else:
-                                        self._on_events((event,))
-                        else:
-                            # monte-v1 may pause below: no deadline may cut that short.
-                            self._reader_scope = None
-                            scope.deadline = math.inf
-                            await self._v1_events(session.receive_records(records))
-                        del records
-                        if session.wants_write and writer.task is not None:
-                            if (
-                                self.reply_queued
-                                or session.send_queue_bytes
-                                or writer.owed >= _CREDIT_NOW
-                            ):
-                                writer.wake()
-                            else:
-                                self.defer_flush()  # credit or a pong only: it may ride along
-                        self.reply_queued = False
-                        if session.credit_changed != self._credit_seen:
-                            self._credit_moved()
-                        if not native:
-                            while len(handlers.inbox) >= limit:
-                                await self._pause_reading()
-                            self._reader_scope = scope
-                self._reader_scope = None
-                if not scope.cancelled_caught:
-                    await self._drain_after_eof()
-                    return
-                now = trio.current_time()
-                if now >= idle_at:
-                    self._fail(f"nothing received for {idle_timeout} s (idle_timeout)")
-                    return
-                if now >= self._flush_at:
-                    self._flush_at = math.inf
-                timer = session.get_timer()
-                if timer is not None and now >= timer:
-                    self._on_events(session.handle_timer(now))
-                    next_service = now + _SERVICE_INTERVAL
-                if session.wants_write:
-                    writer.wake()
-        except RemoteProtocolError as exc:
-            logger.warning("%s: closing: %s", self.name, exc)
-            await self._send_final_goaway()
-            self._fail(f"the peer broke the protocol: {exc}", exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._fail(f"the connection was lost while reading: {exc}", exc)
-
-    async def _v1_events(self, events: list[tuple[int, int, object, object]]) -> None:
-        """monte-v1 has no credit: the reader is held back by the send queue (inline
-        replies that outran the writer) after each request, and by the handler cap."""
-        session = self._session
-        writer = self._writer
-        inline = self._handlers.inline is not None
-        for kind, ident, body, _ in events:
-            if kind == EV_REPLY:
-                self._dispatcher.deliver(ident, (EV_REPLY, body, None))  # type: ignore[arg-type]
-                continue
-            self._handlers.take(ident, body, 0)  # type: ignore[arg-type]
-            if inline and session.send_queue_bytes >= writer.max_send_queue:
-                writer.wake()
-                session.reader_paused(True)
-                try:
-                    await writer.wait_for_space(self._is_closed)
-                finally:
-                    session.reader_paused(False)
-
-    async def _send_final_goaway(self) -> None:
-        """After a protocol violation: the session's final GOAWAY, if the writer is idle."""
-        writer = self._writer
-        if not self._native or not writer.quiet:
-            return
-        with trio.move_on_after(1.0):
-            try:
-                await writer.write_directly()
-            except WRITE_ERRORS:
-                pass
-
-    def _on_events(self, events: object) -> None:
-        """The session's less frequent events (see ``_proto._session``)."""
-        for event in events:  # type: ignore[attr-defined]
-            kind, ident, a, b = event
-            if kind == EV_ERROR:
-                if not self._dispatcher.deliver(ident, (EV_ERROR, b.encode(), a)):
-                    pass
-            elif kind == EV_CANCEL:
-                self._handlers.cancel(ident)
-            elif kind == EV_GOAWAY:
-                self._on_goaway(ident, a, b)
-            elif kind == EV_PONG:
-                self._rtt = max(0.0, trio.current_time() - a)
-            elif kind == EV_CLOSED:
-                self._fail(
-                    "the peer was silent for longer than keepalive_tolerance "
-                    f"({self._config.keepalive_tolerance} s); it is presumed dead"
-                    if "keepalive" in str(a)
-                    else f"the connection ended: {a}"
-                )
-
-    def _on_goaway(self, last: int, code: int, failed: tuple[int, ...]) -> None:
-        self._peer_last_processed = last
-        for ident in failed:
-            self._dispatcher.fail(
-                ident,
-                RequestNotProcessed(
-                    f"the peer is shutting down and did not process request {ident} "
-                    f"(it processed up to {last}); it is safe to retry"
-                ),
-            )
-        if self._state is _OPEN:
-            self._state = _CLOSING
-        self._call_waiters.wake_all()
-        self._oneway_waiters.wake_all()
-        self._writer.wake()
-        self._progress.set()
-
-    async def _pause_reading(self) -> None:
-        """monte-v1: hold the reader back (our own back-pressure, not the peer's silence)
-        until a worker takes a request."""
-        self._handlers.reader_parked = trio.lowlevel.current_task()
-        self._session.reader_paused(True)
-
-        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            self._handlers.reader_parked = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        try:
-            await trio.lowlevel.wait_task_rescheduled(abort)
-        finally:
-            self._session.reader_paused(False)
-
-    async def _drain_after_eof(self) -> None:
-        """The peer closed its end: finish the work it already handed us, then close.
-
-        Nothing more can arrive, so this side's pending requests fail now; but requests and
-        messages the peer sent before closing still reach the handler, and handlers already
-        running finish, within the grace period. Their replies, which nobody can receive
-        any more, are dropped.
-        """
-        reason = "the peer closed the connection"
-        self._peer_closed = True
-        if self._state is _OPEN:
-            self._state = _CLOSING
-        self._fail_pending(reason)
-        self._call_waiters.wake_all()
-        self._oneway_waiters.wake_all()
-        self._progress.set()
-        with trio.move_on_after(self._config.grace_period):
-            while self._handlers.active and self._state is not _CLOSED:
-                self._handlers.idle = trio.Event()
-                await self._handlers.idle.wait()
-        self._fail(reason)
+            self._call_waiters.unpark()
+            self._oneway_waiters.unpark()
 
 
 # Re-exported for outcome's type checkers (reschedule with errors).

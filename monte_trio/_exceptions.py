@@ -5,8 +5,9 @@ Every error the library raises on purpose is a :class:`MonteError`. Foreign exce
 translated once, at the boundary where they happen, with ``raise New(...) from exc``::
 
     MonteError
+    ├── ConnectError                the server could not be reached (nothing was sent)
     ├── ConnectionClosed            the connection ended; the call did not complete
-    │   └── RequestNotProcessed     the peer declared it never processed the call: retry it
+    │   └── RequestNotProcessed     the call was certainly not processed: retry it
     ├── ProtocolError               a peer broke the protocol
     │   ├── LocalProtocolError      we were asked to send something the protocol forbids
     │   └── RemoteProtocolError     the peer sent something invalid
@@ -22,6 +23,7 @@ translated once, at the boundary where they happen, with ``raise New(...) from e
 from __future__ import annotations
 
 __all__ = [
+    "ConnectError",
     "ConnectionClosed",
     "DecryptionError",
     "HandshakeError",
@@ -42,6 +44,25 @@ class MonteError(Exception):
     """Base class of every error monte_trio raises on purpose."""
 
 
+class ConnectError(MonteError):
+    """The server could not be reached: its name did not resolve, the connection was
+    refused, the host or network was unreachable, or no attempt completed within
+    ``dial_timeout``.
+
+    Nothing was sent, so retrying later is safe. Like httpcore's ``ConnectError``, it is
+    not an :class:`OSError` and not a :class:`ConnectionClosed` (no connection ever
+    existed); the last attempt's error (an :class:`OSError`, or :class:`trio.TooSlowError`
+    for a timeout) is its ``__cause__``.
+
+    Attributes:
+        peer: the address dialed (``host:port``).
+    """
+
+    def __init__(self, message: str, peer: str) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
 class ConnectionClosed(MonteError):
     """The connection is closed, or closed while the call was in flight.
 
@@ -60,9 +81,14 @@ class ConnectionClosed(MonteError):
 
 
 class RequestNotProcessed(ConnectionClosed):
-    """The peer is shutting down and told us it never started processing this request.
+    """The call was certainly not processed by the peer: it is safe to retry it on another
+    connection.
 
-    It is always safe to retry the request, on another connection.
+    Raised when the call was refused before any of it was sent (the connection was
+    closing or closed, or the peer had announced its shutdown with GOAWAY), and when the
+    peer, shutting down, declared it never started processing the call. A
+    :class:`~monte_trio.Client` retries such calls on another connection by itself, a few
+    times, before it raises this.
     """
 
 
@@ -73,7 +99,9 @@ class ProtocolError(MonteError):
 class LocalProtocolError(ProtocolError):
     """The call asked for something the protocol forbids, such as a message too large.
 
-    Nothing was sent; the connection is still usable.
+    Nothing was sent; the connection is still usable. (A failure that ends the connection,
+    such as a record that cannot be sealed, reaches callers as
+    :class:`ConnectionClosed` instead.)
     """
 
 
@@ -130,10 +158,11 @@ class RemoteError(MonteError):
 
 
 class LimitExceeded(MonteError):
-    """A configured limit would be exceeded (for example, too many pending requests).
+    """A configured limit would be exceeded.
 
-    Nothing was sent; the connection is still usable. Wait for calls in flight to finish,
-    or raise the limit in the configuration.
+    Not raised by a connection's calls: at every limit (``max_pending_requests``,
+    ``max_send_queue``, the peer's credit) ``request`` and ``send`` wait, in order of
+    arrival, and ``send_nowait`` raises :class:`trio.WouldBlock`.
     """
 
 

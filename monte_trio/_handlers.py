@@ -6,9 +6,11 @@
   started only as concurrency requires, up to ``max_concurrent_handlers``; at most one idle
   worker is woken per burst, and it wakes another only if the inbox still holds work once
   it starts a handler.
-* A handler that is a plain function (not ``async def``) cannot await anything, so it
+* The kind is chosen explicitly, never guessed from the function: a plain function
+  wrapped with :func:`inline` (an :class:`InlineHandler`) cannot await anything, so it
   cannot deadlock: the reader calls it **inline**, with no hand-off to a worker, and its
-  reply goes into the session's queue.
+  reply goes into the session's queue. Anything else is an async handler: whatever it
+  returns is awaited (a plain function passed unwrapped is refused at its first call).
 * A **nested call** (the peer's handler calling us back while it serves one of our
   calls) runs in a task of its own, outside ``max_concurrent_handlers``: every wait then
   points down the call tree, so callbacks cannot deadlock on busy handlers. A worker marks
@@ -26,6 +28,7 @@ import functools
 import inspect
 import logging
 import traceback
+import types
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -47,15 +50,17 @@ __all__ = [
     "InlineHandler",
     "Request",
     "current_call",
-    "is_async_handler",
+    "inline",
 ]
 
 logger = logging.getLogger("monte_trio")
 
+_CoroutineType = types.CoroutineType
+
 current_call: contextvars.ContextVar[tuple[object, int] | None] = contextvars.ContextVar(
     "monte_trio_current_call", default=None
 )
-"""``(connection, call id)`` of the peer's call the current handler serves: a call the
+"""``(connection, call_id)`` of the peer's call the current handler serves: a call the
 handler makes back over the same connection is *nested* under it."""
 
 
@@ -69,13 +74,13 @@ class Request:
 
     Attributes:
         body: the message body.
-        id: the request id (0 for a one-way message).
+        call_id: the call's id, which its reply carries (0 for a one-way message).
         oneway: ``True`` for a one-way message: the handler's return value is ignored.
         connection: the connection it arrived on; the handler may call the peer back on it.
     """
 
     body: bytes
-    id: int
+    call_id: int
     oneway: bool
     connection: Connection = attrs.field(repr=False)
 
@@ -86,31 +91,77 @@ class Request:
 
 
 AsyncHandler = Callable[[Request], Awaitable[bytes | None]]
-"""An ``async def`` handler: it runs in a handler worker task and may await anything,
-including calls back to the peer over ``request.connection``."""
+"""An async handler: any callable that returns an awaitable of the reply body (an
+``async def`` function, a lambda or :func:`functools.partial` returning a coroutine, an
+object with an ``async def __call__``). It runs in a handler worker task and may await
+anything, including calls back to the peer over ``request.connection``."""
 
-InlineHandler = Callable[[Request], bytes | None]
-"""A plain-function handler: the connection's reader calls it inline, which saves a task
-switch per request. It must return promptly and never block: while it runs, nothing more
-is read from that connection."""
+
+@attrs.frozen
+class InlineHandler:
+    """A plain-function handler, chosen explicitly with :func:`inline`.
+
+    The connection's reader calls :attr:`func` inline, which saves a task switch per
+    request. It must return promptly and never block: while it runs, nothing more is read
+    from that connection.
+
+    Attributes:
+        func: the plain function: it takes the :class:`Request` and returns the reply body
+            (``None`` means an empty reply).
+    """
+
+    func: Callable[[Request], bytes | None]
+
+    def __call__(self, request: Request) -> bytes | None:
+        """Call the wrapped function."""
+        return self.func(request)
+
+
+def inline(func: Callable[[Request], bytes | None]) -> InlineHandler:
+    """Mark a plain function as a handler that the connection's reader calls inline.
+
+    For handlers that compute their reply without waiting for anything: no task switch per
+    request, the fastest kind. Pass the result as ``handler=``::
+
+        def add_one(request: monte_trio.Request) -> bytes:
+            return bytes([request.body[0] + 1])
+
+        server = monte_trio.Server(monte_trio.inline(add_one), ...)
+
+    Args:
+        func: takes the :class:`Request`, returns the reply body or ``None``.
+
+    Raises:
+        TypeError: ``func`` is not callable, or is already an :class:`InlineHandler`.
+    """
+    if isinstance(func, InlineHandler):
+        raise TypeError("the handler is already inline; pass it as it is")
+    if not callable(func):
+        raise TypeError(f"inline() takes a function, not a {type(func).__name__}")
+    return InlineHandler(func)
+
 
 Handler = AsyncHandler | InlineHandler
 """What serves requests and one-way messages: it returns the reply body (``None`` means an
 empty reply); for one-way messages the return value is ignored.
 
-An ``async def`` function (or any callable whose call is a coroutine function) runs in a
-handler worker, concurrently with others, up to ``max_concurrent_handlers``. A plain
-function runs inline in the connection's reader: the fastest choice for handlers that
-compute their reply without waiting for anything."""
+The kind is chosen explicitly. A callable returning an awaitable (:data:`AsyncHandler`)
+runs in a handler worker, concurrently with others, up to ``max_concurrent_handlers``. A
+plain function wrapped with :func:`monte_trio.inline` (:class:`InlineHandler`) runs inline
+in the connection's reader: the fastest choice for handlers that compute their reply
+without waiting for anything. A plain function passed unwrapped is a type error, and at
+run time its call fails with a :exc:`TypeError` that names the fix."""
+
+_NOT_AWAITABLE = (
+    "the handler returned a {kind}, not an awaitable: a handler passed as it is must be "
+    "async (async def, or a callable returning an awaitable); wrap a plain function with "
+    "monte_trio.inline(func) to have it run inline"
+)
 
 
-def is_async_handler(handler: object) -> bool:
-    """Whether ``handler`` is called as a coroutine function (else it runs inline)."""
-    while isinstance(handler, functools.partial):
-        handler = handler.func
-    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None)  # noqa: B004 (an instance with async __call__)
-    )
+def not_awaitable(reply: object) -> TypeError:
+    """The error for a plain function passed as an async handler."""
+    return TypeError(_NOT_AWAITABLE.format(kind=type(reply).__name__))
 
 
 def reply_body(reply: object) -> bytes:
@@ -124,8 +175,8 @@ def reply_body(reply: object) -> bytes:
         if inspect.iscoroutine(reply):
             reply.close()
         hint = (
-            "; it is awaitable, but the handler is not an async function, so it was "
-            "called inline: define it with async def"
+            "; it is awaitable, but the handler is wrapped with monte_trio.inline, so it "
+            "was called inline and not awaited: pass the async handler unwrapped"
         )
     raise TypeError(
         f"the handler returned a {type(reply).__name__}; it must return bytes or None{hint}"
@@ -133,7 +184,9 @@ def reply_body(reply: object) -> bytes:
 
 
 async def _no_handler(request: Request) -> bytes | None:
-    raise LocalProtocolError("this side accepts no requests (no handler was given)")
+    # Not a LocalProtocolError: nothing this side sends breaks the protocol; the peer
+    # gets an error reply (native) saying why.
+    raise RuntimeError("this side accepts no requests (no handler was given)")
 
 
 class HandlerPool:
@@ -151,11 +204,12 @@ class HandlerPool:
         self._conn = connection
         self._session = connection._session
         self.handler: AsyncHandler = _no_handler
-        self.inline: InlineHandler | None = None
-        if handler is not None and is_async_handler(handler):
-            self.handler = handler  # type: ignore[assignment]
+        self.inline: Callable[[Request], bytes | None] | None = None
+        if isinstance(handler, InlineHandler):
+            self.inline = handler.func
         elif handler is not None:
-            self.inline = handler  # type: ignore[assignment]
+            self.handler = handler
+        self._kind_error_logged = False
         self._max_workers = max_workers
         self.inbox: deque[tuple[int, bytes, int]] = deque()
         self._idle_workers: list[trio.lowlevel.Task] = []
@@ -294,7 +348,7 @@ class HandlerPool:
         del body
         if not ident:
             try:
-                await self.handler(request)
+                await self._awaitable(self.handler(request))
             except Exception as exc:
                 logger.error("%s: handler raised on a one-way message", conn.name, exc_info=exc)
             finally:
@@ -311,7 +365,7 @@ class HandlerPool:
                         scopes[ident] = scope
                     else:  # cancelled before it started
                         scope.cancel()
-                    reply = reply_body(await self.handler(request))
+                    reply = reply_body(await self._awaitable(self.handler(request)))
                 if scopes.get(ident) is scope:
                     del scopes[ident]
                 if scope.cancelled_caught:
@@ -319,7 +373,7 @@ class HandlerPool:
                     self._answer_error(ident, ErrorCode.CANCELLED, "")
                     return
             else:
-                reply = reply_body(await self.handler(request))
+                reply = reply_body(await self._awaitable(self.handler(request)))
         except Exception as exc:
             self.scopes.pop(ident, None)
             session.consumed(ident)
@@ -333,6 +387,17 @@ class HandlerPool:
         session.consumed(ident)
         conn._writer.owed += size + 64
         await self._answer(ident, reply)
+
+    def _awaitable(self, result: object) -> Awaitable[bytes | None]:
+        """What an async handler returned, checked: a plain function passed unwrapped
+        returns its reply instead, which is refused with the fix (logged once)."""
+        if type(result) is _CoroutineType or inspect.isawaitable(result):
+            return result
+        error = not_awaitable(result)
+        if not self._kind_error_logged:
+            self._kind_error_logged = True
+            logger.error("%s: %s", self._conn.name, error)
+        raise error
 
     def _serve_inline(self, ident: int, body: bytes) -> None:
         """Run a plain-function handler in the reader and queue its answer."""
@@ -414,9 +479,9 @@ class HandlerPool:
                 conn.name,
                 exc_info=exc,
             )
-            conn._fail(f"the handler for request {ident} raised {exc!r}", exc)
+            conn._fail(f"the handler raised {exc!r} on the request with call id {ident}", exc)
             return None
-        logger.info("%s: handler raised for request %d: %r", conn.name, ident, exc)
+        logger.info("%s: handler raised on the request with call id %d: %r", conn.name, ident, exc)
         config = conn._config
         if not config.expose_errors:
             return "the handler raised an exception"

@@ -1,9 +1,21 @@
 """Handshakes: turn a raw trio Stream into a :class:`~monte_trio.SecureStream`.
 
-A :class:`Handshake` is the pluggable part of a connection, as in Go monte: it runs one of
-the sans-IO handshake state machines of ``_proto`` over a stream, and returns a secure
-stream carrying the record keys and the message codec both sides agreed on. The caller
-bounds it in time (clients and servers apply their ``handshake_timeout``).
+A :class:`Handshake` runs one of the sans-IO handshake state machines of ``_proto`` over a
+stream and returns a secure stream carrying the record keys both sides agreed on, and the
+:class:`SessionFacts` (profile, limits, peer key) the connection builds its session from.
+The caller bounds it in time (clients and servers apply their ``handshake_timeout``).
+
+Why :class:`Handshake` is not an extension point: a handshake's result is more than a key
+exchange. It must produce record sealers and openers, a hello whose limits the session
+enforces, and a profile whose frame layer exists in ``_proto``: all private, and all free
+to change. Exporting them would freeze the record layer and the session's inputs as public
+API for a feature nobody needs (the two profiles are the two wires that exist). So
+``Handshake`` is public only as the type of the two built-in handshakes,
+:class:`~monte_trio.NativeHandshake` (this package's ``_native_handshake``) and
+:class:`MonteV1Handshake`; subclassing it outside monte_trio raises :class:`TypeError`.
+Its one public method, :meth:`Handshake.handshake`, is how an application gets a
+:class:`~monte_trio.SecureStream` over its own stream, as it would get a
+:class:`trio.SSLStream`.
 
 Errors: anything that goes wrong is raised as :class:`~monte_trio.HandshakeError` (or a
 subclass), with the transport's exception as ``__cause__``.
@@ -12,7 +24,7 @@ subclass), with the transport's exception as ``__cause__``.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, final
 
 import attrs
 import trio
@@ -26,13 +38,9 @@ from ._proto._wire2 import Hello2
 from ._secure_stream import SecureStream
 
 if TYPE_CHECKING:
-    from ._keys import Identity, PublicKey
-    from ._trust import TrustPolicy
+    from ._keys import PublicKey
 
-__all__ = ["Handshake", "MonteV1Handshake", "SessionFacts", "resolve_handshake"]
-
-NATIVE = "native"
-MONTE_V1 = "monte-v1"
+__all__ = ["Handshake", "MonteV1Handshake", "SessionFacts"]
 
 
 @attrs.frozen(kw_only=True)
@@ -74,40 +82,72 @@ class SessionFacts:
 
 
 class Handshake(abc.ABC):
-    """Establishes a secure stream over a connected transport.
-
-    Subclass it to plug in another key exchange; the result must be a
-    :class:`~monte_trio.SecureStream` whose ``facts`` (a :class:`SessionFacts`) say
-    which session the connection runs.
+    """The type of the two built-in handshakes: :class:`~monte_trio.NativeHandshake` and
+    :class:`~monte_trio.MonteV1Handshake`. Not for subclassing (a custom handshake would
+    need the private record layer); subclassing it outside monte_trio raises
+    :class:`TypeError`.
 
     Attributes:
-        profile: the wire profile's name.
+        profile: the wire profile's name, ``"native"`` or ``"monte-v1"``.
     """
 
     profile: ClassVar[str]
 
-    @abc.abstractmethod
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__module__.startswith("monte_trio."):
+            raise TypeError(
+                f"{cls.__qualname__}: monte_trio.Handshake is not an extension point; use "
+                "monte_trio.NativeHandshake or monte_trio.MonteV1Handshake"
+            )
+
     async def handshake(
+        self,
+        transport: trio.abc.Stream,
+        *,
+        initiator: bool,
+        peer: str | None = None,
+        config: ConnectionConfig | None = None,
+    ) -> SecureStream:
+        """Run the handshake on ``transport`` and return the secure stream over it.
+
+        This is how to use a secure stream over a stream of your own (a pipe, a
+        :class:`trio.SSLStream`, an in-memory pair), as one would wrap it in a
+        :class:`trio.SSLStream`. Both ends call it, one with ``initiator=True``. Bound it
+        in time yourself (:func:`trio.fail_after`); on failure close ``transport``.
+
+        Args:
+            transport: a connected stream; the handshake owns it until it returns, and the
+                secure stream owns it afterwards (closing one closes the other).
+            initiator: ``True`` on the side that dialed.
+            peer: the ``host:port`` dialed (on the initiator), for trust policies such as
+                :class:`~monte_trio.KnownKeysFile` that remember keys per peer.
+            config: the local limits announced to the peer (record and message sizes,
+                windows); the defaults if ``None``.
+
+        Raises:
+            HandshakeError: the handshake failed (:class:`~monte_trio.PeerRejected` if a
+                trust policy refused a key).
+        """
+        return await self._handshake(
+            transport,
+            initiator=initiator,
+            peer=peer,
+            config=config if config is not None else ConnectionConfig(),
+        )
+
+    @abc.abstractmethod
+    async def _handshake(
         self,
         transport: trio.abc.Stream,
         *,
         initiator: bool,
         peer: str | None,
         config: ConnectionConfig,
-    ) -> SecureStream:
-        """Run the handshake on ``transport``.
-
-        Args:
-            transport: a connected stream; the handshake owns it until it returns.
-            initiator: ``True`` on the side that dialed.
-            peer: the ``host:port`` dialed (on the initiator), for trust policies.
-            config: the local connection limits (record and message sizes).
-
-        Raises:
-            HandshakeError: the handshake failed; ``transport`` should be closed.
-        """
+    ) -> SecureStream: ...
 
 
+@final
 class MonteV1Handshake(Handshake):
     """Go monte's handshake: anonymous X25519, one AES-256-GCM key for both directions.
 
@@ -116,7 +156,7 @@ class MonteV1Handshake(Handshake):
        For talking to Go monte services only. It authenticates nobody (a man in the middle
        can read and forge everything) and reuses AES-GCM nonces across the two
        directions, which leaks plaintext relationships and allows forgeries. Prefer
-       :class:`~monte_trio.NoiseHandshake`.
+       :class:`~monte_trio.NativeHandshake`.
 
     Records are limited to ``config.max_record_size`` (default 4,096 bytes, Go monte's
     default read buffer), and a message must fit in one record.
@@ -124,7 +164,7 @@ class MonteV1Handshake(Handshake):
 
     profile = "monte-v1"
 
-    async def handshake(
+    async def _handshake(
         self,
         transport: trio.abc.Stream,
         *,
@@ -161,33 +201,3 @@ class MonteV1Handshake(Handshake):
             max_message_size=min(max_record - 20, config.max_message_size),
         )
         return SecureStream(transport, sealer, opener, facts=facts, initial_records=initial)
-
-
-def resolve_handshake(
-    handshake: Handshake | None,
-    *,
-    identity: Identity | None,
-    trust: TrustPolicy | None,
-    psk: bytes | None,
-) -> Handshake:
-    """The handshake a client or server uses: ``handshake`` if given, else the native one.
-
-    Raises:
-        TypeError: both ``handshake`` and native options were given, or the native profile
-            was chosen without a trust policy.
-    """
-    if handshake is not None:
-        if identity is not None or trust is not None or psk is not None:
-            raise TypeError(
-                "pass either handshake= or the native options (identity, trust, psk), not both"
-            )
-        return handshake
-    from ._native import NoiseHandshake
-
-    if trust is None:
-        raise TypeError(
-            "the native profile needs trust=: PinnedKeys([...]) to accept known keys, "
-            "KnownKeysFile(path) for trust on first use, or AcceptAnyKey() to accept any "
-            "key (encryption without authentication)"
-        )
-    return NoiseHandshake(identity=identity, trust=trust, psk=psk)

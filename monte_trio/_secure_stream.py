@@ -7,9 +7,19 @@ data into records, ``receive_some`` returns decrypted bytes) that passes
 seals a whole batch of plaintexts into one ``send_all``, and
 :meth:`SecureStream.receive_records` returns every record completed by one receive.
 
-Transport errors are raised as trio's :class:`trio.BrokenResourceError`; a record that fails
-authentication or framing raises :class:`~monte_trio.RemoteProtocolError` (or its subclass
-:class:`~monte_trio.DecryptionError`) and leaves the stream broken.
+Like :class:`trio.SSLStream`, a secure stream is in one of three states, checked in one
+place at the start of every operation:
+
+* **open**: everything works;
+* **broken**: an operation failed in a way that leaves the stream unusable: the
+  transport failed (raised as :class:`trio.BrokenResourceError`), or a record failed
+  authentication or framing (that first failure raises
+  :class:`~monte_trio.RemoteProtocolError`, or its subclass
+  :class:`~monte_trio.DecryptionError`). Every later operation but :meth:`~SecureStream.aclose`
+  raises :class:`trio.BrokenResourceError`;
+* **closed**: after :meth:`~SecureStream.aclose` (which always ends here, even if closing
+  the transport fails or is cancelled), every operation raises
+  :class:`trio.ClosedResourceError`.
 
 Over a :class:`trio.SocketStream`, :meth:`SecureStream.send_records` is *record-safe*:
 it writes through the socket's ``send``, which either sends some bytes or is cancelled
@@ -21,13 +31,15 @@ as trio's contract allows; :attr:`SecureStream.record_safe` tells which.
 
 from __future__ import annotations
 
+import enum
 import errno
 import operator
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
+from ._exceptions import RemoteProtocolError
 from ._proto._records import RecordOpener, RecordSealer
 from ._util import ConflictDetector
 
@@ -39,9 +51,27 @@ __all__ = ["SecureStream"]
 RECEIVE_SIZE = 256 * 1024
 """Bytes asked of the transport per receive: big enough to take a whole burst at once."""
 
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+"""What a failing transport raises (ClosedResourceError: closed under us, not by aclose)."""
+
+
+class _State(enum.Enum):
+    OK = "open"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
 
 class SecureStream(trio.abc.Stream):
     """Encrypted records over ``transport``, produced by a :class:`~monte_trio.Handshake`.
+
+    Get one from a handshake, over any connected :class:`trio.abc.Stream`, as one wraps a
+    stream in a :class:`trio.SSLStream`::
+
+        secure = await monte_trio.NativeHandshake(identity, trust=trust).handshake(
+            stream, initiator=True
+        )
+
+    Its constructor is private: it takes the handshake's record keys.
 
     Attributes:
         transport: the underlying stream (usually a :class:`trio.SocketStream`).
@@ -70,7 +100,8 @@ class SecureStream(trio.abc.Stream):
         self._unsent = b""
         self._plain = bytearray()
         self._eof = False
-        self._closed = False
+        self._state = _State.OK
+        self._broken_by = ""
         self._send_conflict = ConflictDetector("another task is already sending on this stream")
         self._receive_conflict = ConflictDetector(
             "another task is already receiving on this stream"
@@ -92,6 +123,29 @@ class SecureStream(trio.abc.Stream):
         """Whether a cancelled send left bytes that the next send will write first."""
         return bool(self._unsent)
 
+    # -- the state: checked here, changed by _broken and aclose ----------------------------
+
+    def _check_state(self) -> None:
+        """Raise unless the stream is open: the one check every operation starts with."""
+        if self._state is _State.OK:
+            return
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("this secure stream was closed")
+        raise trio.BrokenResourceError(
+            f"this secure stream is broken ({self._broken_by}); close it and open a new one"
+        )
+
+    def _broken(self, exc: BaseException) -> NoReturn:
+        """A transport failure: raise it as trio.BrokenResourceError, broken for good (or
+        as trio.ClosedResourceError if aclose closed the transport under this call)."""
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("this secure stream was closed") from None
+        self._state = _State.BROKEN
+        self._broken_by = f"the transport failed: {exc}"
+        if isinstance(exc, trio.BrokenResourceError):
+            raise exc
+        raise trio.BrokenResourceError(f"the transport failed: {exc}") from exc
+
     # -- record API (used by Connection) ---------------------------------------------------
 
     async def send_records(self, plaintexts: list[bytes | None]) -> None:
@@ -100,13 +154,20 @@ class SecureStream(trio.abc.Stream):
         On a :attr:`record_safe` stream, bytes left unsent by an earlier cancelled call
         go first, and if this call is cancelled part-way its own unsent bytes are kept
         in turn (the records are sealed either way). An empty list just flushes them.
+
+        Raises:
+            trio.BrokenResourceError: the transport failed (now or before).
+            trio.ClosedResourceError: the stream was closed.
+            trio.BusyResourceError: another task is sending.
         """
         with self._send_conflict:
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
+            self._check_state()
             data = self._sealer.seal_many(plaintexts)
             if self._send_some is None:
-                await self.transport.send_all(data)
+                try:
+                    await self.transport.send_all(data)
+                except _TRANSPORT_ERRORS as exc:
+                    self._broken(exc)
                 return
             if self._unsent:
                 data, self._unsent = self._unsent + data, b""
@@ -129,27 +190,45 @@ class SecureStream(trio.abc.Stream):
         except trio.Cancelled:
             self._unsent = data[sent:]
             raise
-        except OSError as exc:
-            if self._closed or exc.errno == errno.EBADF:
-                raise trio.ClosedResourceError("the stream was closed") from None
-            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        except _TRANSPORT_ERRORS as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.EBADF:
+                exc = trio.ClosedResourceError("the socket was closed")
+            self._broken(exc)
 
     async def receive_records(self) -> list[bytes]:
-        """Return the plaintexts of the next records; an empty list means end of stream."""
+        """Return the plaintexts of the next records; an empty list means end of stream.
+
+        Raises:
+            RemoteProtocolError: a record failed framing (or, as its subclass
+                :class:`~monte_trio.DecryptionError`, authentication); the stream is
+                broken from then on.
+            trio.BrokenResourceError: the transport failed (now or before), or an earlier
+                record was invalid.
+            trio.ClosedResourceError: the stream was closed.
+            trio.BusyResourceError: another task is receiving.
+        """
         with self._receive_conflict:
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
+            self._check_state()
             if self._pending_records:
                 records, self._pending_records = self._pending_records, []
                 await trio.lowlevel.checkpoint()
                 return records
             while not self._eof:
-                data = await self.transport.receive_some(RECEIVE_SIZE)
+                try:
+                    data = await self.transport.receive_some(RECEIVE_SIZE)
+                except _TRANSPORT_ERRORS as exc:
+                    self._broken(exc)
                 if not data:
                     self._eof = True
-                records = self._opener.receive_data(data)
+                try:
+                    records = self._opener.receive_data(data)
+                except RemoteProtocolError as exc:
+                    self._state = _State.BROKEN
+                    self._broken_by = f"an invalid record was received: {exc}"
+                    raise
                 if records:
                     return records
+            await trio.lowlevel.checkpoint()
             return []
 
     # -- trio.abc.Stream -------------------------------------------------------------------
@@ -159,19 +238,15 @@ class SecureStream(trio.abc.Stream):
         size = self._sealer.max_plaintext
         view = memoryview(data)
         chunks: list[bytes | None] = [bytes(view[i : i + size]) for i in range(0, len(view), size)]
-        if not chunks:
-            with self._send_conflict:
-                if self._closed:
-                    raise trio.ClosedResourceError("the stream was closed")
-                await trio.lowlevel.checkpoint()
-            return
         await self.send_records(chunks)
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_conflict:
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
-            await self.transport.wait_send_all_might_not_block()
+            self._check_state()
+            try:
+                await self.transport.wait_send_all_might_not_block()
+            except _TRANSPORT_ERRORS as exc:
+                self._broken(exc)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Return decrypted bytes: at least one, or ``b""`` at the end of the stream."""
@@ -189,8 +264,7 @@ class SecureStream(trio.abc.Stream):
                     break
         else:
             with self._receive_conflict:
-                if self._closed:
-                    raise trio.ClosedResourceError("the stream was closed")
+                self._check_state()
                 await trio.lowlevel.checkpoint()
         if max_bytes is None or max_bytes >= len(self._plain):
             chunk = bytes(self._plain)
@@ -201,6 +275,16 @@ class SecureStream(trio.abc.Stream):
         return chunk
 
     async def aclose(self) -> None:
-        """Close the transport. Idempotent."""
-        self._closed = True
+        """Close the transport; the stream is closed when this returns or raises.
+
+        Idempotent: closing a closed stream only checkpoints. Closing a broken stream
+        closes its transport too.
+        """
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        self._state = _State.CLOSED
+        self._plain = bytearray()
+        self._pending_records = []
+        self._unsent = b""
         await self.transport.aclose()

@@ -55,8 +55,9 @@ from ._client import ConnectionState, ConnectionStateHook
 from ._config import ConnectionConfig
 from ._connection import Connection, Handler
 from ._exceptions import HandshakeError
-from ._handshake import Handshake, resolve_handshake
+from ._handshake import Handshake
 from ._keys import Identity
+from ._native_handshake import resolve_handshake
 from ._secure_stream import SecureStream
 from ._trust import TrustPolicy
 
@@ -118,8 +119,10 @@ class Server:
     """Serves a handler to every client that connects.
 
     Args:
-        handler: serves each request and one-way message; its ``request.connection`` can
-            also call the client back.
+        handler: serves each request and one-way message (see
+            :data:`~monte_trio.Handler`: an async handler, or a plain function wrapped
+            with :func:`~monte_trio.inline`); its ``request.connection`` can also call
+            the client back.
         handshake: the handshake; by default the native profile built from ``identity``,
             ``trust`` and ``psk`` (see :func:`~monte_trio.open_client`).
         identity: the server's static key; a fresh one is generated if not given (clients
@@ -140,8 +143,8 @@ class Server:
         conn_wait_timeout: seconds a peer whose handshake is done waits for a free
             connection slot before it is closed.
         handshake_timeout: seconds allowed for each handshake.
-        connection_state: called with ``(connection, "new")`` and
-            ``(connection, "closed")`` as connections come and go.
+        connection_state: called with ``(connection, ConnectionState.NEW)`` and
+            ``(connection, ConnectionState.CLOSED)`` as connections come and go.
 
     Evictions and refusals are logged as one WARNING line per 10 s at most, with the
     counts since the previous line, and counted in :meth:`statistics`.

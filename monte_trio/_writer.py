@@ -36,8 +36,14 @@ if TYPE_CHECKING:
     from ._proto._session_v1 import MonteV1Session
     from ._secure_stream import SecureStream
 
-__all__ = ["WRITE_AHEAD", "WRITE_ERRORS", "Writer"]
+__all__ = ["CREDIT_DELAY", "CREDIT_NOW", "WRITE_AHEAD", "WRITE_ERRORS", "Writer"]
 
+CREDIT_DELAY = 0.005
+"""Seconds a small credit return may wait for a write to ride on before the writer sends
+it alone: a lone CREDIT frame costs a wake-up, a seal and a system call on this side and
+a read on the peer's, as much as the message it pays for."""
+CREDIT_NOW = 64 * 1024
+"""Returned credit at or above this is sent at once (a peer may be waiting for it)."""
 WRITE_AHEAD = 128 * 1024
 """Plaintext bytes the writer packs and seals ahead of the socket per write: a big sealed
 batch is head-of-line blocking for control frames, a small one costs system calls."""

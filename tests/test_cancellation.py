@@ -11,90 +11,30 @@ stalled and whose buffer is small, so ``send_all`` parks part-way through a batc
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
 import trio.testing
-from conftest import make_handshake
+from helpers import Recorder, is_native, network_connection_pair
 
 from monte_trio import (
     Connection,
     ConnectionConfig,
     Handler,
-    Request,
+    Handshake,
 )
 from monte_trio.testing import FaultyNetwork
 
-PROFILES = ["native", "monte-v1"]
 BIG = 3000  # bytes: more than the link buffer, less than a monte-v1 record
 CONFIG = ConnectionConfig(keepalive_interval=None, grace_period=1)
 
 
-class Recorder:
-    """Echoes requests; records every body handed to it, and requests that were cancelled.
-
-    A request whose body starts with ``slow`` waits for :attr:`release` first (shielded from
-    the peer's CANCEL if it starts with ``slow-shielded``).
-    """
-
-    def __init__(self) -> None:
-        self.seen: Counter[bytes] = Counter()
-        self.cancelled: list[bytes] = []
-        self.started = trio.Event()
-        self.release = trio.Event()
-
-    async def __call__(self, request: Request) -> bytes | None:
-        self.seen[request.body] += 1
-        if request.body.startswith(b"slow"):
-            self.started.set()
-            try:
-                with trio.CancelScope(shield=request.body.startswith(b"slow-shielded")):
-                    await self.release.wait()
-            except trio.Cancelled:
-                self.cancelled.append(request.body)
-                raise
-        await trio.lowlevel.checkpoint()
-        return None if request.oneway else b"re:" + request.body
-
-
-@asynccontextmanager
-async def faulty_pair(
-    profile: str, network: FaultyNetwork, handler: Handler
-) -> AsyncIterator[tuple[Connection, Connection]]:
+def faulty_pair(
+    profile: Handshake, network: FaultyNetwork, handler: Handler
+) -> AbstractAsyncContextManager[tuple[Connection, Connection]]:
     """Two connections over ``network``: (client, server); the server serves ``handler``."""
-    listener = network.listen("server")
-    handshake = make_handshake(profile)
-    streams: dict[str, trio.abc.Stream] = {}
-
-    async def server_side() -> None:
-        raw = await listener.accept()
-        streams["server"] = await handshake.handshake(
-            raw, initiator=False, peer=None, config=CONFIG
-        )
-
-    async def client_side() -> None:
-        raw = await network.connect("server")
-        streams["client"] = await handshake.handshake(
-            raw, initiator=True, peer="server", config=CONFIG
-        )
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server_side)
-        nursery.start_soon(client_side)
-    await listener.aclose()
-    client_stream, server_stream = streams["client"], streams["server"]
-    from monte_trio import SecureStream
-
-    assert isinstance(client_stream, SecureStream)
-    assert isinstance(server_stream, SecureStream)
-    async with (
-        Connection(client_stream, config=CONFIG, name="client") as client,
-        Connection(server_stream, handler=handler, config=CONFIG, name="server") as server,
-    ):
-        yield client, server
+    return network_connection_pair(profile, network, server_handler=handler, config=CONFIG)
 
 
 async def still_serving(client: Connection, server: Connection, handler: Recorder) -> None:
@@ -123,10 +63,9 @@ def network() -> FaultyNetwork:
     return FaultyNetwork(seed=2, latency=0.005, buffer_size=512, max_segment=512)
 
 
-@pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("call", ["request", "send"])
 async def test_a_cancelled_before_the_call_sends_nothing(
-    autojump_clock: trio.testing.MockClock, profile: str, call: str
+    autojump_clock: trio.testing.MockClock, profile: Handshake, call: str
 ) -> None:
     handler = Recorder()
     with trio.fail_after(60):
@@ -148,10 +87,9 @@ async def test_a_cancelled_before_the_call_sends_nothing(
             assert handler.seen[b"never"] == 0
 
 
-@pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("call", ["request", "send"])
 async def test_b_cancelled_while_queued_behind_a_blocked_writer(
-    autojump_clock: trio.testing.MockClock, profile: str, call: str
+    autojump_clock: trio.testing.MockClock, profile: Handshake, call: str
 ) -> None:
     handler = Recorder()
     net = network()
@@ -187,7 +125,7 @@ async def test_b_cancelled_while_queued_behind_a_blocked_writer(
                 # queued for good; cancelling the wait for its write does not unsend it.
                 # It goes out whole, after the big one, and is handled once.
                 assert handler.seen[b"victim"] == 1
-            elif profile == "native":
+            elif is_native(profile):
                 # written, then CANCEL right behind it in the same batch: the server drops
                 # it from its inbox before a handler takes it; no reply is sent
                 assert handler.seen[b"victim"] == 0
@@ -198,10 +136,9 @@ async def test_b_cancelled_while_queued_behind_a_blocked_writer(
                 assert client.statistics().replies_dropped == 1
 
 
-@pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("call", ["request", "send"])
 async def test_c_cancelled_while_being_written_goes_out_whole(
-    autojump_clock: trio.testing.MockClock, profile: str, call: str
+    autojump_clock: trio.testing.MockClock, profile: Handshake, call: str
 ) -> None:
     handler = Recorder()
     net = network()
@@ -231,16 +168,13 @@ async def test_c_cancelled_while_being_written_goes_out_whole(
             # the peer decoded the whole record and handled it (a native CANCEL comes in
             # the next batch, after the instant handler has already run)
             assert handler.seen[big] == 1
-            if call == "request" and profile == "monte-v1":
+            if call == "request" and not is_native(profile):
                 assert client.statistics().replies_dropped == 1
 
 
-@pytest.mark.parametrize(
-    ("profile", "body"),
-    [("native", b"slow"), ("native", b"slow-shielded"), ("monte-v1", b"slow")],
-)
+@pytest.mark.parametrize("body", [b"slow", b"slow-shielded"])
 async def test_d_cancelled_while_awaiting_the_reply(
-    autojump_clock: trio.testing.MockClock, profile: str, body: bytes
+    autojump_clock: trio.testing.MockClock, profile: Handshake, body: bytes
 ) -> None:
     handler = Recorder()
     with trio.fail_after(60):
@@ -250,7 +184,7 @@ async def test_d_cancelled_while_awaiting_the_reply(
             assert scope.cancelled_caught
             assert handler.started.is_set()
             assert client.statistics().pending_requests == 0
-            if body == b"slow" and profile == "native":
+            if body == b"slow" and is_native(profile):
                 # the CANCEL frame reached the server and cancelled the handler
                 await trio.sleep(0.1)
                 assert handler.cancelled == [body]
@@ -265,13 +199,12 @@ async def test_d_cancelled_while_awaiting_the_reply(
                 assert handler.cancelled == []
                 # native: the session absorbs an answer to a cancelled call (and credits
                 # it back at once), so the connection never sees it; monte-v1 counts it.
-                assert client.statistics().replies_dropped == (0 if profile == "native" else 1)
+                assert client.statistics().replies_dropped == (0 if is_native(profile) else 1)
             await still_serving(client, server, handler)
 
 
-@pytest.mark.parametrize("profile", PROFILES)
 async def test_cancel_at_every_instant_of_a_call(
-    autojump_clock: trio.testing.MockClock, profile: str
+    autojump_clock: trio.testing.MockClock, profile: Handshake
 ) -> None:
     """Sweep the cancel time over a whole round trip (latency 5 ms, each way), with other
     traffic in flight, and check the connection after each."""

@@ -1,7 +1,12 @@
-"""The ``monte-trio`` command line, run as real subprocesses on loopback.
+"""The ``monte-trio`` command line.
 
-Every subprocess is bounded by ``trio.fail_after`` and killed (and reaped) on the way out,
-so a failing test leaves no process behind.
+Most tests run the program's entry point in this process: ``main(argv)`` where no event
+loop is needed, ``async_main(argv)`` inside the test's own trio run otherwise, with a
+:class:`Terminal` in place of stdout and stderr. Real subprocesses remain where a
+subprocess or a signal sent to the program is the point: Ctrl-C and SIGTERM, ``python -m
+monte_trio`` and the console script, the benchmarks' fresh interpreter. Every subprocess is
+bounded by ``trio.fail_after`` and killed (and reaped) on the way out, so a failing test
+leaves no process behind.
 """
 
 from __future__ import annotations
@@ -14,17 +19,17 @@ import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import Proc
+from helpers import Proc, spawn_process
 
 import monte_trio
 from monte_trio import Identity, PublicKey
 from monte_trio.__main__ import main
-from monte_trio._cli import percentile
+from monte_trio._cli import async_main, percentile
 
 CLI = [sys.executable, "-m", "monte_trio"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,57 +40,37 @@ SUMMARY = re.compile(
 )
 
 
-@asynccontextmanager
-async def spawn(*args: str) -> AsyncIterator[Proc]:
-    process = await trio.lowlevel.open_process(
-        [*CLI, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        yield Proc(process)
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            for pipe in (process.stdin, process.stdout, process.stderr):
-                if pipe is not None:
-                    await pipe.aclose()
+def spawn(*args: str) -> AbstractAsyncContextManager[Proc]:
+    """The CLI as a subprocess (killed and reaped on the way out)."""
+    return spawn_process([*CLI, *args])
 
 
 async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run the CLI to completion (at most 10 s; it is killed on timeout)."""
+    """Run the CLI as a subprocess to completion (at most 10 s; it is killed on timeout)."""
     with trio.fail_after(10):
         return await trio.run_process(
             [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False
         )
 
 
-def run_in_process(
-    capsys: pytest.CaptureFixture[str], *args: str
-) -> subprocess.CompletedProcess[bytes]:
-    """Run the CLI's entry point in this process (for what it does before any event loop).
-
-    Much faster than a subprocess; usage errors (argparse's SystemExit) give status 2.
-    """
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(
-        list(args), code, captured.out.encode(), captured.err.encode()
-    )
+Result = subprocess.CompletedProcess[bytes]
 
 
-def out(result: subprocess.CompletedProcess[bytes]) -> str:
+def completed(args: tuple[str, ...], code: object, stdout: str, stderr: str) -> Result:
+    """What a run of the CLI gave, as :func:`run_cli` reports a subprocess's."""
+    status = code if isinstance(code, int) else 1  # SystemExit("message") is status 1
+    return subprocess.CompletedProcess(list(args), status, stdout.encode(), stderr.encode())
+
+
+def out(result: Result) -> str:
     return result.stdout.decode()
 
 
-def err(result: subprocess.CompletedProcess[bytes]) -> str:
+def err(result: Result) -> str:
     return result.stderr.decode()
 
 
-def assert_clean_error(result: subprocess.CompletedProcess[bytes], *fragments: str) -> None:
+def assert_clean_error(result: Result, *fragments: str) -> None:
     """Exit status 1 and one ``monte-trio: error:`` line on stderr mentioning ``fragments``."""
     stderr = err(result)
     assert result.returncode == 1, (out(result), stderr)
@@ -96,8 +81,141 @@ def assert_clean_error(result: subprocess.CompletedProcess[bytes], *fragments: s
         assert fragment in errors[0], stderr
 
 
+def run_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
+    """Run the CLI's entry point ``main`` in this process, in a test with no event loop.
+
+    Usage errors (argparse's SystemExit) give status 2.
+    """
+    try:
+        code: object = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return completed(args, code, captured.out, captured.err)
+
+
+class Output:
+    """One of the program's output streams in this process: the text printed so far, read
+    line by line as it is printed."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._read = 0
+        self._changed = trio.Event()
+
+    def write(self, text: str) -> int:
+        self.text += text
+        self._changed.set()
+        self._changed = trio.Event()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    async def readline(self) -> str:
+        """The next line, once it is printed (callers bound the wait)."""
+        while "\n" not in self.text[self._read :]:
+            await self._changed.wait()
+        end = self.text.index("\n", self._read)
+        line = self.text[self._read : end]
+        self._read = end + 1
+        return line
+
+    def take(self) -> str:
+        """The text printed and not read yet."""
+        rest = self.text[self._read :]
+        self._read = len(self.text)
+        return rest
+
+
+class Terminal:
+    """``sys.stdout`` and ``sys.stderr`` of the CLI run in this process (``async_main``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.out = Output()
+        self.err = Output()
+        self._monkeypatch = monkeypatch
+
+    def install(self) -> None:
+        """Put :attr:`out` and :attr:`err` in place (in the test's call: pytest's own
+        capture takes ``sys.stdout`` back between a fixture's setup and the call)."""
+        self._monkeypatch.setattr(sys, "stdout", self.out)
+        self._monkeypatch.setattr(sys, "stderr", self.err)
+
+    async def run(self, *args: str) -> Result:
+        """Run the CLI to completion in this trio run (at most 10 s)."""
+        self.install()
+        self.out.take()
+        self.err.take()
+        with trio.fail_after(10):
+            try:
+                code: object = await async_main(list(args))
+            except SystemExit as exc:
+                code = exc.code
+        return completed(args, code, self.out.take(), self.err.take())
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> Terminal:
+    return Terminal(monkeypatch)
+
+
+class Serving:
+    """``monte-trio serve`` running in this process: its address and its exit status."""
+
+    def __init__(self, terminal: Terminal) -> None:
+        self.terminal = terminal
+        self.port = ""
+        self.address = ""
+        self.status: int | None = None
+        self.done = trio.Event()
+
+    async def stop(self, signum: int = signal.SIGTERM) -> tuple[str, str]:
+        """Send ``signum`` to this process, which serve's handler receives; wait for its
+        quiet exit and return (rest of stdout, stderr).
+
+        SIGTERM (a service manager's stop) ends it with status 0, SIGINT with 130.
+        """
+        # serve handles the signals from before it prints "listening on" until it exits.
+        assert not self.done.is_set(), "serve exited before it was stopped"
+        signal.raise_signal(signum)
+        with trio.fail_after(10):
+            await self.done.wait()
+        rest, stderr = self.terminal.out.take(), self.terminal.err.take()
+        assert self.status == (130 if signum == signal.SIGINT else 0), (rest, stderr)
+        assert "Traceback" not in stderr
+        return rest, stderr
+
+
+@asynccontextmanager
+async def serve(terminal: Terminal, *args: str) -> AsyncIterator[Serving]:
+    """``monte-trio serve ARGS`` in this process, once listening (that line read); stopped
+    by a signal (:meth:`Serving.stop`), else cancelled when the block ends."""
+    serving = Serving(terminal)
+
+    async def run() -> None:
+        try:
+            serving.status = await async_main(["serve", *args])
+        finally:
+            serving.done.set()
+
+    async with trio.open_nursery() as nursery:
+        terminal.install()
+        terminal.out.take()
+        terminal.err.take()
+        nursery.start_soon(run)
+        with trio.fail_after(10):
+            line = await terminal.out.readline()
+        match = LISTENING.match(line)
+        assert match is not None, (line, terminal.err.text)
+        serving.port = match.group(1)
+        serving.address = f"127.0.0.1:{serving.port}"
+        yield serving
+        nursery.cancel_scope.cancel()
+
+
 async def stop(server: Proc, signum: int = signal.SIGINT) -> tuple[str, str]:
-    """Signal the server, wait for its quiet exit and return (rest of stdout, stderr).
+    """Signal the server subprocess, wait for its quiet exit, return (rest of stdout, stderr).
 
     SIGINT (Ctrl-C) ends it with status 130, SIGTERM (a service manager's stop) with 0.
     """
@@ -119,7 +237,7 @@ def private_file(path: Path, data: bytes) -> Path:
 
 
 async def listening_port(server: Proc) -> str:
-    """Read the server's ``listening on`` line; return its port."""
+    """Read the server subprocess's ``listening on`` line; return its port."""
     with trio.fail_after(10):
         match = LISTENING.match(await server.readline())
     assert match is not None, server.seen
@@ -136,29 +254,33 @@ def free_port() -> int:
 # -- keygen ----------------------------------------------------------------------------------
 
 
-async def test_keygen_writes_a_private_file_and_prints_the_key(tmp_path: Path) -> None:
+def test_keygen_writes_a_private_file_and_prints_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "id.key"
-    result = await run_cli("keygen", str(path))
+    result = run_in_process(capsys, "keygen", str(path))
     assert result.returncode == 0, err(result)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     key = PublicKey.parse(out(result).split()[-1])
     assert Identity.load(path).public_key == key
 
-    again = await run_cli("keygen", str(path))
+    again = run_in_process(capsys, "keygen", str(path))
     assert_clean_error(again, "already exists", "--force")
     assert Identity.load(path).public_key == key  # untouched
 
-    forced = await run_cli("keygen", str(path), "--force")
+    forced = run_in_process(capsys, "keygen", str(path), "--force")
     assert forced.returncode == 0, err(forced)
     new_key = PublicKey.parse(out(forced).split()[-1])
     assert new_key != key
     assert Identity.load(path).public_key == new_key
 
 
-async def test_keygen_with_a_passphrase(tmp_path: Path) -> None:
+def test_keygen_with_a_passphrase(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     private_file(tmp_path / "pass", b"correct horse\n")
     path = tmp_path / "id.key"
-    result = await run_cli("keygen", str(path), "--passphrase-file", str(tmp_path / "pass"))
+    result = run_in_process(
+        capsys, "keygen", str(path), "--passphrase-file", str(tmp_path / "pass")
+    )
     assert result.returncode == 0, err(result)
     key = PublicKey.parse(out(result).split()[-1])
     assert Identity.load(path, passphrase=b"correct horse").public_key == key
@@ -168,21 +290,19 @@ async def test_keygen_with_a_passphrase(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("wire", ["monte-v1", "native"])
-async def test_serve_and_bench_every_mode(wire: str) -> None:
+async def test_serve_and_bench_every_mode(terminal: Terminal, wire: str) -> None:
     # native: the CLI's defaults (no --profile, a fresh key) and the explicit, warned
     # --trust any that serve requires; bench defaults to any (with a warning) itself.
     options = ["--profile", "monte-v1"] if wire == "monte-v1" else []
     trust = ["--trust", "any"] if wire == "native" else []
-    async with spawn("serve", "--port", "0", *options, *trust) as server:
-        with trio.fail_after(10):
-            match = LISTENING.match(await server.readline())
-            assert match is not None, server.seen
-            port = match.group(1)
-            if wire == "native":
-                PublicKey.parse(re.sub(r"^public key: ", "", await server.readline()))
+    async with serve(terminal, "--port", "0", *options, *trust) as server:
+        warnings = terminal.err.take()
+        if wire == "native":
+            with trio.fail_after(10):
+                PublicKey.parse(re.sub(r"^public key: ", "", await terminal.out.readline()))
         for mode in ["request", "send", "send-nowait"]:
-            result = await run_cli(
-                "bench", f"127.0.0.1:{port}", *options, "--mode", mode,
+            result = await terminal.run(
+                "bench", server.address, *options, "--mode", mode,
                 "-n", "200", "--concurrency", "8", "--size", "1000",
             )  # fmt: skip
             assert result.returncode == 0, (out(result), err(result))
@@ -191,7 +311,7 @@ async def test_serve_and_bench_every_mode(wire: str) -> None:
             assert "Traceback" not in err(result)
             verified = "every reply verified" if mode == "request" else "delivery verified"
             assert f"bench {mode} ok: {verified}" in out(result)
-        rest, stderr = await stop(server)
+        rest, _ = await server.stop()
     summary = SUMMARY.search(rest)
     assert summary is not None, rest
     connections, requests, messages, failures = map(int, summary.groups())
@@ -200,31 +320,29 @@ async def test_serve_and_bench_every_mode(wire: str) -> None:
     assert messages == 400
     assert failures == 0
     if wire == "native":
-        assert "clients are not authenticated" in stderr
+        assert "clients are not authenticated" in warnings
     else:
-        assert "monte-v1 authenticates nobody" in stderr
+        assert "monte-v1 authenticates nobody" in warnings
 
 
-async def test_native_pinning_and_psk(tmp_path: Path) -> None:
+async def test_native_pinning_and_psk(terminal: Terminal, tmp_path: Path) -> None:
     psk = os.urandom(32)
     private_file(tmp_path / "psk.bin", psk)
     private_file(tmp_path / "psk.hex", psk.hex().encode() + b"\n")
     private_file(tmp_path / "other.hex", os.urandom(32).hex().encode())
-    keygen = await run_cli("keygen", str(tmp_path / "server.key"))
+    keygen = await terminal.run("keygen", str(tmp_path / "server.key"))
     server_key = out(keygen).split()[-1]
     wrong_key = str(Identity.generate().public_key)
 
-    async with spawn(
-        "serve", "--identity", str(tmp_path / "server.key"), "--psk", str(tmp_path / "psk.hex"),
+    async with serve(
+        terminal, "--identity", str(tmp_path / "server.key"), "--psk", str(tmp_path / "psk.hex"),
         "--trust", "any",
     ) as server:  # fmt: skip
         with trio.fail_after(10):
-            match = LISTENING.match(await server.readline())
-            assert match is not None, server.seen
-            assert await server.readline() == f"public key: {server_key}"
-        address = f"127.0.0.1:{match.group(1)}"
+            assert await terminal.out.readline() == f"public key: {server_key}"
+        address = server.address
 
-        pinned = await run_cli(
+        pinned = await terminal.run(
             "bench", address, "--trust", f"pin:{server_key}", "--psk", str(tmp_path / "psk.bin"),
             "-n", "100", "--concurrency", "4",
         )  # fmt: skip
@@ -232,51 +350,55 @@ async def test_native_pinning_and_psk(tmp_path: Path) -> None:
         assert "bench request ok" in out(pinned)
         assert "warning" not in err(pinned)
 
-        mismatch = await run_cli(
+        mismatch = await terminal.run(
             "bench", address, "--trust", f"pin:{wrong_key}", "--psk", str(tmp_path / "psk.bin"),
             "-n", "10",
         )  # fmt: skip
         assert_clean_error(mismatch, server_key, "not one of the 1 pinned key")
 
-        wrong_psk = await run_cli(
+        wrong_psk = await terminal.run(
             "bench", address, "--trust", "any", "--psk", str(tmp_path / "other.hex"), "-n", "10"
         )
         assert_clean_error(wrong_psk)
 
-        old_profile = await run_cli("bench", address, "--profile", "monte-v1", "-n", "10")
+        old_profile = await terminal.run("bench", address, "--profile", "monte-v1", "-n", "10")
         assert_clean_error(old_profile, "handshake")
 
-        rest, _ = await stop(server, signal.SIGTERM)
+        rest, _ = await server.stop(signal.SIGTERM)
     summary = SUMMARY.search(rest)
     assert summary is not None, rest
     assert int(summary.group(4)) >= 2  # at least the wrong psk and the monte-v1 client
 
 
 async def test_bench_stops_promptly_on_sigint() -> None:
+    # Both programs as subprocesses: the signals are the point, and so is a bench process
+    # talking to a serve process.
     async with spawn("serve", "--profile", "monte-v1") as server:
-        with trio.fail_after(10):
-            match = LISTENING.match(await server.readline())
-            assert match is not None, server.seen
+        port = await listening_port(server)
         for mode in ["request", "send-nowait"]:
             async with spawn(
-                "bench", f"127.0.0.1:{match.group(1)}", "--profile", "monte-v1",
+                "bench", f"127.0.0.1:{port}", "--profile", "monte-v1",
                 "--mode", mode, "-n", "100000000",
             ) as bench:  # fmt: skip
                 with trio.fail_after(10):
                     assert (await bench.readline()).startswith(f"bench {mode}:")
-                    await trio.sleep(0.3)  # well under way
+                    await trio.sleep(0.1)  # under way
                     bench.process.send_signal(signal.SIGINT)
                     rest = await bench.read_rest()
                     stderr = await bench.read_stderr()
                     assert await bench.process.wait() == 130, (rest, stderr)
                 assert "monte-trio: SIGINT: interrupted" in stderr
                 assert "Traceback" not in stderr
-        await stop(server)
+        rest, _ = await stop(server, signal.SIGTERM)  # a service manager's stop: status 0
+    assert "received SIGTERM, shutting down gracefully" in rest
+    summary = SUMMARY.search(rest)
+    assert summary is not None, rest
+    assert int(summary.group(2)) > 0  # the interrupted benches' requests were served
 
 
 @pytest.mark.parametrize("wire", ["monte-v1", "native"])
-async def test_demo(wire: str) -> None:
-    result = await run_cli("demo", "--profile", wire)
+async def test_demo(terminal: Terminal, wire: str) -> None:
+    result = await terminal.run("demo", "--profile", wire)
     assert result.returncode == 0, (out(result), err(result))
     lines = out(result).splitlines()
     assert lines[-1] == "demo finished: 5 requests, 4 messages, all verified"
@@ -295,24 +417,24 @@ async def test_demo(wire: str) -> None:
 # -- errors ----------------------------------------------------------------------------------
 
 
-async def test_bench_against_nothing_is_a_clean_error() -> None:
-    result = await run_cli("bench", f"127.0.0.1:{free_port()}", "--profile", "monte-v1")
+async def test_bench_against_nothing_is_a_clean_error(terminal: Terminal) -> None:
+    result = await terminal.run("bench", f"127.0.0.1:{free_port()}", "--profile", "monte-v1")
     assert_clean_error(result, "could not connect", "Connection refused")
 
 
-async def test_bench_says_why_it_could_not_connect() -> None:
+async def test_bench_says_why_it_could_not_connect(terminal: Terminal) -> None:
     # trio reports "all attempts to connect ... failed" and keeps the reason in a group of
     # per-address errors; the CLI shows that reason.
-    result = await run_cli("bench", "127.0.0.1:1", "--trust", "any", "-n", "1")
+    result = await terminal.run("bench", "127.0.0.1:1", "--trust", "any", "-n", "1")
     assert_clean_error(result, "127.0.0.1:1", "Connection refused")
 
 
-async def test_serve_on_a_busy_port_names_the_address_and_the_cause() -> None:
+async def test_serve_on_a_busy_port_names_the_address_and_the_cause(terminal: Terminal) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = await run_cli("serve", "--port", str(port), "--trust", "any")
+        result = await terminal.run("serve", "--port", str(port), "--trust", "any")
     assert_clean_error(result, f"127.0.0.1:{port}", "Address already in use")
 
 
@@ -329,12 +451,13 @@ def test_serve_requires_an_explicit_trust_policy(capsys: pytest.CaptureFixture[s
     assert out(result) == ""  # nothing served
 
 
-async def test_serve_with_trust_any_warns(tmp_path: Path) -> None:
-    async with spawn("serve", "--trust", "any") as server:
-        await listening_port(server)
-        _, stderr = await stop(server, signal.SIGTERM)
+async def test_serve_with_trust_any_warns(terminal: Terminal) -> None:
+    async with serve(terminal, "--trust", "any") as server:
+        stderr = terminal.err.take()
+        rest, _ = await server.stop(signal.SIGTERM)
     assert "warning: --trust any" in stderr
     assert "clients are not authenticated" in stderr
+    assert "received SIGTERM, shutting down gracefully" in rest
 
 
 async def test_ctrl_c_stops_serve_quietly_with_status_130() -> None:
@@ -396,27 +519,26 @@ def test_help_shows_defaults(
 # -- key, psk and passphrase files -----------------------------------------------------------
 
 
-async def test_serve_with_an_encrypted_key_end_to_end(tmp_path: Path) -> None:
+async def test_serve_with_an_encrypted_key_end_to_end(terminal: Terminal, tmp_path: Path) -> None:
     key = tmp_path / "server.key"
     passphrase = private_file(tmp_path / "pass", "pässphrase\n".encode())
-    made = await run_cli("keygen", str(key), "--passphrase-file", str(passphrase))
+    made = await terminal.run("keygen", str(key), "--passphrase-file", str(passphrase))
     assert made.returncode == 0, err(made)
     server_key = out(made).split()[-1]
     assert Identity.load(key, passphrase="pässphrase".encode()).public_key == (
         PublicKey.parse(server_key)
     )
-    async with spawn(
-        "serve", "--identity", str(key), "--passphrase-file", str(passphrase), "--trust", "any"
+    async with serve(
+        terminal, "--identity", str(key), "--passphrase-file", str(passphrase), "--trust", "any"
     ) as server:
-        port = await listening_port(server)
         with trio.fail_after(10):
-            assert await server.readline() == f"public key: {server_key}"
-        bench = await run_cli(
-            "bench", f"127.0.0.1:{port}", "--trust", f"pin:{server_key}", "-n", "20"
+            assert await terminal.out.readline() == f"public key: {server_key}"
+        bench = await terminal.run(
+            "bench", server.address, "--trust", f"pin:{server_key}", "-n", "20"
         )
         assert bench.returncode == 0, (out(bench), err(bench))
         assert "bench request ok" in out(bench)
-        await stop(server, signal.SIGTERM)
+        await server.stop(signal.SIGTERM)
 
 
 def test_key_file_errors_name_the_flag_that_fixes_them(
@@ -485,7 +607,7 @@ def test_secret_files_readable_by_others_are_refused(
 # -- text chosen by the peer -----------------------------------------------------------------
 
 
-async def test_peer_supplied_text_is_printed_escaped() -> None:
+async def test_peer_supplied_text_is_printed_escaped(terminal: Terminal) -> None:
     async def hostile(request: monte_trio.Request) -> bytes:
         raise ValueError("\x1b[2J\x1b]0;owned\x07 screen cleared")
 
@@ -493,7 +615,7 @@ async def test_peer_supplied_text_is_printed_escaped() -> None:
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(server.serve, 0, "127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
-        result = await run_cli("bench", f"127.0.0.1:{port}", "--trust", "any", "-n", "1")
+        result = await terminal.run("bench", f"127.0.0.1:{port}", "--trust", "any", "-n", "1")
         nursery.cancel_scope.cancel()
     assert_clean_error(result, "screen cleared")
     assert "\x1b" not in err(result)

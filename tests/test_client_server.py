@@ -1,4 +1,6 @@
-"""Client and Server end to end, over real loopback TCP (127.0.0.1, port 0).
+"""Client and Server end to end, over real loopback TCP (127.0.0.1, port 0); the cases
+about a timer (handshake timeouts, the wait for a connection slot) run on
+:class:`~monte_trio.testing.FaultyNetwork` under trio's MockClock (autojump) instead.
 
 Every test is bounded by ``trio.fail_after``; nothing sleeps to synchronise: tests wait on
 events, on the connection_state hooks, or on the sockets themselves.
@@ -14,13 +16,15 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from conftest import LOCALHOST, echo, running_server
+from helpers import LOCALHOST, echo, network_dialer, network_server, running_server
 
 from monte_trio import (
     Client,
+    ConnectError,
     Connection,
     ConnectionClosed,
     ConnectionConfig,
+    ConnectionState,
     Handshake,
     HandshakeError,
     HandshakeTimeout,
@@ -152,43 +156,52 @@ async def test_parallel_send_nowait_all_arrive(profile: Handshake) -> None:
 # ---- handshake timeouts ---------------------------------------------------------------
 
 
-async def test_silent_client_is_closed_after_handshake_timeout(profile: Handshake) -> None:
+async def test_silent_client_is_closed_after_handshake_timeout(
+    profile: Handshake, autojump_clock: trio.testing.MockClock
+) -> None:
+    # On the faulty network with virtual time: the timeout is the server's own timer.
+    net = FaultyNetwork(latency=0.001)
     with trio.fail_after(TIMEOUT):
-        async with running_server(echo, profile, handshake_timeout=0.5) as (server, port):
-            silent = await trio.open_tcp_stream(LOCALHOST, port)
+        async with network_server(net, echo, profile, handshake_timeout=0.5) as server:
+            silent = await net.connect("server")
             start = trio.current_time()
-            async with open_client(LOCALHOST, port, handshake=profile) as client:
+            async with open_client(handshake=profile, connect=network_dialer(net)) as client:
                 assert await client.request(b"still served") == b"still served"
-            # the server closes the silent socket (EOF or a reset) after the timeout,
-            # having sent nothing: the client speaks first in both profiles
+            # the server closes the silent connection after the timeout, having sent
+            # nothing: the client speaks first in both profiles
             assert await _records_until_closed(silent) == []
-            assert trio.current_time() - start >= 0.45
+            assert 0.5 <= trio.current_time() - start <= 0.5 + 0.01
             assert server.statistics().handshake_failures == 1
             await silent.aclose()
 
 
-async def test_dialing_a_mute_server_raises_handshake_timeout(profile: Handshake) -> None:
-    held: list[trio.SocketStream] = []
-    listeners = await trio.open_tcp_listeners(0, host=LOCALHOST)
-    port = listeners[0].socket.getsockname()[1]
+async def test_dialing_a_mute_server_raises_handshake_timeout(
+    profile: Handshake, autojump_clock: trio.testing.MockClock
+) -> None:
+    # On the faulty network with virtual time: the timeout is the client's own timer.
+    net = FaultyNetwork(latency=0.001)
+    listener = net.listen("server")
+    held: list[trio.abc.Stream] = []
 
     async def accept_and_hold() -> None:
         for _ in range(5):
-            held.append(await listeners[0].accept())
+            held.append(await listener.accept())
 
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(accept_and_hold)
             start = trio.current_time()
             with pytest.raises(HandshakeTimeout, match=r"did not complete within 0\.5 s"):
-                async with open_client(LOCALHOST, port, handshake=profile, handshake_timeout=0.5):
+                async with open_client(
+                    handshake=profile, connect=network_dialer(net), handshake_timeout=0.5
+                ):
                     raise AssertionError("the handshake cannot succeed")
-            assert trio.current_time() - start >= 0.45
+            assert 0.5 <= trio.current_time() - start <= 0.5 + 0.01
             nursery.cancel_scope.cancel()
+    assert held  # the connection was accepted: only the handshake timed out
     for stream in held:
         await stream.aclose()
-    for listener in listeners:
-        await listener.aclose()
+    await listener.aclose()
 
 
 # ---- server shutdown ------------------------------------------------------------------
@@ -263,8 +276,8 @@ async def test_shutdown_leaves_no_task_and_finishes_in_flight_work(profile: Hand
                     assert finished == [b"slow"]
                     assert elapsed < 5
                     assert server.connections == frozenset()
-                    # the client's connections were closed by the server
-                    with pytest.raises(ConnectionClosed):
+                    # the client's connections were closed by the server: it redials
+                    with pytest.raises(ConnectError):
                         await c.request(b"after shutdown")
             assert not server_nursery.child_tasks
     finally:
@@ -306,7 +319,7 @@ async def test_shutdown_stops_accepting(profile: Handshake) -> None:
     with trio.fail_after(TIMEOUT):
         async with running_server(echo, profile) as (server, port):
             await server.shutdown()
-            with pytest.raises(ConnectionClosed, match="could not connect"):
+            with pytest.raises(ConnectError, match="could not connect"):
                 async with open_client(LOCALHOST, port, handshake=profile):
                     raise AssertionError("the server is shut down")
 
@@ -374,8 +387,8 @@ async def test_broken_transport_fails_waiters_and_client_redials(profile: Handsh
 
     closed = trio.Event()
 
-    def hook(conn: Connection, state: str) -> None:
-        if state == "closed":
+    def hook(conn: Connection, state: ConnectionState) -> None:
+        if state is ConnectionState.CLOSED:
             closed.set()
 
     with trio.fail_after(TIMEOUT):
@@ -399,7 +412,7 @@ async def test_broken_transport_fails_waiters_and_client_redials(profile: Handsh
                 await all_in.wait()
                 (server_conn,) = server.connections
                 start = trio.current_time()
-                await trio.aclose_forcefully(server_conn._stream.transport)
+                await trio.aclose_forcefully(server_conn)  # closed at once
             assert trio.current_time() - start < 2
             assert len(errors) == n
             await closed.wait()
@@ -447,7 +460,7 @@ async def _raw_monte_v1(port: int) -> tuple[trio.SocketStream, MonteV1HandshakeS
 
 
 async def _records_until_closed(
-    sock: trio.SocketStream, opener: RecordOpener | None = None
+    sock: trio.abc.ReceiveStream, opener: RecordOpener | None = None
 ) -> list[bytes]:
     """Read until the server drops the connection (EOF or a reset); return the plaintexts
     of the records it sent meanwhile."""
@@ -483,8 +496,8 @@ async def test_hostile_records_close_that_connection_only(
     dropped = trio.Event()
     closed: list[Connection] = []
 
-    def hook(conn: Connection, state: str) -> None:
-        if state == "closed":
+    def hook(conn: Connection, state: ConnectionState) -> None:
+        if state is ConnectionState.CLOSED:
             closed.append(conn)
             dropped.set()
 
@@ -532,24 +545,24 @@ async def test_hostile_records_close_that_connection_only(
 
 
 async def test_server_max_conns_extra_connection_waits_then_is_closed(
-    profile: Handshake,
+    profile: Handshake, autojump_clock: trio.testing.MockClock
 ) -> None:
+    net = FaultyNetwork(latency=0.001)  # virtual time: conn_wait_timeout is the server's timer
     with trio.fail_after(TIMEOUT):
         async with (
-            running_server(echo, profile, max_conns=1, conn_wait_timeout=0.3) as (
-                server,
-                port,
-            ),
-            open_client(LOCALHOST, port, handshake=profile, max_conns=1) as first,
+            network_server(net, echo, profile, max_conns=1, conn_wait_timeout=0.3) as server,
+            open_client(handshake=profile, connect=network_dialer(net), max_conns=1) as first,
         ):
             assert await first.request(b"one") == b"one"
             start = trio.current_time()
             # The handshake completes (a connection takes its slot only then); the server
             # then waits conn_wait_timeout for a slot and closes the connection.
-            async with open_client(LOCALHOST, port, handshake=profile, handshake_timeout=5) as c:
+            async with open_client(
+                handshake=profile, connect=network_dialer(net), handshake_timeout=5
+            ) as c:
                 with pytest.raises(ConnectionClosed):
                     await c.request(b"no slot should be free")
-            assert 0.25 <= trio.current_time() - start < 4
+            assert 0.3 <= trio.current_time() - start < 0.3 + 0.05
             assert server.statistics().connections_refused == 1
             assert await first.request(b"still") == b"still"
 
@@ -618,8 +631,8 @@ async def test_pool_opens_exactly_max_conns(profile: Handshake) -> None:
 async def test_pool_replaces_a_broken_connection(profile: Handshake) -> None:
     closed = trio.Event()
 
-    def hook(conn: Connection, state: str) -> None:
-        if state == "closed":
+    def hook(conn: Connection, state: ConnectionState) -> None:
+        if state is ConnectionState.CLOSED:
             closed.set()
 
     with trio.fail_after(TIMEOUT):
@@ -632,7 +645,7 @@ async def test_pool_replaces_a_broken_connection(profile: Handshake) -> None:
             (conn,) = client.connections
             assert await client.request(b"a") == b"a"
             for server_conn in server.connections:
-                await trio.aclose_forcefully(server_conn._stream.transport)
+                await trio.aclose_forcefully(server_conn)  # closed at once
             await closed.wait()
             assert conn.closed
             assert await client.request(b"b") == b"b"
@@ -647,9 +660,11 @@ async def test_dial_to_a_closed_port(profile: Handshake) -> None:
     for listener in listeners:
         await listener.aclose()
     with trio.fail_after(TIMEOUT):
-        with pytest.raises(ConnectionClosed) as info:
+        with pytest.raises(ConnectError) as info:
             async with open_client(LOCALHOST, port, handshake=profile, dial_attempts=2):
                 raise AssertionError("nobody listens there")
+    assert not isinstance(info.value, ConnectionClosed)
+    assert info.value.peer == f"{LOCALHOST}:{port}"
     message = str(info.value)
     assert f"could not connect to {LOCALHOST}:{port}" in message
     assert "2 attempt(s)" in message
@@ -676,7 +691,7 @@ async def test_dial_attempts_are_respected(
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve_listeners, [net.listen("server")])
-            with pytest.raises(ConnectionClosed, match="3 attempt"):
+            with pytest.raises(ConnectError, match="3 attempt"):
                 async with open_client(handshake=profile, connect=connector(99), dial_attempts=3):
                     raise AssertionError("every attempt fails")
             assert attempts == 3
@@ -705,33 +720,148 @@ async def test_client_send_nowait_without_connection_would_block(monte_v1: Hands
                 client.send_nowait(b"x")
 
 
-@pytest.mark.parametrize("steps", range(0, 40, 1))
+SETUP_PHASES = ["accepted", "handshaking", "connection starting", "serving", "request in flight"]
+
+# What the dialing client sees when the server shuts down at each phase: its dial fails
+# with HandshakeError (the server closed the socket mid-handshake), or it got a connection
+# that then ended closed; with a request in flight, the reply (the handler ends within the
+# grace period).
+SETUP_OUTCOMES = {
+    "accepted": "HandshakeError",
+    "handshaking": "HandshakeError",
+    "connection starting": "closed",
+    "serving": "closed",
+    "request in flight": "reply",
+}
+
+
+class HeldAfterFirstByte(trio.abc.Stream):
+    """A transport that sends the first byte at once and the rest once ``go`` is set."""
+
+    def __init__(self, stream: trio.abc.Stream, go: trio.Event) -> None:
+        self.stream = stream
+        self.go = go
+        self.first_sent = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if data and not self.first_sent:
+            self.first_sent = True
+            await self.stream.send_all(data[:1])
+            await self.go.wait()
+            data = data[1:]
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@pytest.mark.parametrize("phase", SETUP_PHASES)
 async def test_shutdown_at_any_point_of_connection_setup_returns(
-    profile: Handshake, autojump_clock: trio.testing.MockClock, steps: int
+    profile: Handshake, autojump_clock: trio.testing.MockClock, phase: str
 ) -> None:
-    # Shutdown issued after ``steps`` scheduling steps of a client's dial (accept,
-    # handshake, connection start): whatever the interleaving, it must return promptly
-    # while the client keeps its end open, and leave the client's connection closed.
-    net = FaultyNetwork()
-    server = Server(echo, handshake=profile)
+    # The server shuts down while a client's connection is at ``phase`` of its setup,
+    # driven there by stalling the link (accepted), by sending only the first byte of the
+    # client's handshake (handshaking), by a first client holding
+    # the server's only connection slot (connection starting: handshake done, no slot
+    # yet), or by a handler that takes a while (request in flight); the phase is checked
+    # on the server's statistics, its hook and the network's counters. Shutdown returns
+    # within the grace period, the client's connection (if it got one) ends closed, and
+    # the client sees only what that phase allows.
+    net = FaultyNetwork()  # no latency: quiet means settled
+    server_events: list[ConnectionState] = []
+    handled = trio.Event()
+
+    async def slow_echo(request: Request) -> bytes:
+        handled.set()
+        await trio.sleep(0.5)
+        return request.body
+
+    server = Server(
+        slow_echo,
+        handshake=profile,
+        max_conns=1,
+        connection_state=lambda _conn, event: server_events.append(event),
+    )
+    connected = trio.Event()
+    client_conns: list[Connection] = []
+    seen: list[str] = []  # what the dialing client saw
+
+    go = trio.Event()
+
+    async def connect() -> trio.abc.Stream:
+        stream = await net.connect("server")
+        if phase == "accepted":  # nothing is delivered either way
+            net.stall("client", "server", link=stream.link)
+            net.stall("server", "client", link=stream.link)
+        elif phase == "handshaking":  # the server has the first byte, waits for more
+            return HeldAfterFirstByte(stream, go)
+        return stream
+
+    async def dial() -> None:
+        try:
+            async with open_client(handshake=profile, connect=connect) as client:
+                (conn,) = client.connections
+                client_conns.append(conn)
+                connected.set()
+                if phase == "request in flight":
+                    assert await client.request(b"x") == b"x"
+                    seen.append("reply")
+                await conn.wait_closed()
+                if not seen:
+                    seen.append("closed")
+        except HandshakeError as exc:
+            seen.append(type(exc).__name__)
+
+    async def hold_the_only_slot(*, task_status: trio.TaskStatus[None]) -> None:
+        async with open_client(handshake=profile, connect=lambda: net.connect("server")) as c:
+            task_status.started()
+            await c.connections[0].wait_closed()
+
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve_listeners, [net.listen("server")])
-
-            async def dial() -> None:
-                try:
-                    async with open_client(
-                        handshake=profile, connect=lambda: net.connect("server")
-                    ) as client:
-                        await client.request(b"x")
-                        await trio.sleep_forever()
-                except (ConnectionClosed, HandshakeError):
-                    pass
-
+            if phase == "connection starting":
+                await nursery.start(hold_the_only_slot)
             nursery.start_soon(dial)
-            for _ in range(steps):
-                await trio.lowlevel.checkpoint()
+            if phase == "request in flight":
+                await handled.wait()
+            elif phase in ("connection starting", "serving"):
+                await connected.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            stats = server.statistics()
+            delivered = net.statistics().bytes_delivered
+            others = 1 if phase == "connection starting" else 0  # the slot holder
+            assert stats.connections_accepted == 1 + others
+            if phase in ("accepted", "handshaking", "connection starting"):
+                assert stats.handshakes_in_progress == 1
+                assert stats.connections_active == others
+                assert server_events == [ConnectionState.NEW] * others
+                if phase == "accepted":
+                    assert delivered == 0
+                else:
+                    assert delivered > 0
+                if phase == "connection starting":
+                    assert connected.is_set()  # the client's handshake is done
+            else:
+                assert stats.handshakes_in_progress == 0
+                assert stats.connections_active == 1
+                assert server_events == [ConnectionState.NEW]
+                assert stats.requests_received == (phase == "request in flight")
             start = trio.current_time()
             await server.shutdown(grace_period=1)
-            assert trio.current_time() - start <= 1.5
-            nursery.cancel_scope.cancel()
+            elapsed = trio.current_time() - start
+            assert elapsed <= (0.5 if phase == "request in flight" else 0) + 0.1
+            net.heal()  # let the server's close reach a stalled client
+            go.set()  # and a held one send the rest
+        # (the nursery waits for the client to finish)
+    assert seen == [SETUP_OUTCOMES[phase]]
+    for conn in client_conns:
+        assert conn.closed
+        assert conn.close_reason is not None
+    assert len(client_conns) == (seen != ["HandshakeError"])

@@ -22,14 +22,14 @@ from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
-from conftest import socket_connection_pair
+from helpers import socket_connection_pair
 
 import monte_trio
 from monte_trio import (
     AcceptAnyKey,
     Connection,
     ConnectionConfig,
-    NoiseHandshake,
+    NativeHandshake,
     Request,
     SecureStream,
     Server,
@@ -60,7 +60,7 @@ class SessionPeer:
     @classmethod
     async def connect(cls, port: int, config: ConnectionConfig) -> SessionPeer:
         stream = await trio.open_tcp_stream(LOCALHOST, port)
-        secure = await NoiseHandshake(trust=AcceptAnyKey()).handshake(
+        secure = await NativeHandshake(trust=AcceptAnyKey()).handshake(
             stream, initiator=True, peer=f"{LOCALHOST}:{port}", config=config
         )
         session = secure.facts.new_session(config, trio.current_time())
@@ -183,7 +183,7 @@ async def test_128_nested_callbacks_each_way_at_full_slots() -> None:
 
     with trio.fail_after(30):
         async with socket_connection_pair(
-            NoiseHandshake(trust=AcceptAnyKey()),
+            NativeHandshake(trust=AcceptAnyKey()),
             config=config,
             client_handler=handler,
             server_handler=handler,
@@ -221,7 +221,7 @@ async def test_the_10_mib_chain_completes_with_the_default_windows() -> None:
 
     with trio.fail_after(30):
         async with socket_connection_pair(
-            NoiseHandshake(trust=AcceptAnyKey()),
+            NativeHandshake(trust=AcceptAnyKey()),
             config=config,
             client_handler=client_handler,
             server_handler=server_handler,
@@ -250,7 +250,7 @@ def connection_budget(
 SERVER_SCRIPT = textwrap.dedent(
     """
     import sys, trio, monte_trio
-    from monte_trio import AcceptAnyKey, ConnectionConfig, Server
+    from monte_trio import AcceptAnyKey, ConnectionConfig, Server, inline
 
     def rss_kib():
         with open("/proc/self/status") as f:
@@ -260,7 +260,7 @@ SERVER_SCRIPT = textwrap.dedent(
 
     async def main():
         config = ConnectionConfig(**eval(sys.argv[1]))
-        server = Server(lambda req: req.body, trust=AcceptAnyKey(), config=config)
+        server = Server(inline(lambda req: req.body), trust=AcceptAnyKey(), config=config)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, 0, "127.0.0.1")
             print(listeners[0].socket.getsockname()[1], flush=True)

@@ -9,13 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import Proc
+from helpers import Proc, spawn_process
 
 import monte_trio
 from monte_trio import Identity, PublicKey
@@ -23,24 +22,9 @@ from monte_trio import Identity, PublicKey
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@asynccontextmanager
-async def spawn(script: str, *args: str) -> AsyncIterator[Proc]:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, str(EXAMPLES / script), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield Proc(process)
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            for pipe in (process.stdin, process.stdout, process.stderr):
-                if pipe is not None:
-                    await pipe.aclose()
+def spawn(script: str, *args: str) -> AbstractAsyncContextManager[Proc]:
+    """An example program as a subprocess (killed and reaped on the way out)."""
+    return spawn_process([sys.executable, str(EXAMPLES / script), *args], stdin=subprocess.PIPE)
 
 
 def free_ports(count: int) -> list[int]:
@@ -150,7 +134,7 @@ async def test_chat_gives_up_when_the_peer_never_comes() -> None:
     with trio.fail_after(10):
         async with spawn(
             "chat.py", "--listen", str(port_a), "--peer", f"127.0.0.1:{port_b}",
-            "--profile", "monte-v1", "--connect-timeout", "0.5",
+            "--profile", "monte-v1", "--connect-timeout", "0.1",
         ) as a:  # fmt: skip
             code, rest, stderr = await a.finish()
     assert code == 1, (rest, stderr)

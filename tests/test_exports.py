@@ -19,6 +19,7 @@ PUBLIC = {
         "AsyncHandler",
         "Client",
         "ClientStatistics",
+        "ConnectError",
         "Connection",
         "ConnectionClosed",
         "ConnectionConfig",
@@ -38,7 +39,7 @@ PUBLIC = {
         "LocalProtocolError",
         "MonteError",
         "MonteV1Handshake",
-        "NoiseHandshake",
+        "NativeHandshake",
         "PeerRejected",
         "PinnedKeys",
         "ProtocolError",
@@ -51,6 +52,7 @@ PUBLIC = {
         "Server",
         "ServerStatistics",
         "TrustPolicy",
+        "inline",
         "open_client",
         "serve",
     },
@@ -65,6 +67,7 @@ PUBLIC = {
         "NetworkStream",
         "open_connection_pair",
         "secure_stream_pair",
+        "socket_stream",
     },
 }
 

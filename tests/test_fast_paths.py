@@ -7,14 +7,14 @@ network under the autojump clock.
 
 from __future__ import annotations
 
-import functools
 import socket
 import warnings
 
 import pytest
 import trio
 import trio.testing
-from conftest import (
+from helpers import (
+    assert_calls_written_by_callers,
     is_native,
     network_connection_pair,
     socket_connection_pair,
@@ -28,27 +28,11 @@ from monte_trio import (
     RemoteError,
     Request,
     SecureStream,
+    inline,
 )
-from monte_trio._connection import is_async_handler
 from monte_trio.testing import FaultyNetwork, open_connection_pair, secure_stream_pair
 
 TIMEOUT = 30  # seconds (virtual under the autojump clock)
-
-
-# How long returned credit may wait for a write to ride on before the writer sends it
-# alone (monte_trio._connection).
-CREDIT_FLUSH_DELAY = 0.005
-
-
-class WriterSteps(trio.abc.Instrument):
-    """Counts the steps run by every connection's writer task."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith(" writer"):
-            self.steps += 1
 
 
 async def cramped_socket_pair(handshake: Handshake) -> tuple[SecureStream, SecureStream]:
@@ -146,27 +130,11 @@ async def test_calls_on_a_quiet_connection_skip_the_writer(profile: Handshake) -
         await trio.lowlevel.checkpoint()
         return req.body[::-1]
 
-    instrument = WriterSteps()
     with trio.fail_after(TIMEOUT):
         async with socket_connection_pair(profile, server_handler=handler) as (client, server):
             await client.request(b"warm up")
-            await trio.testing.wait_all_tasks_blocked()
-            trio.lowlevel.add_instrument(instrument)
-            start = trio.current_time()
-            try:
-                for i in range(50):
-                    await client.send(b"note %d" % i)
-                    assert await client.request(b"abc%d" % i) == (b"abc%d" % i)[::-1]
-            finally:
-                trio.lowlevel.remove_instrument(instrument)
-            flushes = 2 * (1 + int((trio.current_time() - start) / CREDIT_FLUSH_DELAY))
+            await assert_calls_written_by_callers(client, profile, 50)
             assert server.statistics().messages_received == 50
-    # Requests, one-way messages and the handler's replies were all written by the task
-    # that made them: neither connection's writer ran. The one exception is native credit:
-    # returned credit rides on the next write, and credit that found none is sent alone at
-    # most once per CREDIT_FLUSH_DELAY per connection (one wake-up, at most three steps
-    # each); writing the 200 messages through the writer would take far more.
-    assert instrument.steps <= (3 * flushes if is_native(profile) else 0)
 
 
 async def test_concurrent_callers_on_a_socket_all_arrive(profile: Handshake) -> None:
@@ -179,7 +147,10 @@ async def test_concurrent_callers_on_a_socket_all_arrive(profile: Handshake) -> 
         return b"ok"
 
     with trio.fail_after(TIMEOUT):
-        async with socket_connection_pair(profile, server_handler=handler) as (client, _):
+        async with socket_connection_pair(profile, server_handler=inline(handler)) as (
+            client,
+            _,
+        ):
             async with trio.open_nursery() as nursery:
                 for i in range(100):
                     nursery.start_soon(client.send, b"%03d" % i)
@@ -236,7 +207,7 @@ async def test_cancelled_direct_write_is_sent_whole(profile: Handshake) -> None:
 async def test_direct_write_to_a_dead_peer_fails_the_connection(profile: Handshake) -> None:
     with trio.fail_after(TIMEOUT):
         async with socket_connection_pair(profile) as (client, server):
-            await trio.aclose_forcefully(server._stream.transport)
+            await trio.aclose_forcefully(server)  # closed at once, its socket too
 
             async def send_until_it_fails() -> None:
                 for _ in range(100):  # the first writes may still fit the socket buffer
@@ -255,26 +226,6 @@ async def _async_echo(req: Request) -> bytes:
     return req.body
 
 
-class _AsyncCallable:
-    async def __call__(self, req: Request) -> bytes:
-        return req.body
-
-
-class _SyncCallable:
-    def __call__(self, req: Request) -> bytes:
-        return req.body
-
-
-def test_handlers_are_async_or_inline() -> None:
-    assert is_async_handler(_async_echo)
-    assert is_async_handler(functools.partial(_async_echo))
-    assert is_async_handler(functools.partial(functools.partial(_async_echo)))
-    assert is_async_handler(_AsyncCallable())
-    assert not is_async_handler(_SyncCallable())
-    assert not is_async_handler(lambda req: req.body)
-    assert not is_async_handler(functools.partial(lambda req: req.body))
-
-
 async def test_inline_handler_runs_in_the_reader(profile: Handshake) -> None:
     tasks: list[str] = []
     notes: list[bytes] = []
@@ -287,7 +238,10 @@ async def test_inline_handler_runs_in_the_reader(profile: Handshake) -> None:
         return b"re:" + req.body
 
     with trio.fail_after(TIMEOUT):
-        async with open_connection_pair(profile, server_handler=handler) as (client, server):
+        async with open_connection_pair(profile, server_handler=inline(handler)) as (
+            client,
+            server,
+        ):
             await client.send(b"n1")
             client.send_nowait(b"n2")
             assert await client.request(b"q") == b"re:q"
@@ -309,7 +263,10 @@ async def test_inline_handler_errors(profile: Handshake) -> None:
         return b"fine"
 
     with trio.fail_after(TIMEOUT):
-        async with open_connection_pair(profile, server_handler=handler) as (client, server):
+        async with open_connection_pair(profile, server_handler=inline(handler)) as (
+            client,
+            server,
+        ):
             await client.send(b"x")  # logged, and the connection goes on
             assert await client.request(b"y") == b"fine"
             if is_native(profile):
@@ -326,9 +283,8 @@ async def test_handler_returning_the_wrong_type(native: Handshake) -> None:
     async def async_handler(req: Request) -> bytes:
         return "text"  # type: ignore[return-value]
 
-    class LooksSync:  # its __call__ returns a coroutine, so it is taken for a plain function
-        def __call__(self, req: Request) -> object:
-            return _async_echo(req)
+    def looks_async(req: Request) -> object:  # wrapped as a plain function by mistake
+        return _async_echo(req)
 
     with trio.fail_after(TIMEOUT), warnings.catch_warnings():
         warnings.simplefilter("error")  # the coroutine is closed, never "never awaited"
@@ -336,8 +292,9 @@ async def test_handler_returning_the_wrong_type(native: Handshake) -> None:
             with pytest.raises(RemoteError, match="returned a str; it must return bytes"):
                 await client.request(b"a")
             assert not client.closed
-        async with open_connection_pair(native, server_handler=LooksSync()) as (client, _):  # type: ignore[arg-type]
-            with pytest.raises(RemoteError, match="define it with async def"):
+        handler = inline(looks_async)  # type: ignore[arg-type]
+        async with open_connection_pair(native, server_handler=handler) as (client, _):
+            with pytest.raises(RemoteError, match="pass the async handler unwrapped"):
                 await client.request(b"a")
 
 
@@ -357,7 +314,7 @@ async def test_inline_replies_are_held_back_by_the_send_queue(
     n = 40
     with trio.fail_after(TIMEOUT):
         async with network_connection_pair(
-            profile, net, server_handler=handler, server_config=server_config
+            profile, net, server_handler=inline(handler), server_config=server_config
         ) as (client, server):
             net.stall("server", "client")
             replies: list[bytes] = []

@@ -26,22 +26,32 @@ from monte_trio import (
     HandshakeError,
     LocalProtocolError,
     MonteV1Handshake,
-    NoiseHandshake,
+    NativeHandshake,
     RemoteProtocolError,
 )
-from monte_trio._proto import _native as wire
+from monte_trio._proto import _native_hello as wire
+from monte_trio._proto import _wire2 as wire2
 from monte_trio._proto._frames import Frame, FrameKind, MonteV1Codec
 from monte_trio._proto._monte_v1 import KEY_SIZE, MonteV1HandshakeState, session_key
 from monte_trio._proto._noise import HandshakeState
+from monte_trio._proto._noise_crypto import NOISE_AESGCM_NONCE, NOISE_CHACHAPOLY_NONCE, NonceFormat
 from monte_trio._proto._records import (
     MONTE_V1_NONCE,
-    NOISE_AESGCM_NONCE,
-    NOISE_CHACHAPOLY_NONCE,
     NONCE_LIMIT,
     TAG_SIZE,
-    NonceFormat,
     RecordOpener,
     RecordSealer,
+)
+from monte_trio._proto._session import ERROR as SESSION_ERROR
+from monte_trio._proto._session import EV_ONEWAY, EV_REQUEST, Event, Session
+from monte_trio._proto._wire2 import (
+    MAX_RECORD,
+    MIN_MESSAGE_SIZE,
+    MIN_RECORD_SIZE,
+    Hello2,
+    Kind,
+    default_reply_window,
+    default_request_window,
 )
 
 KEY = bytes(range(32))
@@ -302,127 +312,134 @@ def test_monte_v1_codec_on_arbitrary_plaintext(plaintext: bytes, initiator: bool
 
 
 # ---------------------------------------------------------------------------------------
-# NativeCodec
+# The native frame layer (wire version 2): the session's parser
 # ---------------------------------------------------------------------------------------
 
-_ids = st.integers(min_value=0, max_value=2**32 - 1)
-native_frames = st.lists(
-    st.one_of(
-        # messages: any size, split across records
-        st.tuples(
-            st.integers(min_value=0, max_value=int(FrameKind.ERROR)),
-            _ids,
-            st.binary(max_size=600),
-        ),
-        # control frames: at most MAX_CONTROL_PAYLOAD bytes, never split
-        st.tuples(
-            st.integers(min_value=int(FrameKind.CANCEL), max_value=int(FrameKind.GOAWAY)),
-            _ids,
-            st.binary(max_size=wire.MAX_CONTROL_PAYLOAD),
-        ),
-    ),
-    max_size=8,
-)
+_SMALL_M = 1024
+
+
+def _body(value: object) -> bytes:
+    """A message body from a session event."""
+    assert isinstance(value, bytes | bytearray | memoryview)
+    return bytes(value)
+
+
+def _sessions(receiver_m: int = 1 << 20) -> tuple[Session, Session]:
+    """An initiator and a responder; the responder accepts messages up to ``receiver_m``."""
+    sender_hello = Hello2()
+    receiver_hello = Hello2(
+        max_message_size=receiver_m,
+        request_window=default_request_window(receiver_m) * 8,
+        reply_window=default_reply_window(receiver_m),
+    )
+    return (
+        Session(initiator=True, local=sender_hello, peer=receiver_hello, keepalive_interval=None),
+        Session(initiator=False, local=receiver_hello, peer=sender_hello, keepalive_interval=None),
+    )
 
 
 @FAST
 @given(
-    frames=native_frames,
-    chunk=st.integers(min_value=wire.MAX_CONTROL_PAYLOAD, max_value=120),
+    messages=st.lists(st.tuples(st.booleans(), st.binary(max_size=3000)), max_size=8),
+    room=st.integers(min_value=MIN_RECORD_SIZE - TAG_SIZE, max_value=4096),
+    cuts=st.lists(st.integers(min_value=1, max_value=4), max_size=20),
 )
-def test_native_codec_round_trip_with_fragmentation(frames: list[Frame], chunk: int) -> None:
-    record = TAG_SIZE + wire.HEADER.size + chunk  # small: most messages are split
-    sender = wire.NativeCodec(max_record_size=record, send_limit=1 << 20, receive_limit=1 << 20)
-    receiver = wire.NativeCodec(max_record_size=record, send_limit=1 << 20, receive_limit=600)
-    out: list[bytes | None] = []
-    for frame in frames:
-        before = len(out)
-        size = sender.encode(*frame, out)
-        pieces = [p for p in out[before:] if p is not None]
-        assert size == sum(map(len, pieces))
-        assert len(pieces) == max(1, -(-len(frame[2]) // chunk))
-        assert all(len(p) <= record - TAG_SIZE for p in pieces)
-    decoded = [receiver.decode(p) for p in out if p is not None]
-    assert [f for f in decoded if f is not None] == frames
-    # Exactly the last record of each message completes it.
-    assert sum(f is not None for f in decoded) == len(frames)
+def test_native_frames_round_trip_in_any_packing(
+    messages: list[tuple[bool, bytes]], room: int, cuts: list[int]
+) -> None:
+    """Requests and one-way messages packed into records of any size (split with MORE and
+    CONTINUATION where they do not fit), fed in any grouping: the same messages arrive."""
+    sender, receiver = _sessions()
+    expected = []
+    for is_request, body in messages:
+        if is_request:
+            ident = sender.send_request(body)
+            assert ident is not None
+            expected.append((EV_REQUEST, ident, body, 0))
+        else:
+            assert sender.send_oneway(body)
+            expected.append((EV_ONEWAY, 0, body, 0))
+    plaintexts = sender.records_to_send(room)
+    assert all(0 < len(p) <= room for p in plaintexts)
+    assert sender.records_to_send(room) == []
+    events: list[Event] = []
+    start = 0
+    for cut in [*cuts, len(plaintexts)]:
+        events += receiver.receive_records(plaintexts[start : start + cut])
+        start += cut
+        if start >= len(plaintexts):
+            break
+    assert [(e[0], e[1], _body(e[2]), e[3]) for e in events] == expected
 
 
 @FAST
-@given(
-    payload=st.binary(max_size=800),
-    chunk=st.integers(min_value=1, max_value=200),
-    limit=st.integers(min_value=1, max_value=600),
-)
-def test_native_codec_reassembly_limit(payload: bytes, chunk: int, limit: int) -> None:
-    record = TAG_SIZE + wire.HEADER.size + chunk
-    sender = wire.NativeCodec(max_record_size=record, send_limit=1 << 20, receive_limit=1 << 20)
-    receiver = wire.NativeCodec(max_record_size=record, send_limit=1 << 20, receive_limit=limit)
-    out: list[bytes | None] = []
-    sender.encode(FrameKind.REQUEST, 1, payload, out)
-    records = [p for p in out if p is not None]
-    if len(payload) <= limit:
-        assert [receiver.decode(p) for p in records][-1] == (FrameKind.REQUEST, 1, payload)
+@given(size=st.integers(min_value=_SMALL_M - 2, max_value=_SMALL_M + 2))
+def test_native_frames_message_limit_at_the_edge(size: int) -> None:
+    """A message of exactly the receiver's max_message_size arrives; one byte more is
+    refused by the sender and, forced onto the wire, by the receiver."""
+    sender, receiver = _sessions(receiver_m=_SMALL_M)
+    body = bytes(size)
+    if size <= _SMALL_M:
+        assert sender.send_request(body) == 1
+        ((kind, ident, got, _),) = receiver.receive_records(sender.records_to_send(1008))
+        assert (kind, ident, _body(got)) == (EV_REQUEST, 1, body)
         return
-    # Refused at the very record that takes the message over the limit, not later.
-    kept = 0
-    for plaintext in records:
-        kept += len(plaintext) - wire.HEADER.size
-        if kept > limit:
-            with pytest.raises(RemoteProtocolError, match="max_message_size"):
-                receiver.decode(plaintext)
-            return
-        assert receiver.decode(plaintext) is None
-    raise AssertionError("the limit was never enforced")  # pragma: no cover
+    with pytest.raises(LocalProtocolError, match="max"):
+        sender.send_request(body)
+    first = wire2.HEADER.pack(Kind.REQUEST, wire2.FLAG_MORE, 4 + 900, 1)
+    first += size.to_bytes(4, "big") + body[:900]
+    rest = body[900:]
+    cont = wire2.HEADER.pack(Kind.CONTINUATION, 0, len(rest), 1) + rest
+    with pytest.raises(RemoteProtocolError):
+        receiver.receive_records([first, cont])
 
 
-@FAST
-@given(payload=st.binary(min_size=11, max_size=400), limit=st.integers(1, 10))
-def test_native_codec_send_limit(payload: bytes, limit: int) -> None:
-    codec = wire.NativeCodec(max_record_size=100, send_limit=limit, receive_limit=1 << 20)
-    out: list[bytes | None] = []
-    with pytest.raises(LocalProtocolError, match="max_message_size"):
-        codec.encode(FrameKind.ONEWAY, 0, payload, out)
-    assert out == []
-
-
-@FAST
-@given(
-    plaintexts=st.lists(
-        st.one_of(
-            st.binary(max_size=40),
-            # well-formed headers, with and without the MORE flag, any kind and id
-            st.builds(
-                lambda kind, flags, ident, body: wire.HEADER.pack(kind, flags, ident) + body,
-                st.integers(0, 9),
-                st.sampled_from([0, 1, 2, 3, 0xFF]),
-                st.sampled_from([0, 1, 2, 2**32 - 1]),
-                st.binary(max_size=60),
+_frame_kinds = st.one_of(st.sampled_from(list(Kind)), st.integers(0, 255))
+native_plaintexts = st.lists(
+    st.one_of(
+        st.binary(max_size=40),
+        # well-formed headers (any kind, flags and id), with a payload of the stated length
+        st.builds(
+            lambda kind, flags, ident, body: (
+                wire2.HEADER.pack(kind, flags, len(body), ident) + body
             ),
+            _frame_kinds,
+            st.sampled_from([0, 1, 2, 4, 5, 0xFF]),
+            st.sampled_from([0, 1, 2, 3, 2**32 - 1]),
+            st.binary(max_size=60),
         ),
-        max_size=20,
+        # several frames in one record
+        st.lists(
+            st.builds(
+                lambda kind, ident, body: wire2.HEADER.pack(kind, 0, len(body), ident) + body,
+                _frame_kinds,
+                st.sampled_from([0, 1, 2]),
+                st.binary(max_size=20),
+            ),
+            min_size=2,
+            max_size=4,
+        ).map(b"".join),
     ),
-    limit=st.integers(min_value=1, max_value=100),
+    max_size=12,
 )
-def test_native_codec_on_arbitrary_plaintexts(plaintexts: list[bytes], limit: int) -> None:
-    codec = wire.NativeCodec(max_record_size=200, send_limit=1 << 20, receive_limit=limit)
-    try:
-        for plaintext in plaintexts:
-            frame = codec.decode(plaintext)
-            if frame is not None:
-                assert frame[0] <= FrameKind.GOAWAY
-                # the reassembly limit holds on any input; control frames have their own
-                bound = limit if frame[0] < FrameKind.CANCEL else wire.MAX_CONTROL_PAYLOAD
-                assert len(frame[2]) <= bound
-    except RemoteProtocolError:
-        pass
 
 
-def test_native_codec_refuses_interleaved_fragments() -> None:
-    codec = wire.NativeCodec(max_record_size=200, send_limit=1 << 20, receive_limit=1000)
-    assert codec.decode(wire.HEADER.pack(FrameKind.REQUEST, wire.FLAG_MORE, 1) + b"a") is None
-    with pytest.raises(RemoteProtocolError, match="in the middle of message 1"):
-        codec.decode(wire.HEADER.pack(FrameKind.REQUEST, 0, 3) + b"b")
+@FAST
+@given(plaintexts=native_plaintexts, limit=st.integers(min_value=_SMALL_M, max_value=2048))
+def test_native_frames_on_arbitrary_plaintexts(plaintexts: list[bytes], limit: int) -> None:
+    """Whatever the records carry, the parser raises only RemoteProtocolError, once; it
+    then ignores everything, and no message it delivers exceeds the limit."""
+    _, receiver = _sessions(receiver_m=limit)
+    for plaintext in plaintexts:
+        try:
+            events = receiver.receive_records([plaintext])
+        except RemoteProtocolError:
+            assert receiver.state == SESSION_ERROR
+            assert receiver.receive_records([plaintext]) == []
+            return
+        for kind, _ident, body, _parent in events:
+            if kind in (EV_REQUEST, EV_ONEWAY):
+                assert len(_body(body)) <= limit
 
 
 # ---------------------------------------------------------------------------------------
@@ -433,8 +450,8 @@ def test_native_codec_refuses_interleaved_fragments() -> None:
 @FAST
 @given(
     version=st.integers(0, 2**16 - 1),
-    max_record=st.integers(wire.MIN_RECORD_SIZE, wire.MAX_RECORD),
-    max_message=st.integers(wire.MIN_MESSAGE_SIZE, 2**32 - 1),
+    max_record=st.integers(MIN_RECORD_SIZE, MAX_RECORD),
+    max_message=st.integers(MIN_MESSAGE_SIZE, 2**32 - 1),
     extra_windows=st.tuples(st.integers(0, 2**40), st.integers(0, 2**40)),
     calls=st.tuples(st.integers(1, 2**31), st.integers(1, 2**16)),
     features=st.integers(0, 2**64 - 1),
@@ -449,7 +466,7 @@ def test_hello_round_trip(
     features: int,
     unknown: tuple[int, bytes],
 ) -> None:
-    hello = wire.Hello(
+    hello = Hello2(
         version=version,
         max_record_size=max_record,
         max_message_size=max_message,
@@ -461,21 +478,19 @@ def test_hello_round_trip(
     )
     # A field of a type this version does not know is skipped, wherever it comes.
     kind, value = unknown
-    assert (
-        wire.Hello.decode(hello.encode() + struct.pack(">HH", kind, len(value)) + value) == hello
-    )
+    assert Hello2.decode(hello.encode() + struct.pack(">HH", kind, len(value)) + value) == hello
 
 
 @FAST
 @given(data=st.one_of(st.binary(max_size=40), st.binary(min_size=14, max_size=14)))
 def test_hello_decode_on_arbitrary_bytes(data: bytes) -> None:
     try:
-        hello = wire.Hello.decode(data)
+        hello = Hello2.decode(data)
     except RemoteProtocolError:
         return
-    assert wire.MIN_RECORD_SIZE <= hello.max_record_size <= wire.MAX_RECORD
-    assert hello.max_message_size >= wire.MIN_MESSAGE_SIZE
-    assert wire.Hello.decode(hello.encode()) == hello
+    assert MIN_RECORD_SIZE <= hello.max_record_size <= MAX_RECORD
+    assert hello.max_message_size >= MIN_MESSAGE_SIZE
+    assert Hello2.decode(hello.encode()) == hello
 
 
 @FAST
@@ -622,14 +637,14 @@ def native_pair(
     init = HandshakeState(
         name,
         initiator=True,
-        prologue=wire.prologue(name, preamble),
+        prologue=wire2.prologue(name, preamble),
         s=os.urandom(32),
         psks=psks,
     )
     resp = HandshakeState(
         name,
         initiator=False,
-        prologue=wire.prologue(name, responder_preamble or preamble),
+        prologue=wire2.prologue(name, responder_preamble or preamble),
         s=os.urandom(32),
         psks=psks,
     )
@@ -641,7 +656,7 @@ def run_native(
 ) -> list[bytes]:
     """Run the three XX messages, passing each through ``alter(index, message)``; return
     the payloads each reader got."""
-    hello = wire.Hello().encode()
+    hello = Hello2().encode()
     received = []
     for index, (writer, reader, payload) in enumerate(
         [(init, resp, b""), (resp, init, hello), (init, resp, hello)]
@@ -655,9 +670,9 @@ def run_native(
 @given(protocol=native_protocols)
 def test_native_noise_round_trip(protocol: tuple[bool, str]) -> None:
     init, resp = native_pair(*protocol)
-    hello = wire.Hello().encode()
+    hello = Hello2().encode()
     assert run_native(init, resp, lambda _, message: message) == [b"", hello, hello]
-    assert wire.Hello.decode(hello) == wire.Hello()
+    assert Hello2.decode(hello) == Hello2()
     assert init.complete
     assert resp.complete
     assert init.handshake_hash == resp.handshake_hash
@@ -711,7 +726,7 @@ def test_native_noise_prologue_binds_the_preamble(protocol: tuple[bool, str], fl
 def native_reader_at(protocol: tuple[bool, str], step: int) -> HandshakeState:
     """A native handshake state whose next call reads message ``step`` (0, 1 or 2)."""
     init, resp = native_pair(*protocol)
-    hello = wire.Hello().encode()
+    hello = Hello2().encode()
     if step == 0:
         return resp
     resp.read_message(init.write_message(b""))
@@ -753,11 +768,11 @@ def test_native_noise_read_message_on_arbitrary_bytes(
 # The servers' handshakes over memory streams, on hostile client bytes
 # ---------------------------------------------------------------------------------------
 
-_NATIVE = NoiseHandshake(trust=AcceptAnyKey())
+_NATIVE = NativeHandshake(trust=AcceptAnyKey())
 _NATIVE_MSG1_PREFIX = wire.encode_preamble(0) + struct.pack(">H", 48)
 
 
-async def _respond(handshake: NoiseHandshake | MonteV1Handshake, data: bytes) -> None:
+async def _respond(handshake: NativeHandshake | MonteV1Handshake, data: bytes) -> None:
     client, server = trio.testing.memory_stream_pair()
     await client.send_all(data)
     await client.send_stream.aclose()
@@ -777,7 +792,7 @@ async def _respond(handshake: NoiseHandshake | MonteV1Handshake, data: bytes) ->
 def test_server_handshake_on_arbitrary_client_bytes(
     profile: str, prefix: bytes, data: bytes
 ) -> None:
-    handshake: NoiseHandshake | MonteV1Handshake = (
+    handshake: NativeHandshake | MonteV1Handshake = (
         _NATIVE if profile == "native" else MonteV1Handshake()
     )
     try:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from helpers import LOCALHOST, running_server
 
 import monte_trio
 from monte_trio import (
@@ -29,7 +31,7 @@ from monte_trio import (
     ConnectionConfig,
     HandshakeError,
     Identity,
-    NoiseHandshake,
+    NativeHandshake,
     RemoteError,
     Request,
     RequestNotProcessed,
@@ -37,13 +39,12 @@ from monte_trio import (
     Server,
 )
 from monte_trio._handshake import SessionFacts
-from monte_trio._proto import _native as wire
+from monte_trio._proto import _native_hello as wire
 from monte_trio._proto import _wire2 as wire2
 from monte_trio._proto._noise import HandshakeState
 from monte_trio._proto._session import Session
 from monte_trio.testing import secure_stream_pair
 
-LOCALHOST = "127.0.0.1"
 _U16 = struct.Struct(">H")
 U32_MAX = 2**32 - 1
 K = wire2.Kind
@@ -59,7 +60,7 @@ reassembled, an ERROR's and a GOAWAY's code is stripped, a nested request's pare
 # ---------------------------------------------------------------------------------------
 
 
-def hello_bytes(max_record: int = wire.MAX_RECORD, max_message: int = 2**20) -> bytes:
+def hello_bytes(max_record: int = wire2.MAX_RECORD, max_message: int = 2**20) -> bytes:
     """A version 2 (TLV) hello with any limits (unchecked here), windows at their floors."""
     return wire2.Hello2(
         max_record_size=max_record,
@@ -219,7 +220,7 @@ def _state(initiator: bool, preamble: bytes) -> HandshakeState:
     return HandshakeState(
         name,
         initiator=initiator,
-        prologue=wire.prologue(name, preamble),
+        prologue=wire2.prologue(name, preamble),
         s=Identity.generate().private_bytes(),
     )
 
@@ -227,14 +228,14 @@ def _state(initiator: bool, preamble: bytes) -> HandshakeState:
 def _secure(
     stream: trio.abc.Stream,
     state: HandshakeState,
-    peer_hello: wire.Hello,
+    peer_hello: wire2.Hello2,
     initiator: bool,
     rest: bytes,
 ) -> tuple[SecureStream, list[bytes]]:
     first, second = state.split()
     send, receive = (first, second) if initiator else (second, first)
     sealer, opener = wire.transport(
-        send, receive, peer_max_record=peer_hello.max_record_size, own_max_record=wire.MAX_RECORD
+        send, receive, peer_max_record=peer_hello.max_record_size, own_max_record=wire2.MAX_RECORD
     )
     facts = SessionFacts(profile="native", initiator=initiator)  # driven by hand, not a session
     secure = SecureStream(stream, sealer, opener, facts=facts)
@@ -243,7 +244,7 @@ def _secure(
 
 def _reply_window(hello: bytes) -> int:
     try:
-        return wire.Hello.decode(hello).reply_window
+        return wire2.Hello2.decode(hello).reply_window
     except monte_trio.RemoteProtocolError:
         return 0
 
@@ -258,17 +259,16 @@ async def raw_client(port: int, hello: bytes) -> RawPeer | None:
     await stream.send_all(preamble + _U16.pack(len(msg1)) + msg1)
     reader = _Bytes(stream)
     await reader.exactly(wire.PREAMBLE_SIZE)
-    server_hello = wire.Hello.decode(state.read_message(await reader.message()))
+    server_hello = wire2.Hello2.decode(state.read_message(await reader.message()))
     msg3 = state.write_message(hello)
     await stream.send_all(_U16.pack(len(msg3)) + msg3)
     secure, records = _secure(stream, state, server_hello, True, bytes(reader.buffer))
     try:
-        while not records:
-            data = await stream.receive_some(65536)
-            if not data:
+        if not records:
+            records = await secure.receive_records()  # the verdict: not a frame
+            if not records:  # end of stream
                 await stream.aclose()
                 return None
-            records = secure._opener.receive_data(data)  # the verdict: not a frame
     except trio.BrokenResourceError:
         await stream.aclose()
         return None
@@ -294,7 +294,7 @@ async def raw_server_accept(stream: trio.abc.Stream, hello: bytes) -> RawPeer | 
         return None
     if not msg3:
         return None
-    client_hello = wire.Hello.decode(state.read_message(msg3))
+    client_hello = wire2.Hello2.decode(state.read_message(msg3))
     secure, _ = _secure(stream, state, client_hello, False, bytes(reader.buffer))
     await secure.send_records([wire.encode_verdict(True)])
     return RawPeer(secure, _reply_window(hello))
@@ -338,18 +338,9 @@ async def hardened_handler(request: Request) -> bytes:
     return request.body
 
 
-@asynccontextmanager
-async def serving(**kwargs: object) -> AsyncIterator[tuple[Server, int]]:
-    server = Server(hardened_handler, trust=AcceptAnyKey(), **kwargs)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(server.serve, 0, LOCALHOST)
-        try:
-            yield server, listeners[0].socket.getsockname()[1]
-        finally:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + 10
-                await server.shutdown(grace_period=1.0)
-            nursery.cancel_scope.cancel()
+def serving(**kwargs: Any) -> AbstractAsyncContextManager[tuple[Server, int]]:
+    """A native server of :func:`hardened_handler` on 127.0.0.1; yields ``(server, port)``."""
+    return running_server(hardened_handler, trust=AcceptAnyKey(), **kwargs)
 
 
 async def assert_served(port: int) -> None:
@@ -384,7 +375,7 @@ async def attack_server_paths(peer: RawPeer, max_message: int) -> None:
     # The server's own keepalive PING (interval 0.05 s): answered, and it fits.
     ping = await peer.frame_of(PING)
     assert ping is not None
-    assert len(ping[2]) <= wire.MAX_CONTROL_PAYLOAD
+    assert len(ping[2]) <= wire2.MAX_CONTROL_PAYLOAD
     await peer.send(frame(REQUEST, 5, b"x" * 50))
     assert await peer.frame_of(REPLY, ERROR) == (REPLY, 5, b"x" * 50)
 
@@ -393,24 +384,24 @@ HELLO_CASES = [
     # (max_record_size, max_message_size, accepted)
     (0, 1024, False),
     (1, 1024, False),
-    (wire.MIN_RECORD_SIZE - 1, 1024, False),
-    (wire.MIN_RECORD_SIZE, 1024, True),
-    (wire.MAX_RECORD, 1024, True),
-    (wire.MAX_RECORD + 1, 1024, False),
+    (wire2.MIN_RECORD_SIZE - 1, 1024, False),
+    (wire2.MIN_RECORD_SIZE, 1024, True),
+    (wire2.MAX_RECORD, 1024, True),
+    (wire2.MAX_RECORD + 1, 1024, False),
     (U32_MAX, 1024, False),
-    (wire.MAX_RECORD, 0, False),
-    (wire.MAX_RECORD, 1, False),
-    (wire.MAX_RECORD, wire.MIN_MESSAGE_SIZE - 1, False),
-    (wire.MAX_RECORD, U32_MAX, True),
-    (wire.MIN_RECORD_SIZE, U32_MAX, True),
+    (wire2.MAX_RECORD, 0, False),
+    (wire2.MAX_RECORD, 1, False),
+    (wire2.MAX_RECORD, wire2.MIN_MESSAGE_SIZE - 1, False),
+    (wire2.MAX_RECORD, U32_MAX, True),
+    (wire2.MIN_RECORD_SIZE, U32_MAX, True),
 ]
 KEEPALIVE = ConnectionConfig(keepalive_interval=0.05, keepalive_tolerance=10)
 
 
 def test_the_floors_are_stated() -> None:
     # wire v2: a record holds an ERROR frame (8 + 2 + 998) and every control frame whole
-    assert wire.MIN_RECORD_SIZE == wire2.MIN_RECORD_SIZE == 1024
-    assert wire.MIN_MESSAGE_SIZE == 1024
+    assert wire2.MIN_RECORD_SIZE == wire2.MIN_RECORD_SIZE == 1024
+    assert wire2.MIN_MESSAGE_SIZE == 1024
 
 
 @pytest.mark.parametrize(("max_record", "max_message", "accepted"), HELLO_CASES)
@@ -479,11 +470,11 @@ async def test_hello_extremes_against_a_real_client(
 
 async def test_a_hello_below_the_floor_names_field_value_and_floor() -> None:
     with pytest.raises(monte_trio.RemoteProtocolError, match=r"max_message_size 1, .*1024"):
-        wire.Hello.decode(hello_bytes(wire.MAX_RECORD, 1))
+        wire2.Hello2.decode(hello_bytes(wire2.MAX_RECORD, 1))
     with pytest.raises(
         monte_trio.RemoteProtocolError, match=r"max_record_size 1023, .*1024\.\.65535"
     ):
-        wire.Hello.decode(hello_bytes(1023, 1024))
+        wire2.Hello2.decode(hello_bytes(1023, 1024))
 
 
 # Every frame kind, from a peer at the floors: (frames to send, the connection survives).
@@ -521,7 +512,7 @@ async def test_every_frame_kind_against_a_real_server(case: str) -> None:
     frames, survives = FRAME_CASES[case]
     with trio.fail_after(20):
         async with serving(config=ConnectionConfig(max_message_size=8000)) as (_, port):
-            peer = await raw_client(port, hello_bytes(wire.MIN_RECORD_SIZE, 1024))
+            peer = await raw_client(port, hello_bytes(wire2.MIN_RECORD_SIZE, 1024))
             assert peer is not None
             await peer.send(*frames)
             await peer.send(frame(REQUEST, 11, b"alive?"))
@@ -537,7 +528,7 @@ async def test_every_frame_kind_against_a_real_server(case: str) -> None:
 async def test_goaway_from_a_raw_client_is_answered_and_nothing_new_is_processed() -> None:
     with trio.fail_after(20):
         async with serving() as (_, port):
-            peer = await raw_client(port, hello_bytes(wire.MIN_RECORD_SIZE, 1024))
+            peer = await raw_client(port, hello_bytes(wire2.MIN_RECORD_SIZE, 1024))
             assert peer is not None
             await peer.send(frame(REQUEST, 1, b"before"), frame(GOAWAY, 0))
             await peer.send(frame(REQUEST, 3, b"after"))
@@ -592,7 +583,7 @@ async def test_cancel_hits_only_its_own_request_near_the_end_of_the_id_space() -
 
     async def handler(request: Request) -> bytes:
         await release.wait()
-        finished.append(request.id)
+        finished.append(request.call_id)
         return request.body
 
     server = Server(handler, trust=AcceptAnyKey())
@@ -645,8 +636,11 @@ async def test_goaway_fails_exactly_the_calls_above_its_last_id(
         await peer.wait_closed()
 
     async def call(client: monte_trio.Client, ident: int) -> None:
+        # On the connection itself: the pool would move a call not processed to another
+        # connection (to this same hostile server).
+        conn = await client.connection()
         try:
-            results[ident] = (await client.request(b"%d" % ident)).decode()
+            results[ident] = (await conn.request(b"%d" % ident)).decode()
         except RequestNotProcessed:
             results[ident] = "not processed"
         except ConnectionClosed:
@@ -740,7 +734,7 @@ async def test_a_control_frame_flood_is_disconnected(flood: Callable[[int], byte
             peer = await raw_client(port, hello_bytes())
             assert peer is not None
             # Over the burst (wire v2: the first GOAWAY is not charged, the others are).
-            await peer.send(*(flood(i) for i in range(wire.CONTROL_BURST + 10)))
+            await peer.send(*(flood(i) for i in range(wire2.CONTROL_BURST + 10)))
             await peer.send(frame(REQUEST, 1, b"alive?"))
             assert await peer.frame_of(REPLY) is None
             await peer.aclose()
@@ -752,15 +746,15 @@ async def test_the_control_budget_refills_with_time(
 ) -> None:
     """The budget is measured with trio's clock: a steady rate under it is fine, a burst
     over it is not."""
-    client_stream, server_stream = await secure_stream_pair(NoiseHandshake(trust=AcceptAnyKey()))
+    client_stream, server_stream = await secure_stream_pair(NativeHandshake(trust=AcceptAnyKey()))
     peer = RawPeer(client_stream)
     async with Connection(server_stream, handler=hardened_handler) as server:
         with trio.fail_after(600):
             for second in range(20):
-                await peer.send(*(frame(PING, i, b"p") for i in range(wire.CONTROL_RATE)))
+                await peer.send(*(frame(PING, i, b"p") for i in range(wire2.CONTROL_RATE)))
                 await trio.sleep(1.0)
                 assert not server.closed, f"closed after {second} s at the allowed rate"
-            await peer.send(*(frame(PING, i, b"p") for i in range(wire.CONTROL_BURST + 1)))
+            await peer.send(*(frame(PING, i, b"p") for i in range(wire2.CONTROL_BURST + 1)))
             await server.wait_closed()
     assert "control-frame flood" in str(server.close_reason)
     await peer.aclose()
@@ -772,7 +766,7 @@ async def test_empty_more_fragments_are_refused_at_once() -> None:
             peer = await raw_client(port, hello_bytes())
             assert peer is not None
             # 100,000 empty fragments flagged MORE in one go: refused at the first one.
-            empty = frame(REQUEST, 1, b"", flags=wire.FLAG_MORE)
+            empty = frame(REQUEST, 1, b"", flags=wire2.FLAG_MORE)
             sent = 0
             while await peer.send(*([empty] * 1000)):
                 sent += 1
@@ -825,7 +819,7 @@ async def test_back_pressure_is_not_silence(autojump_clock: trio.testing.MockClo
 
     replies: list[bytes] = []
     async with monte_trio.testing.open_connection_pair(
-        NoiseHandshake(trust=AcceptAnyKey()), server_handler=sleeps, config=config
+        NativeHandshake(trust=AcceptAnyKey()), server_handler=sleeps, config=config
     ) as (client, _):
 
         async def call(i: int) -> None:
@@ -847,12 +841,12 @@ async def test_remote_error_text_fits_the_callers_limit() -> None:
                 LOCALHOST,
                 port,
                 trust=AcceptAnyKey(),
-                config=ConnectionConfig(max_message_size=wire.MIN_MESSAGE_SIZE),
+                config=ConnectionConfig(max_message_size=wire2.MIN_MESSAGE_SIZE),
             ) as client,
         ):
             with pytest.raises(RemoteError) as info:
                 await client.request(b"raise")
-            assert len(info.value.message.encode()) <= wire.MIN_MESSAGE_SIZE
+            assert len(info.value.message.encode()) <= wire2.MIN_MESSAGE_SIZE
             with pytest.raises(RemoteError, match="could not be sent"):
                 await client.request(b"big")
             assert await client.request(b"fine") == b"fine"
@@ -885,16 +879,10 @@ def request_records(ident: int, body: bytes) -> list[bytes]:
 async def serving_handler(
     handler: Callable[[Request], Awaitable[bytes]], config: ConnectionConfig
 ) -> AsyncIterator[int]:
-    server = Server(handler, trust=AcceptAnyKey(), config=config)
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(server.serve, 0, LOCALHOST)
-        try:
-            yield listeners[0].socket.getsockname()[1]
-        finally:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + 10
-                await server.shutdown(grace_period=0.5)
-            nursery.cancel_scope.cancel()
+    async with running_server(
+        handler, trust=AcceptAnyKey(), config=config, shutdown_grace=0.5
+    ) as (_, port):
+        yield port
 
 
 def test_the_budget_must_hold_one_message_of_the_largest_size() -> None:
@@ -968,8 +956,8 @@ async def test_a_message_as_large_as_the_budget_is_accepted() -> None:
     release = trio.Event()
 
     async def first_waits(request: Request) -> bytes:
-        started.append(request.id)
-        if request.id == 1:
+        started.append(request.call_id)
+        if request.call_id == 1:
             await release.wait()
         return request.body
 

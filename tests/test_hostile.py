@@ -1,12 +1,18 @@
-"""Hostile peers against a real server on loopback, in both wire profiles.
+"""Hostile peers against a server, in both wire profiles.
 
 Every case ends with a well-behaved client that must still be served: one hostile socket
 may cost the server that socket, never the service.
 
-Waiting: the server reacts to real socket events (EOF, RST, a timer on its side), which no
-trio primitive of this test can observe, so the few waits for the *server's* state use
-bounded polling (:func:`poll_until`, a short ``trio.sleep`` per step, always under
-``trio.fail_after``). Everything the test itself drives is synchronised without sleeping.
+Timing attacks (a slow-loris handshake, a flood of silent connections) run on
+:class:`~monte_trio.testing.FaultyNetwork` under trio's MockClock (autojump), so the
+server's handshake timeout is checked to the virtual millisecond without waiting for it;
+one real-socket case of each remains, on loopback, where the real socket is the point.
+
+Waiting on loopback: the server reacts to real socket events (EOF, RST, a timer on its
+side), which no trio primitive of this test can observe, so the few waits for the
+*server's* state use bounded polling (:func:`poll_until`, a short ``trio.sleep`` per step,
+always under ``trio.fail_after``). Everything the test itself drives is synchronised
+without sleeping.
 """
 
 from __future__ import annotations
@@ -17,20 +23,18 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import pytest
 import trio
 import trio.testing
+from helpers import LOCALHOST, echo, is_native, network_dialer, network_server, running_server
 
 import monte_trio
 from monte_trio import (
-    AcceptAnyKey,
     ConnectionConfig,
     Handshake,
-    MonteV1Handshake,
-    NoiseHandshake,
-    Request,
     SecureStream,
     Server,
 )
@@ -38,43 +42,32 @@ from monte_trio._handshake import SessionFacts
 from monte_trio._proto._frames import FrameKind, MonteV1Codec
 from monte_trio._proto._monte_v1 import MONTE_V1_DEFAULT_MAX_RECORD, MonteV1HandshakeState
 from monte_trio._proto._wire2 import HEADER, Kind
+from monte_trio.testing import FaultyNetwork
 
-PROFILES = ["native", "monte-v1"]
-LOCALHOST = "127.0.0.1"
 _U32 = struct.Struct(">I")
-
-
-def make_handshake(profile: str) -> Handshake:
-    if profile == "native":
-        return NoiseHandshake(trust=AcceptAnyKey())
-    return MonteV1Handshake()
-
-
-async def echo(request: Request) -> bytes:
-    return request.body
 
 
 @attrs.frozen
 class Served:
     server: Server
     port: int
-    nursery: trio.Nursery
-    profile: str
+    handshake: Handshake
 
 
 @asynccontextmanager
-async def serving(profile: str, **kwargs: object) -> AsyncIterator[Served]:
+async def serving(profile: Handshake, **kwargs: Any) -> AsyncIterator[Served]:
     """A real server on 127.0.0.1 (free port), shut down when the block ends."""
-    server = Server(echo, handshake=make_handshake(profile), **kwargs)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(server.serve, 0, LOCALHOST)
-        try:
-            yield Served(server, listeners[0].socket.getsockname()[1], nursery, profile)
-        finally:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + 10
-                await server.shutdown(grace_period=1.0)
-            nursery.cancel_scope.cancel()
+    async with running_server(echo, profile, **kwargs) as (server, port):
+        yield Served(server, port, profile)
+
+
+async def assert_served_on(net: FaultyNetwork, profile: Handshake, body: bytes) -> None:
+    """A well-behaved client on the faulty network completes a request round trip."""
+    with trio.fail_after(5):
+        async with monte_trio.open_client(
+            handshake=profile, connect=network_dialer(net)
+        ) as client:
+            assert await client.request(body) == body
 
 
 async def poll_until(predicate: Callable[[], bool], *, within: float = 5.0) -> None:
@@ -90,9 +83,7 @@ async def poll_until(predicate: Callable[[], bool], *, within: float = 5.0) -> N
 async def assert_served(s: Served, body: bytes = b"still served") -> None:
     """A well-behaved client completes a request round trip."""
     with trio.fail_after(5):
-        async with monte_trio.open_client(
-            LOCALHOST, s.port, handshake=make_handshake(s.profile)
-        ) as client:
+        async with monte_trio.open_client(LOCALHOST, s.port, handshake=s.handshake) as client:
             assert await client.request(body) == body
 
 
@@ -110,13 +101,13 @@ async def wait_dropped(stream: trio.abc.Stream) -> int:
     raise AssertionError("the server never dropped the socket")  # pragma: no cover
 
 
-async def raw_secure(profile: str, port: int, *, rcvbuf: int | None = None) -> SecureStream:
+async def raw_secure(profile: Handshake, port: int, *, rcvbuf: int | None = None) -> SecureStream:
     """A hand-driven client: completes the handshake and nothing else."""
     stream = await trio.open_tcp_stream(LOCALHOST, port)
     if rcvbuf is not None:
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    if profile == "native":
-        return await NoiseHandshake(trust=AcceptAnyKey()).handshake(
+    if is_native(profile):
+        return await profile.handshake(
             stream, initiator=True, peer=f"{LOCALHOST}:{port}", config=ConnectionConfig()
         )
     state = MonteV1HandshakeState(initiator=True)
@@ -167,8 +158,7 @@ def count_all_tasks() -> int:
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-async def test_random_bytes_instead_of_a_handshake(profile: str) -> None:
+async def test_random_bytes_instead_of_a_handshake(profile: Handshake) -> None:
     with trio.fail_after(20):
         async with serving(profile, handshake_timeout=2.0) as s:
             stream = await trio.open_tcp_stream(LOCALHOST, s.port)
@@ -198,8 +188,7 @@ GARBAGE = {
 
 
 @pytest.mark.parametrize("garbage", sorted(GARBAGE))
-@pytest.mark.parametrize("profile", PROFILES)
-async def test_garbage_after_a_valid_handshake(profile: str, garbage: str) -> None:
+async def test_garbage_after_a_valid_handshake(profile: Handshake, garbage: str) -> None:
     with trio.fail_after(20):
         async with serving(profile) as s:
             secure = await raw_secure(profile, s.port)
@@ -214,8 +203,7 @@ async def test_garbage_after_a_valid_handshake(profile: str, garbage: str) -> No
 
 
 @pytest.mark.parametrize("prefix", [0xFFFFFFFF, 0x80000000, 0x10000])
-@pytest.mark.parametrize("profile", PROFILES)
-async def test_huge_length_prefix_is_refused_at_once(profile: str, prefix: int) -> None:
+async def test_huge_length_prefix_is_refused_at_once(profile: Handshake, prefix: int) -> None:
     with trio.fail_after(20):
         async with serving(profile) as s:
             secure = await raw_secure(profile, s.port)
@@ -238,17 +226,16 @@ async def test_huge_length_prefix_is_refused_at_once(profile: str, prefix: int) 
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-async def test_peer_that_stops_reading_is_not_buffered_without_bound(profile: str) -> None:
+async def test_peer_that_stops_reading_is_not_buffered_without_bound(profile: Handshake) -> None:
     max_send_queue = 64 * 1024
     max_handlers = 16
     # (native: 30 KiB bodies, so that 128 replies outgrow the socket buffers)
-    body = os.urandom(1024 if profile == "monte-v1" else 30 * 1024)
+    body = os.urandom(1024 if not is_native(profile) else 30 * 1024)
     # monte-v1: a flood that TCP holds back once the server stops reading. Native (wire
     # v2): the server never stops reading; the flood it accepts is its call slots (128,
     # the default max_calls: one more would be a protocol violation) and the replies
     # beyond the send queue wait in the handlers.
-    requests = 10_000 if profile == "monte-v1" else 128
+    requests = 10_000 if not is_native(profile) else 128
     config = ConnectionConfig(max_send_queue=max_send_queue, max_concurrent_handlers=max_handlers)
     with trio.fail_after(60):
         async with serving(profile, config=config) as s:
@@ -293,7 +280,7 @@ async def test_peer_that_stops_reading_is_not_buffered_without_bound(profile: st
                 assert stalled.close_reason is None  # still open, merely held back
                 nursery.cancel_scope.cancel()
             handled = stalled.statistics().requests_received
-            if profile == "monte-v1":
+            if not is_native(profile):
                 # The server stopped taking requests: TCP held the flood back.
                 assert handled < requests, f"{handled} handled of {sent} sent"
             else:
@@ -321,32 +308,56 @@ def _request_records(secure: SecureStream, ident: int, body: bytes) -> list[byte
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-async def test_slow_loris_handshake_is_cut_by_the_handshake_timeout(profile: str) -> None:
-    # A plausible start of a handshake (native: a valid preamble and a msg1 length), far
-    # longer than what 1 s of dribbling delivers.
-    if profile == "native":
-        prefix = b"MNTRIO\x01\x00" + struct.pack(">H", 32) + bytes(32)
-    else:
-        prefix = os.urandom(32)
+def slow_loris_prefix(profile: Handshake) -> bytes:
+    """A plausible start of a handshake (native: a valid preamble and a msg1 length), far
+    longer than what 1 s of dribbling at one byte per 0.2 s delivers."""
+    if is_native(profile):
+        return b"MNTRIO\x01\x00" + struct.pack(">H", 32) + bytes(32)
+    return os.urandom(32)
+
+
+async def dribble(stream: trio.abc.Stream, prefix: bytes) -> None:
+    """Send ``prefix`` one byte per 0.2 s, until the server drops the socket."""
+    for i in range(len(prefix)):
+        try:
+            await stream.send_all(prefix[i : i + 1])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        await trio.sleep(0.2)
+
+
+async def test_slow_loris_handshake_is_cut_by_the_handshake_timeout(
+    profile: Handshake, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = FaultyNetwork(seed=5, latency=0.001)
     with trio.fail_after(20):
-        async with serving(profile, handshake_timeout=1.0) as s:
+        async with network_server(net, echo, profile, handshake_timeout=1.0) as server:
+            stream = await net.connect("server")
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dribble, stream, slow_loris_prefix(profile))
+                with trio.fail_after(3):
+                    await wait_dropped(stream)
+                elapsed = trio.current_time() - start
+                nursery.cancel_scope.cancel()
+            await stream.aclose()
+            # Virtual time: the handshake timeout itself (from the accept, one link latency
+            # after the connect), plus the latency of the close on its way back.
+            assert 1.0 <= elapsed <= 1.0 + 0.01, f"closed after {elapsed:.4f} s"
+            assert server.statistics().handshake_failures == 1
+            await assert_served_on(net, profile, b"still served")
+            assert server.statistics().handshake_failures == 1
+
+
+async def test_slow_loris_handshake_on_a_real_socket(native: Handshake) -> None:
+    # Real time on purpose: the server's timer against a real socket that a peer dribbles
+    # into (the faulty-network case above covers both profiles on virtual time).
+    with trio.fail_after(20):
+        async with serving(native, handshake_timeout=1.0) as s:
             stream = await trio.open_tcp_stream(LOCALHOST, s.port)
             start = trio.current_time()
-
-            async def dribble() -> None:
-                # Real time on purpose: the server's handshake timeout runs on the real
-                # clock against a real socket, and a slow-loris peer is defined by its
-                # pace, so this task must really wait between bytes.
-                for i in range(len(prefix)):
-                    try:
-                        await stream.send_all(prefix[i : i + 1])
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
-                    await trio.sleep(0.2)
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(dribble)
+                nursery.start_soon(dribble, stream, slow_loris_prefix(native))
                 with trio.fail_after(3):
                     await wait_dropped(stream)
                 elapsed = trio.current_time() - start
@@ -366,16 +377,71 @@ def _raise_nofile_limit(needed: int) -> tuple[int, int]:
     return soft, hard
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-async def test_silent_connections_are_closed_and_others_served_meanwhile(profile: str) -> None:
+async def test_silent_connections_are_closed_and_others_served_meanwhile(
+    profile: Handshake, autojump_clock: trio.testing.MockClock
+) -> None:
+    silent = 500
+    timeout = 1.0
+    latency = 0.001
+    net = FaultyNetwork(seed=6, latency=latency)
+    with trio.fail_after(30):
+        # max_handshakes above the flood: this test is about the handshake timeout
+        # (eviction is tests/test_server_limits.py's).
+        async with network_server(
+            net, echo, profile, handshake_timeout=timeout, max_handshakes=2 * silent
+        ) as server:
+            dropped_at: list[float] = []
+            start = trio.current_time()
+            streams: list[trio.abc.Stream] = []
+
+            async def connect() -> None:
+                streams.append(await net.connect("server"))
+
+            async with trio.open_nursery() as connecting:  # all at once, on virtual time
+                for _ in range(silent):
+                    connecting.start_soon(connect)
+            connected = trio.current_time()
+
+            async def watch(stream: trio.abc.Stream) -> None:
+                await wait_dropped(stream)
+                dropped_at.append(trio.current_time())
+
+            # The nursery ends when every silent connection has been dropped.
+            with trio.fail_after((connected - start) + timeout + 2.0):
+                async with trio.open_nursery() as nursery:
+                    for stream in streams:
+                        nursery.start_soon(watch, stream)
+                    # A normal client while the silent ones are still open.
+                    await assert_served_on(net, profile, b"meanwhile")
+                    served = trio.current_time()
+                    dropped_while_serving = len(dropped_at)
+            assert dropped_while_serving == 0
+            assert len(dropped_at) == silent
+            # Each closed by its own handshake timeout, counted from its accept: on virtual
+            # time, within the link latencies of that instant.
+            assert min(dropped_at) - start >= timeout
+            assert max(dropped_at) - connected <= timeout + 4 * latency, (
+                f"connecting took {connected - start:.3f} s, last closed after "
+                f"{max(dropped_at) - start:.3f} s"
+            )
+            assert served - connected < timeout
+            for stream in streams:
+                await stream.aclose()
+            stats = server.statistics()
+            assert stats.handshake_failures == silent
+            assert stats.connections_active == 0
+            await assert_served_on(net, profile, b"still served")
+
+
+async def test_silent_sockets_are_closed_and_others_served_meanwhile(native: Handshake) -> None:
+    # Real sockets on purpose: hundreds of real descriptors, accepted and timed out by the
+    # server on the real clock (the faulty-network case above covers both profiles).
     silent = 500
     timeout = 1.0
     old = _raise_nofile_limit(2 * silent + 200)  # both ends live in this process
     try:
         with trio.fail_after(30):
-            # max_handshakes above the flood: this test is about the handshake timeout
-            # (eviction is tests/test_server_limits.py's).
-            async with serving(profile, handshake_timeout=timeout, max_handshakes=2 * silent) as s:
+            async with serving(native, handshake_timeout=timeout, max_handshakes=2 * silent) as s:
                 dropped_at: list[float] = []
                 start = trio.current_time()
                 streams = [await trio.open_tcp_stream(LOCALHOST, s.port) for _ in range(silent)]
@@ -418,13 +484,12 @@ async def test_silent_connections_are_closed_and_others_served_meanwhile(profile
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-async def test_connect_disconnect_churn_leaks_nothing(profile: str) -> None:
+async def test_connect_disconnect_churn_leaks_nothing(profile: Handshake) -> None:
     cycles = 1000
     with trio.fail_after(60):
         async with serving(profile) as s:
             await trio.testing.wait_all_tasks_blocked()
-            server_tasks, all_tasks = count_tasks(s.nursery), count_all_tasks()
+            all_tasks = count_all_tasks()
             for _ in range(cycles):
                 stream = await trio.open_tcp_stream(LOCALHOST, s.port)
                 await stream.aclose()
@@ -436,18 +501,16 @@ async def test_connect_disconnect_churn_leaks_nothing(profile: str) -> None:
             assert stats.connections_accepted == cycles + 1
             assert stats.handshake_failures == cycles
             await trio.testing.wait_all_tasks_blocked()
-            assert count_tasks(s.nursery) == server_tasks
             assert count_all_tasks() == all_tasks
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-async def test_client_open_close_churn_leaks_nothing(profile: str) -> None:
+async def test_client_open_close_churn_leaks_nothing(profile: Handshake) -> None:
     cycles = 200
-    handshake = make_handshake(profile)
+    handshake = profile
     with trio.fail_after(60):
         async with serving(profile) as s:
             await trio.testing.wait_all_tasks_blocked()
-            server_tasks, all_tasks = count_tasks(s.nursery), count_all_tasks()
+            all_tasks = count_all_tasks()
             for i in range(cycles):
                 async with monte_trio.open_client(
                     LOCALHOST, s.port, handshake=handshake
@@ -462,5 +525,4 @@ async def test_client_open_close_churn_leaks_nothing(profile: str) -> None:
             await assert_served(s)
             await poll_until(lambda: s.server.statistics().connections_active == 0)
             await trio.testing.wait_all_tasks_blocked()
-            assert count_tasks(s.nursery) == server_tasks
             assert count_all_tasks() == all_tasks

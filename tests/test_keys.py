@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from monte_trio._exceptions import KeyFileError
-from monte_trio._keys import Identity, PublicKey, encrypt_private_key, read_secret_file
+from monte_trio._keys import Identity, PublicKey
+from monte_trio._secret_files import encrypt_private_key, read_secret_file
 
 FAST_SCRYPT = {"n": 2**10, "r": 8, "p": 1}
 """Cheap scrypt parameters for tests: the encrypted format records its parameters."""

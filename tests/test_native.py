@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from helpers import echo, running_server
 
 import monte_trio
 from monte_trio import (
@@ -21,7 +21,7 @@ from monte_trio import (
     HandshakeError,
     Identity,
     KnownKeysFile,
-    NoiseHandshake,
+    NativeHandshake,
     PeerRejected,
     PinnedKeys,
     Request,
@@ -30,22 +30,6 @@ from monte_trio import (
 from monte_trio.testing import FaultyNetwork, open_connection_pair
 
 _U32 = struct.Struct(">I")
-
-
-async def echo(request: Request) -> bytes:
-    return request.body
-
-
-@asynccontextmanager
-async def running_server(
-    handler: Callable[[Request], Awaitable[bytes | None]] = echo, **kwargs: object
-) -> AsyncIterator[tuple[monte_trio.Server, int]]:
-    server = monte_trio.Server(handler, **kwargs)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(server.serve, 0, "127.0.0.1")
-        yield server, listeners[0].socket.getsockname()[1]
-        with trio.fail_after(10):
-            await server.shutdown()
 
 
 def split_records(data: bytes) -> list[bytes]:
@@ -113,7 +97,9 @@ async def test_pinned_keys_both_ways_and_peer_key_available() -> None:
 async def test_active_man_in_the_middle_is_refused_under_pinning() -> None:
     server_id, client_id, mitm_id = (Identity.generate() for _ in range(3))
     relayed: list[bytes] = []
-    async with running_server(identity=server_id, trust=PinnedKeys([client_id.public_key])) as (
+    async with running_server(
+        echo, identity=server_id, trust=PinnedKeys([client_id.public_key])
+    ) as (
         real_server,
         real_port,
     ):
@@ -149,7 +135,10 @@ async def test_locked_down_known_keys_refuse_a_new_key(tmp_path: Path) -> None:
     server_id, client_id, mitm_id = (Identity.generate() for _ in range(3))
     server_file = tmp_path / "known_client_keys"
     server_file.write_text(f"{client_id.public_key} *\n")
-    async with running_server(identity=server_id, trust=KnownKeysFile(server_file)) as (_, port):
+    async with running_server(echo, identity=server_id, trust=KnownKeysFile(server_file)) as (
+        _,
+        port,
+    ):
         client_file = tmp_path / "known_server_keys"
         client_file.write_text(f"{server_id.public_key} 127.0.0.1:{port}\n")
         for path in (server_file, client_file):
@@ -167,7 +156,7 @@ async def test_locked_down_known_keys_refuse_a_new_key(tmp_path: Path) -> None:
                     pass  # pragma: no cover
     # A man in the middle at the server's address, with its own key, is refused by the
     # client's locked-down file (the file pins this address to the real server's key).
-    async with running_server(identity=mitm_id, trust=AcceptAnyKey()) as (_, mitm_port):
+    async with running_server(echo, identity=mitm_id, trust=AcceptAnyKey()) as (_, mitm_port):
         os.chmod(client_file, 0o600)
         client_file.write_text(f"{server_id.public_key} 127.0.0.1:{mitm_port}\n")
         client_file.chmod(stat.S_IRUSR)
@@ -181,7 +170,7 @@ async def test_locked_down_known_keys_refuse_a_new_key(tmp_path: Path) -> None:
 
 async def test_psk_must_match() -> None:
     psk = bytes(range(32))
-    async with running_server(trust=AcceptAnyKey(), psk=psk) as (server, port):
+    async with running_server(echo, trust=AcceptAnyKey(), psk=psk) as (server, port):
         with trio.fail_after(10):
             async with monte_trio.open_client(
                 "127.0.0.1", port, trust=AcceptAnyKey(), psk=psk
@@ -199,7 +188,7 @@ async def test_psk_must_match() -> None:
 
 
 async def test_monte_v1_client_is_refused_clearly_not_hung() -> None:
-    async with running_server(trust=AcceptAnyKey()) as (_, port):
+    async with running_server(echo, trust=AcceptAnyKey()) as (_, port):
         with trio.fail_after(5), pytest.raises(HandshakeError, match="another profile"):
             async with monte_trio.open_client(
                 "127.0.0.1", port, handshake=monte_trio.MonteV1Handshake()
@@ -208,7 +197,7 @@ async def test_monte_v1_client_is_refused_clearly_not_hung() -> None:
 
 
 async def test_native_client_to_monte_v1_server_is_refused_clearly() -> None:
-    async with running_server(handshake=monte_trio.MonteV1Handshake()) as (_, port):
+    async with running_server(echo, handshake=monte_trio.MonteV1Handshake()) as (_, port):
         with trio.fail_after(5), pytest.raises(HandshakeError, match="monte-v1"):
             async with monte_trio.open_client("127.0.0.1", port, trust=AcceptAnyKey()):
                 pass  # pragma: no cover
@@ -229,13 +218,19 @@ async def test_bad_record_closes_that_connection_only(attack: str) -> None:
     taps: list[Tap] = []
     closed: list[monte_trio.Connection] = []
     one_closed = trio.Event()
+    both_closed = trio.Event()
 
-    def track(conn: monte_trio.Connection, state: str) -> None:
+    def track(conn: monte_trio.Connection, state: monte_trio.ConnectionState) -> None:
         if state == monte_trio.ConnectionState.CLOSED:
             closed.append(conn)
             one_closed.set()
+            if len(closed) == 2:
+                both_closed.set()
 
-    async with running_server(trust=AcceptAnyKey(), connection_state=track) as (server, port):
+    async with running_server(echo, trust=AcceptAnyKey(), connection_state=track) as (
+        server,
+        port,
+    ):
 
         async def tapped() -> trio.abc.Stream:
             tap = Tap(await trio.open_tcp_stream("127.0.0.1", port))
@@ -295,6 +290,9 @@ async def test_bad_record_closes_that_connection_only(attack: str) -> None:
                     "middle of a record" if attack == "truncated" else "failed authentication"
                 )
                 assert expected in reason.reason, reason.reason
+        # The bystander's connection ends on the server once its client has left.
+        with trio.fail_after(5):
+            await both_closed.wait()
         assert server.statistics().connections_active == 0
 
 
@@ -320,7 +318,7 @@ async def test_remote_cancellation_reaches_the_handler(
 
     with trio.fail_after(60):
         async with open_connection_pair(
-            NoiseHandshake(trust=AcceptAnyKey()), server_handler=slow
+            NativeHandshake(trust=AcceptAnyKey()), server_handler=slow
         ) as (client, server):
             with trio.move_on_after(5) as scope:
                 await client.request(b"slow")
@@ -338,7 +336,7 @@ async def test_keepalive_measures_rtt_and_detects_a_silent_peer(
     network = FaultyNetwork(seed=1, latency=0.01)
     listener = network.listen("server")
     config = ConnectionConfig(keepalive_interval=1.0, keepalive_tolerance=3.5)
-    handshake = NoiseHandshake(trust=AcceptAnyKey())
+    handshake = NativeHandshake(trust=AcceptAnyKey())
     release = trio.Event()
 
     async def blocked(request: Request) -> bytes:
@@ -384,7 +382,7 @@ async def test_goaway_says_which_requests_are_safe_to_retry(
     results: dict[bytes, object] = {}
     with trio.fail_after(60):
         async with open_connection_pair(
-            NoiseHandshake(trust=AcceptAnyKey()),
+            NativeHandshake(trust=AcceptAnyKey()),
             server_handler=slow,
             # Two call slots (wire v2 credit): C waits at the client for a slot.
             server_config=ConnectionConfig(
@@ -415,7 +413,7 @@ async def test_goaway_says_which_requests_are_safe_to_retry(
 
 async def test_large_messages_are_split_and_limits_are_agreed() -> None:
     async with open_connection_pair(
-        NoiseHandshake(trust=AcceptAnyKey()),
+        NativeHandshake(trust=AcceptAnyKey()),
         server_handler=echo,
         server_config=ConnectionConfig(max_message_size=300_000),
     ) as (client, _):
@@ -433,7 +431,7 @@ async def test_handler_error_is_a_remote_error_and_the_connection_lives() -> Non
         raise KeyError("no such thing")
 
     async with open_connection_pair(
-        NoiseHandshake(trust=AcceptAnyKey()), server_handler=fails
+        NativeHandshake(trust=AcceptAnyKey()), server_handler=fails
     ) as (client, _):
         with trio.fail_after(10):
             with pytest.raises(monte_trio.RemoteError, match="KeyError") as info:
@@ -451,7 +449,7 @@ def test_message_size_must_fit_the_hello() -> None:
 
 async def test_refusal_reason_reaches_a_client_with_small_records() -> None:
     stranger = Identity.generate()
-    async with running_server(trust=PinnedKeys([stranger.public_key])) as (_, port):
+    async with running_server(echo, trust=PinnedKeys([stranger.public_key])) as (_, port):
         with trio.fail_after(10), pytest.raises(PeerRejected, match="server refused our key"):
             async with monte_trio.open_client(
                 "127.0.0.1",
@@ -472,12 +470,12 @@ class _Recording(monte_trio.TrustPolicy):
 
 async def test_a_refusing_client_does_not_reveal_its_key() -> None:
     recorder = _Recording()
-    client_side = NoiseHandshake(trust=PinnedKeys([Identity.generate().public_key]))
-    server_side = NoiseHandshake(trust=recorder)
+    client_side = NativeHandshake(trust=PinnedKeys([Identity.generate().public_key]))
+    server_side = NativeHandshake(trust=recorder)
     client_raw, server_raw = trio.testing.memory_stream_pair()
     errors: dict[str, BaseException] = {}
 
-    async def run(name: str, hs: NoiseHandshake, raw: trio.abc.Stream) -> None:
+    async def run(name: str, hs: NativeHandshake, raw: trio.abc.Stream) -> None:
         try:
             await hs.handshake(
                 raw, initiator=name == "client", peer="server:1", config=ConnectionConfig()

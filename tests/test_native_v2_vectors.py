@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from monte_trio._proto import _native as v1
+from monte_trio._proto import _native_hello
 from monte_trio._proto import _session as S
 from monte_trio._proto import _wire2 as wire
 from monte_trio._proto._noise import HandshakeState
@@ -83,7 +83,7 @@ def test_transcript_replays_byte_for_byte() -> None:
     t = DATA["transcript"]
     keys = {k: bytes.fromhex(v) for k, v in t["keys"].items()}
     name = t["protocol_name"]
-    preamble = v1.encode_preamble(0, version=wire.VERSION)
+    preamble = _native_hello.encode_preamble(0, version=wire.VERSION)
     assert wire.prologue(name, preamble).hex() == t["prologue"]
     ini = HandshakeState(
         name,
@@ -113,8 +113,10 @@ def test_transcript_replays_byte_for_byte() -> None:
     assert ini.handshake_hash.hex() == t["handshake_hash"]
     i_send, i_recv = ini.split()
     r_i2r, r_r2i = res.split()
-    _, i_opener = v1.transport(i_send, i_recv, peer_max_record=1024, own_max_record=65535)
-    _, r_opener = v1.transport(r_r2i, r_i2r, peer_max_record=65535, own_max_record=1024)
+    _, i_opener = _native_hello.transport(
+        i_send, i_recv, peer_max_record=1024, own_max_record=65535
+    )
+    _, r_opener = _native_hello.transport(r_r2i, r_i2r, peer_max_record=65535, own_max_record=1024)
     assert i_opener.receive_data(bytes.fromhex(t["verdict_wire"])) == [b"\x00"]
     openers = {"initiator_to_responder": r_opener, "responder_to_initiator": i_opener}
     for record in t["records"]:

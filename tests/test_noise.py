@@ -26,14 +26,15 @@ from monte_trio._exceptions import (
 )
 from monte_trio._proto._noise import HandshakeState
 from monte_trio._proto._noise_cipher import CipherState, SymmetricState
-from monte_trio._proto._noise_crypto import MAX_MESSAGE_LEN, MAX_NONCE, rekey_key
-from monte_trio._proto._noise_patterns import PATTERNS, parse_protocol_name
-from monte_trio._proto._records import (
+from monte_trio._proto._noise_crypto import (
+    MAX_MESSAGE_LEN,
+    MAX_NONCE,
     NOISE_AESGCM_NONCE,
     NOISE_CHACHAPOLY_NONCE,
-    RecordOpener,
-    RecordSealer,
+    rekey_key,
 )
+from monte_trio._proto._noise_patterns import PATTERNS, parse_protocol_name
+from monte_trio._proto._records import RecordOpener, RecordSealer
 
 HERE = Path(__file__).parent
 VECTOR_FILE = HERE / "vectors" / "cacophony-25519-blake2b.json"

@@ -15,17 +15,16 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from monte_trio import DecryptionError, LocalProtocolError, RemoteProtocolError
-from monte_trio._proto import _native as wire
+from monte_trio._proto import _native_hello as wire
 from monte_trio._proto._noise_cipher import CipherState
+from monte_trio._proto._noise_crypto import NOISE_AESGCM_NONCE, NOISE_CHACHAPOLY_NONCE, NonceFormat
 from monte_trio._proto._records import (
     MONTE_V1_NONCE,
-    NOISE_AESGCM_NONCE,
-    NOISE_CHACHAPOLY_NONCE,
     TAG_SIZE,
-    NonceFormat,
     RecordOpener,
     RecordSealer,
 )
+from monte_trio._proto._wire2 import MAX_RECORD
 
 KEY = bytes(range(32))
 _LENGTH = struct.Struct(">I")
@@ -95,7 +94,7 @@ def test_an_empty_record_is_exactly_the_tag_and_is_accepted(bytewise: bool) -> N
 
 
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
-@pytest.mark.parametrize("max_record", [TAG_SIZE + 1, 17 + 1000, wire.MAX_RECORD])
+@pytest.mark.parametrize("max_record", [TAG_SIZE + 1, 17 + 1000, MAX_RECORD])
 def test_a_message_of_exactly_the_maximum(bytewise: bool, max_record: int) -> None:
     sealer = RecordSealer(KEY, NOISE_AESGCM_NONCE, max_record_size=max_record)
     opener = RecordOpener(KEY, NOISE_AESGCM_NONCE, max_record_size=max_record)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import socket
 import struct
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 import trio.testing
 
 import monte_trio
-from monte_trio import DecryptionError, Handshake, RemoteProtocolError, SecureStream
+from monte_trio import (
+    AcceptAnyKey,
+    DecryptionError,
+    Handshake,
+    MonteV1Handshake,
+    NativeHandshake,
+    RemoteProtocolError,
+    SecureStream,
+)
 from monte_trio._config import ConnectionConfig
 from monte_trio._proto._monte_v1 import MonteV1HandshakeState
 from monte_trio._proto._records import RecordSealer
@@ -158,9 +168,15 @@ async def test_tampered_record_raises_decryption_error_and_stays_broken() -> Non
         await raw.send_all(bytes(bad))
         with pytest.raises(DecryptionError):
             await server.receive_records()
-        # Broken for good: even a valid record later is refused.
+        # Broken for good, as trio.SSLStream: even a valid record later is refused, and
+        # every operation says so with trio's exception.
         await raw.send_all(sealer.seal(b"\x00\x00\x00\x00again"))
-        with pytest.raises(DecryptionError):
+        with pytest.raises(trio.BrokenResourceError, match="invalid record"):
+            await server.receive_records()
+        with pytest.raises(trio.BrokenResourceError):
+            await server.send_all(b"x")
+        await server.aclose()
+        with pytest.raises(trio.ClosedResourceError):
             await server.receive_records()
 
 
@@ -188,6 +204,8 @@ async def test_eof_in_the_middle_of_a_record() -> None:
         await raw.aclose()
         with pytest.raises(RemoteProtocolError, match="middle of a record"):
             await server.receive_records()
+        with pytest.raises(trio.BrokenResourceError):
+            await server.receive_some()
 
 
 async def test_records_split_across_reads_are_reassembled() -> None:
@@ -202,3 +220,257 @@ async def test_records_split_across_reads_are_reassembled() -> None:
             if len(got) == 2:
                 break
         assert got == [b"\x00\x00\x00\x00a", b"\x00\x00\x00\x00bb"]
+
+
+# ---- over your own stream, as one would use trio.SSLStream -------------------------------
+
+
+def _handshakes() -> list[Handshake]:
+    return [NativeHandshake(trust=AcceptAnyKey()), MonteV1Handshake()]
+
+
+async def _wrap_both(
+    handshake: Handshake, a: trio.abc.Stream, b: trio.abc.Stream
+) -> tuple[SecureStream, SecureStream]:
+    """Both ends of ``a``/``b`` wrapped with the public call only (no config, no peer)."""
+    results: dict[bool, SecureStream] = {}
+
+    async def run(initiator: bool, raw: trio.abc.Stream) -> None:
+        results[initiator] = await handshake.handshake(raw, initiator=initiator)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, True, a)
+        nursery.start_soon(run, False, b)
+    return results[True], results[False]
+
+
+async def _exchange(client: SecureStream, server: SecureStream) -> None:
+    data = bytes(range(256)) * 400  # 102,400 bytes: several records
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, data)
+        received = bytearray()
+        for _ in range(1000):
+            received += await server.receive_some()
+            if len(received) >= len(data):
+                break
+    assert received == data
+    await server.send_all(b"and back")
+    assert await client.receive_some() == b"and back"
+    await client.aclose()
+    assert await server.receive_some() == b""
+    await server.aclose()
+
+
+@pytest.mark.parametrize("handshake", _handshakes(), ids=lambda h: h.profile)
+async def test_secure_stream_over_a_memory_stream_pair(handshake: Handshake) -> None:
+    a, b = trio.testing.memory_stream_pair()
+    with trio.fail_after(TIMEOUT):
+        client, server = await _wrap_both(handshake, a, b)
+        assert client.transport is a
+        assert not client.record_safe
+        if handshake.profile == "native":
+            assert isinstance(handshake, NativeHandshake)
+            assert client.facts.peer_public_key == handshake.public_key
+        await _exchange(client, server)
+
+
+@pytest.mark.parametrize("handshake", _handshakes(), ids=lambda h: h.profile)
+async def test_secure_stream_over_a_socket_pair(handshake: Handshake) -> None:
+    left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a, b = trio.SocketStream(left), trio.SocketStream(right)
+    with trio.fail_after(TIMEOUT):
+        client, server = await _wrap_both(handshake, a, b)
+        assert client.record_safe
+        assert client.facts.initiator
+        assert not server.facts.initiator
+        await _exchange(client, server)
+
+
+def test_handshake_is_not_an_extension_point() -> None:
+    with pytest.raises(TypeError, match="not an extension point"):
+
+        class Mine(Handshake):  # pragma: no cover - the class statement itself fails
+            profile = "mine"
+
+    # What is public is calling it; the method a subclass would implement is private.
+    assert not getattr(Handshake.handshake, "__isabstractmethod__", False)
+
+
+# ---- the state: open, broken, closed -----------------------------------------------------
+
+
+class ControlledStream(trio.abc.Stream):
+    """A memory stream whose operations can be made to fail on demand."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.send_error: BaseException | None = None
+        self.receive_error: BaseException | None = None
+        self.close_error: BaseException | None = None
+        self.close_blocks = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.send_error is not None:
+            raise self.send_error
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self.send_error is not None:
+            raise self.send_error
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.receive_error is not None:
+            raise self.receive_error
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+        if self.close_blocks:
+            await trio.sleep_forever()
+        if self.close_error is not None:
+            raise self.close_error
+
+
+async def _controlled_pair() -> tuple[SecureStream, SecureStream, ControlledStream]:
+    a, b = trio.testing.memory_stream_pair()
+    controlled = ControlledStream(a)
+    client, server = await _wrap_both(MonteV1Handshake(), controlled, b)
+    return client, server, controlled
+
+
+Operation = Callable[[SecureStream], Awaitable[object]]
+OPERATIONS: dict[str, Operation] = {
+    "send_all": lambda s: s.send_all(b"x"),
+    "send_records": lambda s: s.send_records([b"x"]),
+    "wait_send_all_might_not_block": lambda s: s.wait_send_all_might_not_block(),
+    "receive_some": lambda s: s.receive_some(),
+    "receive_records": lambda s: s.receive_records(),
+}
+
+
+async def _make_state(state: str) -> tuple[SecureStream, SecureStream]:
+    client, server, controlled = await _controlled_pair()
+    await server.send_all(b"data for the receive operations")
+    if state == "broken":
+        controlled.send_error = trio.BrokenResourceError("the cable was cut")
+        with pytest.raises(trio.BrokenResourceError):
+            await client.send_all(b"lost")
+        controlled.send_error = None  # the transport recovered: the stream stays broken
+    elif state == "closed":
+        await client.aclose()
+    return client, server
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+@pytest.mark.parametrize(
+    ("state", "error"),
+    [("open", None), ("broken", trio.BrokenResourceError), ("closed", trio.ClosedResourceError)],
+)
+async def test_each_operation_in_each_state(
+    operation: str, state: str, error: type[Exception] | None
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        client, server = await _make_state(state)
+        if error is None:
+            await OPERATIONS[operation](client)
+        else:
+            with pytest.raises(error):
+                await OPERATIONS[operation](client)
+            # and again: the state does not change by being reported
+            with pytest.raises(error):
+                await OPERATIONS[operation](client)
+        await client.aclose()  # from every state
+        with pytest.raises(trio.ClosedResourceError):
+            await OPERATIONS[operation](client)
+        await server.aclose()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        trio.BrokenResourceError("reset by peer"),
+        trio.ClosedResourceError("closed under the stream"),
+        ConnectionResetError("reset"),
+    ],
+    ids=type,
+)
+@pytest.mark.parametrize("direction", ["send", "receive"])
+async def test_a_transport_failure_breaks_the_stream(
+    failure: BaseException, direction: str
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        client, server, controlled = await _controlled_pair()
+        if direction == "send":
+            controlled.send_error = failure
+            with pytest.raises(trio.BrokenResourceError):
+                await client.send_records([b"x"])
+        else:
+            controlled.receive_error = failure
+            with pytest.raises(trio.BrokenResourceError):
+                await client.receive_records()
+        controlled.send_error = controlled.receive_error = None
+        # Every later operation, in both directions, says the stream is broken, even
+        # the ones the transport could still do (the peer has not closed anything).
+        await server.send_all(b"still there")
+        for name, operation in OPERATIONS.items():
+            with pytest.raises(trio.BrokenResourceError, match="broken"):
+                await operation(client)
+            assert name
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_a_peer_that_goes_away_breaks_the_stream() -> None:
+    with trio.fail_after(TIMEOUT):
+        client, server, _ = await _controlled_pair()
+        await server.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            await client.send_all(b"nobody listens")
+        # Not an end of stream: broken.
+        with pytest.raises(trio.BrokenResourceError):
+            await client.receive_some()
+        await client.aclose()
+
+
+async def test_aclose_ends_closed_even_if_the_transport_close_fails() -> None:
+    with trio.fail_after(TIMEOUT):
+        client, server, controlled = await _controlled_pair()
+        controlled.close_error = trio.BrokenResourceError("close failed")
+        with pytest.raises(trio.BrokenResourceError, match="close failed"):
+            await client.aclose()
+        for operation in OPERATIONS.values():
+            with pytest.raises(trio.ClosedResourceError):
+                await operation(client)
+        await client.aclose()  # closed already: nothing more is done
+        await server.aclose()
+
+
+async def test_aclose_ends_closed_even_if_cancelled() -> None:
+    with trio.fail_after(TIMEOUT):
+        client, server, controlled = await _controlled_pair()
+        controlled.close_blocks = True
+        with trio.move_on_after(0.01) as scope:
+            await client.aclose()
+        assert scope.cancelled_caught
+        for operation in OPERATIONS.values():
+            with pytest.raises(trio.ClosedResourceError):
+                await operation(client)
+        controlled.close_blocks = False
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_aclose_while_receiving_raises_closed_in_the_receiver() -> None:
+    with trio.fail_after(TIMEOUT):
+        client, server, _ = await _controlled_pair()
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await client.receive_records()
+
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.aclose()
+        await server.aclose()

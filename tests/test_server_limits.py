@@ -1,4 +1,5 @@
-"""The server's admission limits against a real Server on 127.0.0.1 (issue 9, item 6).
+"""The server's admission limits, against a real Server on 127.0.0.1 (the timers on virtual
+time, on :class:`~monte_trio.testing.FaultyNetwork`).
 
 Sockets that never complete a handshake must not keep a normal client out: handshakes in
 progress have their own limit (``max_handshakes``), the oldest is evicted when a new socket
@@ -18,9 +19,10 @@ import re
 import pytest
 import trio
 import trio.testing
-from conftest import LOCALHOST, echo, running_server
+from helpers import LOCALHOST, echo, network_dialer, network_server, running_server
 
 from monte_trio import ConnectionClosed, Handshake, Server, open_client
+from monte_trio.testing import FaultyNetwork
 
 TIMEOUT = 20
 SILENT = 2_000
@@ -177,19 +179,23 @@ async def test_completed_handshake_waits_for_a_connection_slot_and_is_not_evicte
 
 
 async def test_completed_handshake_with_no_slot_in_time_is_closed(
-    native: Handshake, caplog: pytest.LogCaptureFixture
+    native: Handshake, caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
 ) -> None:
+    # On the faulty network, virtual time: conn_wait_timeout is the server's own timer.
     caplog.set_level(logging.INFO, logger="monte_trio")
+    net = FaultyNetwork(latency=0.001)
     with trio.fail_after(TIMEOUT):
         async with (
-            running_server(echo, native, max_conns=1, conn_wait_timeout=0.2) as (server, port),
-            open_client(LOCALHOST, port, handshake=native) as first,
+            network_server(net, echo, native, max_conns=1, conn_wait_timeout=0.2) as server,
+            open_client(handshake=native, connect=network_dialer(net)) as first,
         ):
             assert await first.request(b"one") == b"one"
             for _ in range(3):
-                async with open_client(LOCALHOST, port, handshake=native) as late:
+                start = trio.current_time()
+                async with open_client(handshake=native, connect=network_dialer(net)) as late:
                     with pytest.raises(ConnectionClosed):
                         await late.request(b"no slot")
+                assert 0.2 <= trio.current_time() - start < 0.2 + 0.05
             assert server.statistics().connections_refused == 3
             assert await first.request(b"still served") == b"still served"
     lines = overload_lines(caplog)
@@ -201,8 +207,6 @@ async def test_overload_is_reported_once_per_interval(
 ) -> None:
     # Over 36 virtual seconds of sockets arriving every 0.3 s, each evicting the previous
     # one: a line at the first eviction, then one every 10 s, then the rest at shutdown.
-    from monte_trio.testing import FaultyNetwork
-
     caplog.set_level(logging.INFO, logger="monte_trio")
     net = FaultyNetwork()
     server = Server(echo, handshake=native, max_handshakes=1, handshake_timeout=60)

@@ -2,14 +2,15 @@
 
 Sizing (decided here, documented in docs/reliability.rst):
 
-* ``MONTE_SOAK_CONNECTIONS`` (default 200): client connections, one per client
+* ``MONTE_SOAK_CONNECTIONS`` (default 50): client connections, one per client
   (``max_conns=1``), each from its own host of the simulated network.
-* ``MONTE_SOAK_REQUESTS`` (default 20,000): requests in total, each with a unique body.
+* ``MONTE_SOAK_REQUESTS`` (default 4,000): requests in total, each with a unique body.
 
 The test runs over :class:`~monte_trio.testing.FaultyNetwork` (in memory) under trio's
-MockClock, so the defaults take a few seconds of real time per profile and the test stays
+MockClock, so the defaults take about a second of real time per profile and the test stays
 in the default run (it is marked ``soak``: ``pytest -m soak -s`` runs only it and shows its
-summary; ``nox -s tests`` and CI run it too). Raise the two variables for a longer soak.
+summary; ``nox -s tests`` and CI run it too). Raise the two variables for a longer soak:
+``MONTE_SOAK_CONNECTIONS=200 MONTE_SOAK_REQUESTS=20000`` takes about 15 s per profile.
 
 While the clients work, a chaos task (seeded) injects a fault every 0.2-2 virtual ms: most
 often it drops a random link of the network, otherwise the server closes a random
@@ -32,13 +33,14 @@ from contextlib import AsyncExitStack
 import pytest
 import trio
 import trio.testing
-from conftest import LiveTasks, make_handshake
+from helpers import LiveTasks, is_native
 
 import monte_trio
 from monte_trio import (
     Client,
     ConnectionClosed,
     ConnectionConfig,
+    Handshake,
     HandshakeError,
     Request,
     RequestNotProcessed,
@@ -46,8 +48,8 @@ from monte_trio import (
 )
 from monte_trio.testing import FaultyNetwork
 
-CONNECTIONS = int(os.environ.get("MONTE_SOAK_CONNECTIONS", "200"))
-REQUESTS = int(os.environ.get("MONTE_SOAK_REQUESTS", "20000"))
+CONNECTIONS = int(os.environ.get("MONTE_SOAK_CONNECTIONS", "50"))
+REQUESTS = int(os.environ.get("MONTE_SOAK_REQUESTS", "4000"))
 WORKERS_PER_CONNECTION = 4
 SEED = int(os.environ.get("MONTE_SOAK_SEED", "20240601"))
 CONFIG = ConnectionConfig(grace_period=0.05, keepalive_interval=1, keepalive_tolerance=3)
@@ -59,9 +61,8 @@ def max_rss_kib() -> int:
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("profile", ["native", "monte-v1"])
 async def test_soak_random_cuts_lose_and_duplicate_nothing(
-    autojump_clock: trio.testing.MockClock, profile: str
+    autojump_clock: trio.testing.MockClock, profile: Handshake
 ) -> None:
     rss_before = max_rss_kib()
     live = LiveTasks()
@@ -77,7 +78,7 @@ async def test_soak_random_cuts_lose_and_duplicate_nothing(
     outcomes: dict[bytes, str] = {}
     faults: Counter[str] = Counter()
     workers_done = trio.Event()
-    server = Server(handler, handshake=make_handshake(profile), config=CONFIG, max_conns=10_000)
+    server = Server(handler, handshake=profile, config=CONFIG, max_conns=10_000)
 
     async def work(client: Client, ids: range) -> None:
         for ident in ids:
@@ -107,7 +108,7 @@ async def test_soak_random_cuts_lose_and_duplicate_nothing(
                 conns = sorted(server.connections, key=lambda c: c.name)
                 conns = [c for c in conns if not c.closed]
                 if conns:
-                    faults["goaway" if profile == "native" else "close"] += 1
+                    faults["goaway" if is_native(profile) else "close"] += 1
                     nursery.start_soon(rng.choice(conns).close_gracefully, 0.01)
 
     streams = len(range(CONNECTIONS * WORKERS_PER_CONNECTION))
@@ -125,7 +126,7 @@ async def test_soak_random_cuts_lose_and_duplicate_nothing(
                     clients.append(
                         await stack.enter_async_context(
                             monte_trio.open_client(
-                                handshake=make_handshake(profile),
+                                handshake=profile,
                                 config=CONFIG,
                                 max_conns=1,
                                 connect=connect,
@@ -147,7 +148,7 @@ async def test_soak_random_cuts_lose_and_duplicate_nothing(
 
     kinds = Counter(outcomes.values())
     print(
-        f"\nsoak[{profile}]: {REQUESTS} requests over {CONNECTIONS} connections, "
+        f"\nsoak[{profile.profile}]: {REQUESTS} requests over {CONNECTIONS} connections, "
         f"{sum(faults.values())} faults injected ({dict(faults)}), "
         f"{kinds['answered']} answered, failed: "
         f"RequestNotProcessed={kinds['RequestNotProcessed']} "
@@ -170,9 +171,9 @@ async def test_soak_random_cuts_lose_and_duplicate_nothing(
     assert not set(executions) - set(outcomes)  # the server ran nothing that was not sent
     assert faults["drop"] > 0
     assert kinds["answered"] > REQUESTS // 2
-    if profile == "native":
-        assert kinds["RequestNotProcessed"] > 0
-    else:
-        assert kinds["RequestNotProcessed"] == 0  # monte-v1 has no GOAWAY
+    # Calls a GOAWAY left unprocessed (native) are moved by the client's pool to another
+    # connection, so they end answered (once, as checked above) rather than failed.
+    if is_native(profile):
+        assert faults["goaway"] > 0
     leaked = sorted(task.name for task in live.tasks)
     assert not leaked, leaked

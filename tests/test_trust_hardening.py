@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import LOCALHOST, echo, running_server
+from helpers import LOCALHOST, echo, running_server
 
 from monte_trio import (
     AcceptAnyKey,
     HandshakeError,
     Identity,
     KnownKeysFile,
-    NoiseHandshake,
+    NativeHandshake,
     PeerRejected,
     PinnedKeys,
     PublicKey,
@@ -33,7 +33,8 @@ from monte_trio import (
     TrustPolicy,
     open_client,
 )
-from monte_trio._proto import _native as wire
+from monte_trio._proto import _native_hello as wire
+from monte_trio._proto import _wire2 as wire2
 from monte_trio._proto._noise import HandshakeState
 from monte_trio._util import escape_peer_text
 
@@ -51,7 +52,7 @@ def serving(
     identity: Identity, trust: TrustPolicy, port: int = 0
 ) -> AbstractAsyncContextManager[tuple[Server, int]]:
     """A native server on 127.0.0.1 (``port``, or a free one); yields ``(server, port)``."""
-    return running_server(echo, NoiseHandshake(identity, trust=trust), port=port)
+    return running_server(echo, NativeHandshake(identity, trust=trust), port=port)
 
 
 async def call(port: int, identity: Identity, trust: TrustPolicy) -> bytes:
@@ -294,16 +295,16 @@ async def _refuse_with(stream: trio.SocketStream, reason: bytes) -> None:
     state = HandshakeState(
         name,
         initiator=False,
-        prologue=wire.prologue(name, preamble),
+        prologue=wire2.prologue(name, preamble),
         s=Identity.generate().private_bytes(),
         psks=[],
     )
     (length,) = _U16.unpack(await _receive_exactly(stream, buffer, 2))
     state.read_message(await _receive_exactly(stream, buffer, length))
-    msg2 = state.write_message(wire.Hello().encode())
+    msg2 = state.write_message(wire2.Hello2().encode())
     await stream.send_all(wire.encode_preamble(wire.Status.OK) + _U16.pack(len(msg2)) + msg2)
     (length,) = _U16.unpack(await _receive_exactly(stream, buffer, 2))
-    client_hello = wire.Hello.decode(
+    client_hello = wire2.Hello2.decode(
         state.read_message(await _receive_exactly(stream, buffer, length))
     )
     initiator_to_responder, responder_to_initiator = state.split()
@@ -311,7 +312,7 @@ async def _refuse_with(stream: trio.SocketStream, reason: bytes) -> None:
         responder_to_initiator,
         initiator_to_responder,
         peer_max_record=client_hello.max_record_size,
-        own_max_record=wire.MAX_RECORD,
+        own_max_record=wire2.MAX_RECORD,
     )
     await stream.send_all(sealer.seal(bytes([wire.VERDICT_REFUSE]) + reason))
     await stream.receive_some(1)  # until the client closes

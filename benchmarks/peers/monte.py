@@ -1,7 +1,7 @@
 """Peers "monte-native" and "monte-v1": monte_trio itself.
 
 Written against the API described in the benchmark brief (Server, open_client, Request,
-ConnectionConfig, MonteV1Handshake, NoiseHandshake, Identity, AcceptAnyKey). If that API is
+ConnectionConfig, MonteV1Handshake, NativeHandshake, Identity, AcceptAnyKey). If that API is
 not importable, ``unavailable_reason`` says what is missing and the suite skips these peers;
 no figure is ever made up for them.
 """
@@ -29,7 +29,7 @@ _NEEDED = {
         "Server",
         "open_client",
         "ConnectionConfig",
-        "NoiseHandshake",
+        "NativeHandshake",
         "Identity",
         "AcceptAnyKey",
     ),
@@ -56,7 +56,7 @@ def _handshake(name: str) -> Any:
 
     if name == "monte-v1":
         return monte_trio.MonteV1Handshake()
-    return monte_trio.NoiseHandshake(
+    return monte_trio.NativeHandshake(
         identity=monte_trio.Identity.generate(), trust=monte_trio.AcceptAnyKey()
     )
 
@@ -80,13 +80,16 @@ def run_server(
 
     reply = state.reply
 
-    # A plain function: monte_trio runs it inline in the connection's reader (it never
-    # awaits), as the trio peers answer inline in theirs and Go monte runs its handlers.
-    def handler(req: Any) -> bytes | None:
+    # A plain function, wrapped with monte_trio.inline: monte_trio runs it inline in the
+    # connection's reader (it never awaits), as the trio peers answer inline in theirs and
+    # Go monte runs its handlers.
+    def answer(req: Any) -> bytes | None:
         if req.oneway:
             state.count += 1
             return None
         return reply(req.body)
+
+    handler = monte_trio.inline(answer)
 
     async def serve(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         kwargs: dict[str, Any] = {}

@@ -2,7 +2,8 @@
 
 Every subcommand prepares its options synchronously (reading key, passphrase and PSK files,
 parsing trust specifications), so that bad usage is reported by argparse (exit status 2)
-before any event loop starts, then runs one :func:`trio.run`.
+before any event loop starts, then runs one :func:`trio.run` (``main``), or awaits the
+command in the event loop already running (``async_main``).
 
 Exit statuses: 0 success (``serve`` stopped by SIGTERM included); 1 a
 :class:`~monte_trio.MonteError` or :class:`OSError` (one line on stderr,
@@ -16,7 +17,7 @@ control characters and terminal escape sequences escaped (``monte_trio._util.pri
 Modules, one job each:
 
 =================  ==========================================================================
-``_run``           the parser (one subparser per command) and :func:`main`
+``_run``           the parser (one subparser per command), ``main`` and ``async_main``
 ``_keygen``        ``keygen``: create a key pair, save the private key
 ``_serve``         ``serve``: the echo server (its own signal handling) and the ``echo`` handler
 ``_bench``         ``bench``: drive an echo server, measure throughput and latency
@@ -32,7 +33,7 @@ Modules, one job each:
 
 from __future__ import annotations
 
-from ._run import build_parser, main
+from ._run import async_main, build_parser, main
 from ._stats import percentile
 
-__all__ = ["build_parser", "main", "percentile"]
+__all__ = ["async_main", "build_parser", "main", "percentile"]

@@ -22,6 +22,7 @@ from ._errors import CommandFailed
 from ._interrupt import interruptible
 from ._options import (
     MONTE_V1,
+    Job,
     add_command,
     add_security_options,
     address,
@@ -66,12 +67,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.add_argument("--conns", type=positive_int, default=4, help="most connections")
 
 
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Check the options, then run the benchmark until done or interrupted."""
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Job:
+    """Check the options; return the work: the benchmark, until done or interrupted."""
     if args.size > _MAX_BENCH_SIZE:
         parser.error(f"--size: at most {_MAX_BENCH_SIZE} bytes")
     security = resolve_security(parser, args, who="server")
-    return trio.run(interruptible, functools.partial(_bench, args, security))
+    return functools.partial(interruptible, functools.partial(_bench, args, security))
 
 
 def _ms(seconds: float) -> str:

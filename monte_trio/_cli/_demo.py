@@ -20,7 +20,7 @@ from .._keys import Identity, PublicKey
 from .._server import Server
 from .._trust import PinnedKeys
 from ._interrupt import interruptible
-from ._options import NATIVE, PROFILES, add_command
+from ._options import NATIVE, PROFILES, Job, add_command
 from ._output import format_address, say
 
 __all__ = ["add_parser", "run"]
@@ -41,9 +41,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument("--profile", choices=PROFILES, default=NATIVE, help="wire profile")
 
 
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Run the demo until done or interrupted; return the exit status."""
-    return trio.run(interruptible, functools.partial(_demo, args.profile))
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Job:
+    """Return the work: the demo, until done or interrupted."""
+    return functools.partial(interruptible, functools.partial(_demo, args.profile))
 
 
 class _Inbox:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
+import trio
+
 from .._keys import Identity
 from ._errors import CommandFailed
-from ._options import add_command
+from ._options import Job, add_command
 from ._output import say
 from ._security import read_passphrase
 
@@ -36,18 +38,28 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
 
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Write a new private key to ``args.path`` (no event loop needed); return 0.
-
-    Raises:
-        CommandFailed: the path exists and ``--force`` was not given.
-    """
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Job:
+    """Read the passphrase file; return the work: write a new private key to ``args.path``
+    (in a worker thread: encrypting the key takes a deliberately slow key derivation)."""
     passphrase = read_passphrase(parser, args.passphrase_file)
-    if os.path.lexists(args.path) and not args.force:
-        raise CommandFailed(f"{args.path} already exists; pass --force to replace it")
-    identity = Identity.generate()
-    identity.save(args.path, passphrase=passphrase, overwrite=args.force)
-    encrypted = "encrypted with the passphrase" if passphrase is not None else "unencrypted"
-    say(f"wrote private key to {args.path} (mode 0600, {encrypted})")
-    say(f"public key: {identity.public_key}")
-    return 0
+
+    def write() -> Identity:
+        if os.path.lexists(args.path) and not args.force:
+            raise CommandFailed(f"{args.path} already exists; pass --force to replace it")
+        identity = Identity.generate()
+        identity.save(args.path, passphrase=passphrase, overwrite=args.force)
+        return identity
+
+    async def keygen() -> int:
+        """Write the key, say where and what its public key is; return 0.
+
+        Raises:
+            CommandFailed: the path exists and ``--force`` was not given.
+        """
+        identity = await trio.to_thread.run_sync(write)
+        encrypted = "encrypted with the passphrase" if passphrase is not None else "unencrypted"
+        say(f"wrote private key to {args.path} (mode 0600, {encrypted})")
+        say(f"public key: {identity.public_key}")
+        return 0
+
+    return keygen

@@ -7,7 +7,7 @@ that nothing starts before the command line is known to be good.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ._output import PROG
 
@@ -18,6 +18,7 @@ __all__ = [
     "TRUST_CHOICES",
     "Command",
     "HelpFormatter",
+    "Job",
     "add_command",
     "add_security_options",
     "address",
@@ -30,8 +31,12 @@ NATIVE = "native"
 MONTE_V1 = "monte-v1"
 PROFILES = (NATIVE, MONTE_V1)
 
-Command = Callable[[argparse.ArgumentParser, argparse.Namespace], int]
-"""What ``main`` runs for a command: ``run(command_parser, args)`` returns the exit status."""
+Job = Callable[[], Awaitable[int]]
+"""A command's work, checked and ready to run in an event loop: returns the exit status."""
+
+Command = Callable[[argparse.ArgumentParser, argparse.Namespace], Job]
+"""What ``main`` calls for a command: ``run(command_parser, args)`` checks the options
+(reading the files they name) before any event loop starts and returns the :data:`Job`."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -64,7 +69,8 @@ def add_command(
         name: the command's name.
         summary: one line for the program's ``--help``.
         description: the paragraph of the command's ``--help``.
-        run: called with the command's parser (for its usage errors) and the arguments.
+        run: called with the command's parser (for its usage errors) and the arguments;
+            returns the command's work.
 
     Returns:
         The command's parser, to add its options to.

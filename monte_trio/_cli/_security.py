@@ -16,7 +16,8 @@ import attrs
 
 from .._exceptions import KeyFileError
 from .._handshake import Handshake, MonteV1Handshake
-from .._keys import Identity, read_secret_file
+from .._keys import Identity
+from .._secret_files import read_secret_file
 from .._trust import AcceptAnyKey, TrustPolicy, parse_trust
 from ._options import MONTE_V1, NATIVE, TRUST_CHOICES
 from ._output import PROG, warn

@@ -8,6 +8,7 @@ shutdown (exit status 130 after SIGINT, 0 after SIGTERM), a second one stops at 
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 
 import trio
@@ -16,7 +17,7 @@ from .._config import ConnectionConfig
 from .._connection import Request
 from .._server import Server
 from ._errors import CommandFailed, describe
-from ._options import add_command, add_security_options, port, positive_int
+from ._options import Job, add_command, add_security_options, port, positive_int
 from ._output import format_address, say
 from ._security import Security, resolve_security
 
@@ -66,10 +67,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
 
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Resolve the security options, then serve until a signal; return the exit status."""
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Job:
+    """Resolve the security options; return the work: serve until a signal."""
     security = resolve_security(parser, args, who="client")
-    return trio.run(_serve, args, security)
+    return functools.partial(_serve, args, security)
 
 
 def _listener_address(listener: trio.SocketListener) -> str:

@@ -57,13 +57,7 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .._exceptions import LocalProtocolError, RemoteProtocolError
-
-# CipherState and rekey_key are re-exported (the "X as X" form) for the modules that import
-# them from here today: _proto/_native.py imports CipherState, and
-# tests/vectors/make_native_vectors.py imports rekey_key. New code imports them from their
-# homes, _noise_cipher and _noise_crypto.
-from ._noise_cipher import CipherState as CipherState
-from ._noise_cipher import SymmetricState
+from ._noise_cipher import CipherState, SymmetricState
 from ._noise_crypto import (
     DHLEN,
     MAX_MESSAGE_LEN,
@@ -74,7 +68,6 @@ from ._noise_crypto import (
     is_low_order,
     private_key,
 )
-from ._noise_crypto import rekey_key as rekey_key
 from ._noise_patterns import Pattern, Tokens, parse_protocol_name
 
 __all__ = ["HandshakeState"]

@@ -5,6 +5,9 @@
 * :class:`FaultyNetwork`: a simulated network of named hosts whose links can be delayed,
   dropped, stalled, cut mid-record, corrupted and partitioned, on demand or at random from a
   seed, deterministically under :class:`trio.testing.MockClock`.
+* :func:`socket_stream`: one end of a :class:`FaultyNetwork` connection as a
+  :class:`trio.SocketStream`, so that paths kept for sockets (a secure stream's record-safe
+  sends, a connection's direct writes) run on the faulty network too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ._network import FaultyNetwork as FaultyNetwork
 from ._network import NetworkStatistics as NetworkStatistics
 from ._pairs import open_connection_pair as open_connection_pair
 from ._pairs import secure_stream_pair as secure_stream_pair
+from ._socket import socket_stream as socket_stream
 from ._stream import NetworkListener as NetworkListener
 from ._stream import NetworkStream as NetworkStream
 
@@ -31,6 +35,7 @@ __all__ = [
     "NetworkStream",
     "open_connection_pair",
     "secure_stream_pair",
+    "socket_stream",
 ]
 
 

@@ -125,6 +125,32 @@ class NetworkStream(trio.abc.HalfCloseableStream):
                 pos += size
                 size = 0
 
+    async def send_some(self, data: bytes | bytearray | memoryview) -> int:
+        """Send the first bytes of ``data`` (at least one) and return how many, as a
+        socket's ``send`` does: if it is cancelled, nothing was sent.
+
+        It sends one segment, waiting while the link's buffer has no room for it.
+
+        Raises:
+            ValueError: ``data`` is empty.
+            trio.BusyResourceError: another task is sending on this stream.
+            trio.BrokenResourceError: the link broke (a fault) or the peer closed.
+            trio.ClosedResourceError: this stream was closed, or EOF was sent.
+        """
+        if not data:
+            raise ValueError("send_some needs at least one byte")
+        with self._send_conflict:
+            self._check_can_send()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            engine = self._engine
+            size = engine.segment_size(self._out, len(data))
+            while not engine.has_room(self._out, size):
+                await self._out.lot.park()  # cancelled here, it has sent nothing
+                self._check_can_send()
+            engine.push(self._state, self._out, bytes(memoryview(data)[:size]))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return size
+
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the link's buffer has room (or the link is broken).
 
@@ -157,9 +183,12 @@ class NetworkStream(trio.abc.HalfCloseableStream):
             if self._closed:
                 raise trio.ClosedResourceError("this stream was closed")
             await checkpoint()
-            if not self._eof_sent:
-                self._eof_sent = True
-                self._engine.send_eof(self._out)
+            self._send_eof_now()
+
+    def _send_eof_now(self) -> None:
+        if not self._eof_sent:
+            self._eof_sent = True
+            self._engine.send_eof(self._out)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Receive the next bytes, waiting for them to be sent and delivered.

@@ -5,7 +5,7 @@ Run from the repository root::
     .venv/bin/python tests/vectors/make_native_v2_vectors.py
 
 Built with the sans-IO modules only (``_wire2``, ``_session``, ``_noise``, ``_records``,
-``_native``'s preamble and transport helpers, which version 2 keeps). Fixed keys
+``_native_hello``'s preamble, verdict and transport helpers). Fixed keys
 (``SHA-256("monte_trio native-v2 test vector: " | label)``) and deterministic AEADs make the
 output identical on every run; tests/test_native_v2_vectors.py checks it.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from monte_trio._proto import _native as v1
+from monte_trio._proto import _native_hello
 from monte_trio._proto import _session as S
 from monte_trio._proto import _wire2 as wire
 from monte_trio._proto._noise import HandshakeState
@@ -178,8 +178,8 @@ def credit() -> dict[str, Any]:
 
 
 def transcript() -> dict[str, Any]:
-    name = v1.protocol_name(psk=False)
-    i_pre = v1.encode_preamble(0, version=wire.VERSION)
+    name = _native_hello.protocol_name(psk=False)
+    i_pre = _native_hello.encode_preamble(0, version=wire.VERSION)
     prologue = wire.prologue(name, i_pre)
     ini_hs = HandshakeState(
         name,
@@ -200,15 +200,19 @@ def transcript() -> dict[str, Any]:
     msg1 = ini_hs.write_message(b"")
     res_hs.read_message(msg1)
     msg2 = res_hs.write_message(RESPONDER_HELLO.encode())
-    r_pre = v1.encode_preamble(v1.Status.OK, version=wire.VERSION)
+    r_pre = _native_hello.encode_preamble(_native_hello.Status.OK, version=wire.VERSION)
     assert wire.Hello2.decode(ini_hs.read_message(msg2)) == RESPONDER_HELLO
     msg3 = ini_hs.write_message(INITIATOR_HELLO.encode())
     assert wire.Hello2.decode(res_hs.read_message(msg3)) == INITIATOR_HELLO
     i_send, i_recv = ini_hs.split()
     r_i2r, r_r2i = res_hs.split()
-    i_sealer, i_opener = v1.transport(i_send, i_recv, peer_max_record=1024, own_max_record=65535)
-    r_sealer, r_opener = v1.transport(r_r2i, r_i2r, peer_max_record=65535, own_max_record=1024)
-    verdict = r_sealer.seal(v1.encode_verdict(True))
+    i_sealer, i_opener = _native_hello.transport(
+        i_send, i_recv, peer_max_record=1024, own_max_record=65535
+    )
+    r_sealer, r_opener = _native_hello.transport(
+        r_r2i, r_i2r, peer_max_record=65535, own_max_record=1024
+    )
+    verdict = r_sealer.seal(_native_hello.encode_verdict(True))
     assert i_opener.receive_data(verdict) == [b"\x00"]
     ini, _ = sessions()
     res = S.Session(initiator=False, local=RESPONDER_HELLO, peer=INITIATOR_HELLO, now=0.0)

@@ -5,12 +5,14 @@ Run from the repository root::
     .venv/bin/python tests/vectors/make_native_vectors.py
 
 Everything is built with the sans-IO modules (``monte_trio._proto``) and the very helpers
-:class:`monte_trio.NoiseHandshake` uses to put bytes on the wire (``encode_preamble``,
-``prologue``, ``protocol_name``, ``Hello.encode``, ``transport``, ``NativeCodec.encode``,
-``encode_verdict``), in the order it uses them. No socket and no event loop is involved; the
+:class:`monte_trio.NativeHandshake` uses to put bytes on the wire (``encode_preamble``,
+``prologue``, ``protocol_name``, ``Hello2.encode``, ``transport``, ``encode_verdict``), in
+the order it uses them. The records' plaintexts are opaque bytes: these vectors cover the
+handshake and the record layer; what a plaintext carries (version 2 frames) has its own
+vectors, tests/vectors/native-v2.json. No socket and no event loop is involved; the
 output is fully deterministic (fixed keys, deterministic AEADs), so running the script twice
 gives the same file. tests/test_native_vectors.py checks the file independently, including
-one end-to-end run of NoiseHandshake over trio memory streams.
+one end-to-end run of NativeHandshake over trio memory streams.
 """
 
 from __future__ import annotations
@@ -26,21 +28,20 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from monte_trio._config import ConnectionConfig
 from monte_trio._exceptions import DecryptionError
-from monte_trio._proto import _native as wire
-from monte_trio._proto._frames import FrameKind
-from monte_trio._proto._noise import HandshakeState, rekey_key
-from monte_trio._proto._records import (
+from monte_trio._proto import _native_hello as wire
+from monte_trio._proto._noise import HandshakeState
+from monte_trio._proto._noise_crypto import (
     NOISE_AESGCM_NONCE,
     NOISE_CHACHAPOLY_NONCE,
     NonceFormat,
-    RecordOpener,
-    RecordSealer,
+    rekey_key,
 )
+from monte_trio._proto._records import RecordOpener, RecordSealer
+from monte_trio._proto._wire2 import MAX_RECORD, VERSION, Hello2, prologue
 
 OUTPUT = Path(__file__).with_name("native-handshake.json")
 LABEL_PREFIX = b"monte_trio native-v1 test vector: "
 U16 = struct.Struct(">H")
-PING_PAYLOAD = struct.Struct(">d")
 I2R = "initiator_to_responder"
 R2I = "responder_to_initiator"
 
@@ -74,10 +75,10 @@ PSK = derive("psk")
 WRONG_PSK = derive("wrong psk")
 
 
-def hello_for(config: ConnectionConfig) -> wire.Hello:
-    """The hello NoiseHandshake._hello builds from ``config``."""
-    max_record = min(config.max_record_size or wire.MAX_RECORD, wire.MAX_RECORD)
-    return wire.Hello(
+def hello_for(config: ConnectionConfig) -> Hello2:
+    """The hello NativeHandshake._hello builds from ``config``."""
+    max_record = min(config.max_record_size or MAX_RECORD, MAX_RECORD)
+    return Hello2(
         max_record_size=max_record,
         max_message_size=config.max_message_size,
         request_window=config.effective_request_window,
@@ -87,7 +88,7 @@ def hello_for(config: ConnectionConfig) -> wire.Hello:
     )
 
 
-def hello_json(hello: wire.Hello) -> dict[str, Any]:
+def hello_json(hello: Hello2) -> dict[str, Any]:
     return {
         "version": hello.version,
         "max_record_size": hello.max_record_size,
@@ -104,14 +105,14 @@ def hello_json(hello: wire.Hello) -> dict[str, Any]:
 def states(
     name: str, preamble: bytes, psk: bytes | None, responder_psk: bytes | None = None
 ) -> tuple[HandshakeState, HandshakeState]:
-    """Initiator and responder states exactly as NoiseHandshake._state makes them, plus
+    """Initiator and responder states exactly as NativeHandshake._state makes them, plus
     the fixed ephemeral keys."""
-    prologue = wire.prologue(name, preamble)
+    bound = prologue(name, preamble)
     rpsk = psk if responder_psk is None else responder_psk
     initiator = HandshakeState(
         name,
         initiator=True,
-        prologue=prologue,
+        prologue=bound,
         s=KEYS["initiator_static"],
         e=KEYS["initiator_ephemeral"],
         psks=[psk] if psk is not None else [],
@@ -119,7 +120,7 @@ def states(
     responder = HandshakeState(
         name,
         initiator=False,
-        prologue=prologue,
+        prologue=bound,
         s=KEYS["responder_static"],
         e=KEYS["responder_ephemeral"],
         psks=[rpsk] if rpsk is not None else [],
@@ -136,25 +137,25 @@ def flip(data: bytes, index: int) -> bytes:
 
 def build_case(psk: bytes | None, cipher: str) -> dict[str, Any]:
     name = wire.protocol_name(psk=psk is not None, cipher=cipher)
-    # --- the handshake, step by step as NoiseHandshake._initiate / _respond ---------------
+    # --- the handshake, step by step as NativeHandshake._initiate / _respond ---------------
     i_preamble = wire.encode_preamble(wire.FLAG_PSK if psk else 0)
     initiator, responder = states(name, i_preamble, psk)
     msg1 = initiator.write_message(b"")
     wire1 = i_preamble + U16.pack(len(msg1)) + msg1
 
     version, flags = wire.decode_preamble(wire1[: wire.PREAMBLE_SIZE], who="client")
-    assert (version, flags) == (wire.VERSION, wire.FLAG_PSK if psk else 0)
+    assert (version, flags) == (VERSION, wire.FLAG_PSK if psk else 0)
     assert responder.read_message(msg1) == b""
     r_hello = hello_for(RESPONDER_CONFIG)
     msg2 = responder.write_message(r_hello.encode())
     r_preamble = wire.encode_preamble(wire.Status.OK)
     wire2 = r_preamble + U16.pack(len(msg2)) + msg2
 
-    assert wire.Hello.decode(initiator.read_message(msg2)) == r_hello
+    assert Hello2.decode(initiator.read_message(msg2)) == r_hello
     i_hello = hello_for(INITIATOR_CONFIG)
     msg3 = initiator.write_message(i_hello.encode())
     wire3 = U16.pack(len(msg3)) + msg3
-    assert wire.Hello.decode(responder.read_message(msg3)) == i_hello
+    assert Hello2.decode(responder.read_message(msg3)) == i_hello
     assert initiator.handshake_hash == responder.handshake_hash
 
     i_send, i_receive = initiator.split()
@@ -179,113 +180,40 @@ def build_case(psk: bytes | None, cipher: str) -> dict[str, Any]:
     verdict_wire = r_sealer.seal(verdict_plain)
     assert i_opener.receive_data(verdict_wire) == [verdict_plain]
 
-    # The SENDING side's codec encodes (limits from the peer's hello); the receiving side's
-    # opener and codec decode (limits from its own config), as NoiseHandshake._secure builds
-    # them.
-    senders = {
-        I2R: wire.NativeCodec(
-            max_record_size=i_sealer.max_plaintext + 16,
-            send_limit=r_hello.max_message_size,
-            receive_limit=INITIATOR_CONFIG.max_message_size,
-        ),
-        R2I: wire.NativeCodec(
-            max_record_size=r_sealer.max_plaintext + 16,
-            send_limit=i_hello.max_message_size,
-            receive_limit=RESPONDER_CONFIG.max_message_size,
-        ),
-    }
-    receivers = {
-        I2R: wire.NativeCodec(
-            max_record_size=r_sealer.max_plaintext + 16,
-            send_limit=i_hello.max_message_size,
-            receive_limit=RESPONDER_CONFIG.max_message_size,
-        ),
-        R2I: wire.NativeCodec(
-            max_record_size=i_sealer.max_plaintext + 16,
-            send_limit=r_hello.max_message_size,
-            receive_limit=INITIATOR_CONFIG.max_message_size,
-        ),
-    }
     sealers = {I2R: i_sealer, R2I: r_sealer}
     openers = {I2R: r_opener, R2I: i_opener}
     by_direction: dict[str, list[bytes]] = {I2R: [], R2I: [verdict_wire]}
 
     big = bytes(i % 251 for i in range(2400))
-    script: list[tuple[str, str, FrameKind, int, bytes]] = [
-        ("a request from the initiator (first id 1)", I2R, FrameKind.REQUEST, 1, b"hello, server"),
-        ("its reply, same id", R2I, FrameKind.REPLY, 1, b"hello, client"),
-        ("a one-way message (id 0)", I2R, FrameKind.ONEWAY, 0, b"a note, no reply wanted"),
-        ("a request whose handler will raise", I2R, FrameKind.REQUEST, 3, b"divide by zero"),
+    room = i_sealer.max_plaintext  # towards the responder: its 1024-byte records
+    script: list[tuple[str, str, bytes]] = [
+        ("a short record from the initiator", I2R, b"hello, responder"),
+        ("a short record from the responder", R2I, b"hello, initiator"),
+        ("an empty plaintext: the record is its length and the tag", I2R, b""),
         (
-            "the error reply (expose_errors: 'Type: message')",
-            R2I,
-            FrameKind.ERROR,
-            3,
-            b"ZeroDivisionError: division by zero",
-        ),
-        ("a request from the responder (first id 2)", R2I, FrameKind.REQUEST, 2, b"who are you?"),
-        ("the initiator's reply", I2R, FrameKind.REPLY, 2, b"the initiator"),
-        ("a request the caller then gives up on", I2R, FrameKind.REQUEST, 5, b"slow"),
-        ("the caller's CANCEL (empty payload)", I2R, FrameKind.CANCEL, 5, b""),
-        (
-            "keepalive PING: id counts pings from 1, payload an f64 timestamp",
+            f"the largest plaintext the responder accepts ({room} = 1024 - 16 bytes)",
             I2R,
-            FrameKind.PING,
-            1,
-            PING_PAYLOAD.pack(1234.5),
+            big[:room],
         ),
-        ("the PONG echoes id and payload", R2I, FrameKind.PONG, 1, PING_PAYLOAD.pack(1234.5)),
-        (
-            "a 2400-byte request split into 3 records (the responder accepts 1024-byte records)",
-            I2R,
-            FrameKind.REQUEST,
-            7,
-            big,
-        ),
-        ("its reply (fits one record towards the initiator)", R2I, FrameKind.REPLY, 7, big),
-        (
-            "GOAWAY: the responder closes; id = last request it accepted",
-            R2I,
-            FrameKind.GOAWAY,
-            7,
-            b"",
-        ),
+        ("2400 bytes towards the initiator, which accepts 65535-byte records", R2I, big),
+        ("a last record from the initiator", I2R, b"goodbye"),
     ]
     records: list[dict[str, Any]] = []
-    for step, direction, kind, ident, payload in script:
-        plaintexts: list[bytes | None] = []
-        senders[direction].encode(kind, ident, payload, plaintexts)
-        for n, plain in enumerate(plaintexts):
-            assert plain is not None
-            index = sealers[direction].counter
-            sealed = sealers[direction].seal(plain)
-            (opened,) = openers[direction].receive_data(sealed)
-            assert opened == plain
-            frame = receivers[direction].decode(opened)
-            last = n == len(plaintexts) - 1
-            assert (frame is None) != last
-            if frame is not None:
-                assert frame == (kind, ident, payload)
-            p_kind, p_flags, p_id = wire.HEADER.unpack_from(plain)
-            by_direction[direction].append(sealed)
-            records.append(
-                {
-                    "step": step if len(plaintexts) == 1 else f"{step}: {n + 1}/{len(plaintexts)}",
-                    "direction": direction,
-                    "index": index,
-                    "kind": FrameKind(p_kind).name,
-                    "flags": p_flags,
-                    "id": p_id,
-                    "fragment": plain[wire.HEADER.size :].hex(),
-                    "plaintext": plain.hex(),
-                    "wire": sealed.hex(),
-                    "message": (
-                        {"kind": kind.name, "id": ident, "payload": payload.hex()}
-                        if last
-                        else None
-                    ),
-                }
-            )
+    for step, direction, plain in script:
+        index = sealers[direction].counter
+        sealed = sealers[direction].seal(plain)
+        (opened,) = openers[direction].receive_data(sealed)
+        assert opened == plain
+        by_direction[direction].append(sealed)
+        records.append(
+            {
+                "step": step,
+                "direction": direction,
+                "index": index,
+                "plaintext": plain.hex(),
+                "wire": sealed.hex(),
+            }
+        )
 
     case: dict[str, Any] = {
         "name": f"{'XXpsk3' if psk else 'XX'}-{cipher}",
@@ -302,7 +230,7 @@ def build_case(psk: bytes | None, cipher: str) -> dict[str, Any]:
         },
         "initiator_hello": hello_json(i_hello),
         "responder_hello": hello_json(r_hello),
-        "prologue": wire.prologue(name, i_preamble).hex(),
+        "prologue": prologue(name, i_preamble).hex(),
         "handshake": {
             "initiator_preamble": i_preamble.hex(),
             "msg1": msg1.hex(),
@@ -349,7 +277,7 @@ def build_rekey(cipher: str, key: bytes) -> dict[str, Any]:
         )
         out = []
         for index in range(start, start + count):
-            plain = wire.HEADER.pack(FrameKind.ONEWAY, 0, 0) + f"record {index}".encode()
+            plain = f"record {index}".encode()
             sealed = sealer.seal(plain)
             assert opener.receive_data(sealed) == [plain]
             out.append(
@@ -386,7 +314,7 @@ def build_rekey(cipher: str, key: bytes) -> dict[str, Any]:
 
 def build_invalid(
     by_direction: dict[str, list[bytes]],
-    r_hello: wire.Hello,
+    r_hello: Hello2,
     cipher: str,
     i2r_key: bytes,
 ) -> list[dict[str, Any]]:
@@ -405,9 +333,6 @@ def build_invalid(
         )
         return b"".join(sealer.seal(p) for p in plaintexts)
 
-    header = wire.HEADER.pack
-    more = wire.FLAG_MORE
-    chunk = bytes(r_hello.max_record_size - 16 - wire.HEADER.size)
     invalid: list[dict[str, Any]] = [
         {
             "name": "tampered",
@@ -416,7 +341,6 @@ def build_invalid(
             "preceded_by": 0,
             "wire": flip(rec0, 10).hex(),
             "eof": False,
-            "layer": "record",
             "error": "DecryptionError",
         },
         {
@@ -426,7 +350,6 @@ def build_invalid(
             "preceded_by": 1,
             "wire": flip(r2i[1], len(r2i[1]) - 1).hex(),
             "eof": False,
-            "layer": "record",
             "error": "DecryptionError",
         },
         {
@@ -436,7 +359,6 @@ def build_invalid(
             "preceded_by": 0,
             "wire": (struct.pack(">I", len(rec0) - 4 + 1) + rec0[4:] + b"\x00").hex(),
             "eof": False,
-            "layer": "record",
             "error": "DecryptionError",
         },
         {
@@ -449,7 +371,6 @@ def build_invalid(
             "preceded_by": 1,
             "wire": i2r[1].hex(),
             "eof": False,
-            "layer": "record",
             "error": "DecryptionError",
         },
         {
@@ -459,7 +380,6 @@ def build_invalid(
             "preceded_by": 1,
             "wire": rec0.hex(),
             "eof": False,
-            "layer": "record",
             "error": "DecryptionError",
         },
         {
@@ -469,7 +389,6 @@ def build_invalid(
             "preceded_by": 1,
             "wire": i2r[2].hex(),
             "eof": False,
-            "layer": "record",
             "error": "DecryptionError",
         },
         {
@@ -479,7 +398,6 @@ def build_invalid(
             "preceded_by": 0,
             "wire": cut.hex(),
             "eof": True,
-            "layer": "record",
             "error": "RemoteProtocolError",
         },
         {
@@ -489,7 +407,6 @@ def build_invalid(
             "preceded_by": 0,
             "wire": relabelled.hex(),
             "eof": False,
-            "layer": "record",
             "error": "DecryptionError",
         },
         {
@@ -500,7 +417,6 @@ def build_invalid(
             "preceded_by": 0,
             "wire": struct.pack(">I", r_hello.max_record_size + 1).hex(),
             "eof": False,
-            "layer": "record",
             "error": "RemoteProtocolError",
         },
         {
@@ -510,52 +426,6 @@ def build_invalid(
             "preceded_by": 0,
             "wire": struct.pack(">I", 15).hex(),
             "eof": False,
-            "layer": "record",
-            "error": "RemoteProtocolError",
-        },
-        {
-            "name": "short-header",
-            "what": "an authentic record whose plaintext (5 bytes) is shorter than a header",
-            "direction": I2R,
-            "preceded_by": 0,
-            "wire": sealed_from_zero([header(FrameKind.REQUEST, 0, 1)[:5]]).hex(),
-            "eof": False,
-            "layer": "frame",
-            "error": "RemoteProtocolError",
-        },
-        {
-            "name": "unknown-kind",
-            "what": "an authentic record of frame kind 8",
-            "direction": I2R,
-            "preceded_by": 0,
-            "wire": sealed_from_zero([header(8, 0, 1) + b"x"]).hex(),
-            "eof": False,
-            "layer": "frame",
-            "error": "RemoteProtocolError",
-        },
-        {
-            "name": "interleaved",
-            "what": "a PING record in the middle of a message split with FLAG_MORE",
-            "direction": I2R,
-            "preceded_by": 0,
-            "wire": sealed_from_zero(
-                [header(FrameKind.REQUEST, more, 1) + chunk, header(FrameKind.PING, 0, 1)]
-            ).hex(),
-            "eof": False,
-            "layer": "frame",
-            "error": "RemoteProtocolError",
-        },
-        {
-            "name": "oversized-message",
-            "what": "a message of 5 x 234 bytes, over the receiver's max_message_size (1024)",
-            "direction": I2R,
-            "preceded_by": 0,
-            "wire": sealed_from_zero(
-                [header(FrameKind.REQUEST, more, 1) + chunk] * 4
-                + [header(FrameKind.REQUEST, 0, 1) + chunk]
-            ).hex(),
-            "eof": False,
-            "layer": "frame",
             "error": "RemoteProtocolError",
         },
     ]
@@ -643,7 +513,7 @@ NOTES = [
     "25519 and hash BLAKE2b always.",
     "initiator_config / responder_config: each side's ConnectionConfig (null "
     "max_record_size = the profile default 65535). *_hello: the hello each side sends, "
-    "built from its config like NoiseHandshake does; 'encoded' is the version 2 TLV hello "
+    "built from its config like NativeHandshake does; 'encoded' is the version 2 TLV hello "
     "(u16 type | u16 length | value, types 1..8 in increasing order; docs/wire-native.rst, "
     "'Hello').",
     "prologue = b'monte_trio native/' | u8 version (2) | 0x00 | protocol_name (ASCII) | "
@@ -652,7 +522,7 @@ NOTES = [
     "wire_1 = initiator_preamble | u16 len(msg1) | msg1 (payload empty). wire_2 = "
     "responder_preamble (b'MNTRIO' | u8 version | u8 status, 0 = OK) | u16 len(msg2) | "
     "msg2 (payload: the responder's hello). wire_3 = u16 len(msg3) | msg3 (payload: the "
-    "initiator's hello). Each wire_N is exactly one send_all of NoiseHandshake. "
+    "initiator's hello). Each wire_N is exactly one send_all of NativeHandshake. "
     "handshake_hash is Noise's h after msg3, identical on both sides.",
     "transport_keys: the two keys of Noise Split(): initiator_to_responder is the first "
     "(the initiator seals with it), responder_to_initiator the second.",
@@ -662,14 +532,11 @@ NOTES = [
     "direction and count every record of that direction. index = that counter.",
     "verdict: the responder's first record (index 0 towards the initiator), plaintext 00 = "
     "accepted (01 | UTF-8 reason = refused). The responder's other records start at index 1.",
-    "records: one exchange in the order the records are sent, interleaving directions. "
-    "plaintext = u8 kind | u8 flags | u32 id | fragment. kind: 0 ONEWAY, 1 REQUEST, 2 REPLY, "
-    "3 ERROR, 4 CANCEL, 5 PING, 6 PONG, 7 GOAWAY; flags 0x01 = MORE (the message continues "
-    "in the next record of this direction). 'message' is the frame the receiver's codec "
-    "returns after this record (kind, id, whole payload), or null while a split message is "
-    "incomplete. The 2400-byte payload is byte(i % 251) for i = 0..2399; the responder "
-    "accepts 256-byte records, so a record carries at most 256 - 16 - 6 = 234 payload "
-    "bytes towards it.",
+    "records: one exchange in the order the records are sent, interleaving directions. The "
+    "plaintexts are opaque to the record layer (on a connection they carry version 2 "
+    "frames: see native-v2.json); the long ones are byte(i % 251) for i = 0, 1, .... The "
+    "responder accepts 1024-byte records, so at most 1008 plaintext bytes per record "
+    "towards it; the initiator accepts 65535-byte records.",
     "rekey: REKEY(k) = first 32 bytes of ENCRYPT(k, nonce 2**64-1, ad empty, 32 zero "
     "bytes); keys[i] is the key after i rekeys. A direction rekeys before sealing (and "
     "opening) each record whose counter is a non-zero multiple of the interval; the counter "
@@ -684,14 +551,12 @@ NOTES = [
     "the verdict is record 0), then 'wire' (then end of stream if eof); it must raise "
     "'error' (monte_trio exception class; DecryptionError is a subclass of "
     "RemoteProtocolError, and a RemoteProtocolError case must not be a DecryptionError). "
-    "layer 'frame' records are authentic but their plaintexts break the frame layer: the "
-    "receiver's codec raises when decoding them in order. Any such error closes the "
-    "connection; there is no resynchronisation.",
+    "Any such error closes the connection; there is no resynchronisation.",
     "invalid_handshakes: altered-preamble shows the prologue binding: a preamble changed "
     "in transit makes the first encrypted handshake message fail (msg2 at the initiator for "
     "XX, msg1 at the responder for XXpsk3); wrong-psk shows a psk mismatch failing at msg3 "
     "at the responder. Replay with the case's keys and the sent or received preamble in "
-    "the prologue of each side; NoiseHandshake reports these as HandshakeError.",
+    "the prologue of each side; NativeHandshake reports these as HandshakeError.",
     "preamble_refusals: what a responder sends back (only its preamble, then it closes) to "
     "an initiator preamble it refuses; status 1 = unsupported version, 2 = psk required, 3 = "
     "psk not configured.",
@@ -706,8 +571,8 @@ def build() -> dict[str, Any]:
         keys[f"{label}_public"] = public(private).hex()
     return {
         "source": "generated by tests/vectors/make_native_vectors.py from monte_trio's sans-IO "
-        "modules (the helpers NoiseHandshake uses); see docs/wire-native.rst",
-        "profile": f"monte_trio native, version {wire.VERSION}",
+        "modules (the helpers NativeHandshake uses); see docs/wire-native.rst",
+        "profile": f"monte_trio native, version {VERSION}",
         "notes": NOTES,
         "key_labels": {
             "initiator_static": "initiator static",
@@ -721,8 +586,8 @@ def build() -> dict[str, Any]:
         "psk": PSK.hex(),
         "constants": {
             "magic": wire.MAGIC.hex(),
-            "version": wire.VERSION,
-            "max_record": wire.MAX_RECORD,
+            "version": VERSION,
+            "max_record": MAX_RECORD,
             "rekey_interval": wire.REKEY_INTERVAL,
             "test_rekey_interval": TEST_REKEY_INTERVAL,
         },

@@ -1,13 +1,16 @@
-"""The native profile's handshake over trio: Noise XX with identities and trust.
+"""The native profile's handshake over trio (Noise XX with identities and trust), and
+:func:`resolve_handshake`, which makes it the default.
 
 This module only sequences reads and writes; the cryptography and every byte layout live
-in the sans-IO modules ``_proto._noise`` and ``_proto._native`` (see the latter for the
-message flow).
+in the sans-IO modules ``_proto._noise``, ``_proto._native_hello`` (see it for the message
+flow) and ``_proto._wire2`` (the hello). It imports :mod:`monte_trio._handshake`, never the
+reverse.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import final
 
 import trio
 
@@ -15,14 +18,15 @@ from ._config import ConnectionConfig
 from ._exceptions import HandshakeError, MonteError, PeerRejected, RemoteProtocolError
 from ._handshake import Handshake, SessionFacts
 from ._keys import Identity, PublicKey
-from ._proto import _native as wire
+from ._proto import _native_hello as wire
 from ._proto._noise import HandshakeState
 from ._proto._records import RecordOpener, RecordSealer
+from ._proto._wire2 import MAX_RECORD, MIN_RECORD_SIZE, VERSION, Hello2, prologue
 from ._secure_stream import SecureStream
 from ._trust import TrustPolicy
 from ._util import escape_peer_text
 
-__all__ = ["NoiseHandshake"]
+__all__ = ["NativeHandshake", "resolve_handshake"]
 
 _U16 = struct.Struct(">H")
 
@@ -57,8 +61,10 @@ class _Reader:
         return rest
 
 
-class NoiseHandshake(Handshake):
-    """The native profile: ``Noise_XX_25519_AESGCM_BLAKE2b``, mutually authenticated.
+@final
+class NativeHandshake(Handshake):
+    """The native profile: Noise XX (``Noise_XX_25519_AESGCM_BLAKE2b``), mutually
+    authenticated.
 
     Each side proves possession of its static key; each checks the other's key with its
     trust policy before any call is made. Forward secrecy comes from the ephemeral keys;
@@ -97,7 +103,7 @@ class NoiseHandshake(Handshake):
 
     def __repr__(self) -> str:
         return (
-            f"NoiseHandshake(identity={self.identity!r}, trust={self.trust!r}, "
+            f"NativeHandshake(identity={self.identity!r}, trust={self.trust!r}, "
             f"psk={'set' if self._psk else None}, cipher={self._cipher!r})"
         )
 
@@ -106,14 +112,14 @@ class NoiseHandshake(Handshake):
         """This side's static public key (give it to peers that pin keys)."""
         return self.identity.public_key
 
-    def _hello(self, config: ConnectionConfig) -> wire.Hello:
-        max_record = min(config.max_record_size or wire.MAX_RECORD, wire.MAX_RECORD)
-        if max_record < wire.MIN_RECORD_SIZE:
+    def _hello(self, config: ConnectionConfig) -> Hello2:
+        max_record = min(config.max_record_size or MAX_RECORD, MAX_RECORD)
+        if max_record < MIN_RECORD_SIZE:
             raise HandshakeError(
                 f"max_record_size {max_record} is below the native profile's floor of "
-                f"{wire.MIN_RECORD_SIZE}; raise it (or leave it unset)"
+                f"{MIN_RECORD_SIZE}; raise it (or leave it unset)"
             )
-        return wire.Hello(
+        return Hello2(
             max_record_size=max_record,
             max_message_size=config.max_message_size,
             request_window=config.effective_request_window,
@@ -122,7 +128,7 @@ class NoiseHandshake(Handshake):
             nested_allowance=config.nested_allowance,
         )
 
-    async def handshake(
+    async def _handshake(
         self,
         transport: trio.abc.Stream,
         *,
@@ -153,7 +159,7 @@ class NoiseHandshake(Handshake):
         return HandshakeState(
             name,
             initiator=initiator,
-            prologue=wire.prologue(name, preamble),
+            prologue=prologue(name, preamble),
             s=self.identity.private_bytes(),
             psks=[self._psk] if self._psk is not None else [],
         )
@@ -171,7 +177,7 @@ class NoiseHandshake(Handshake):
             raise HandshakeError(
                 wire.Status.MESSAGES.get(status, f"the server refused the handshake ({status})")
             )
-        server_hello = wire.Hello.decode(state.read_message(await reader.message()))
+        server_hello = Hello2.decode(state.read_message(await reader.message()))
         remote = state.remote_static
         assert remote is not None
         server_key = PublicKey(remote)
@@ -217,7 +223,7 @@ class NoiseHandshake(Handshake):
         preamble = await reader.exactly(wire.PREAMBLE_SIZE)
         version, flags = wire.decode_preamble(preamble, who="client")
         status = wire.Status.OK
-        if version != wire.VERSION:
+        if version != VERSION:
             status = wire.Status.UNSUPPORTED_VERSION
         elif self._psk is not None and not flags & wire.FLAG_PSK:
             status = wire.Status.PSK_REQUIRED
@@ -238,7 +244,7 @@ class NoiseHandshake(Handshake):
                 f"the client refused this server's key {self.public_key} (its trust policy "
                 "pins other keys or is locked down)"
             )
-        client_hello = wire.Hello.decode(state.read_message(msg3))
+        client_hello = Hello2.decode(state.read_message(msg3))
         remote = state.remote_static
         assert remote is not None
         client_key = PublicKey(remote)
@@ -274,7 +280,7 @@ class NoiseHandshake(Handshake):
         transport: trio.abc.Stream,
         sealer: RecordSealer,
         opener: RecordOpener,
-        peer_hello: wire.Hello,
+        peer_hello: Hello2,
         peer_key: PublicKey,
         config: ConnectionConfig,
         initiator: bool,
@@ -290,3 +296,31 @@ class NoiseHandshake(Handshake):
             max_message_size=peer_hello.max_message_size,
         )
         return SecureStream(transport, sealer, opener, facts=facts, initial_records=initial)
+
+
+def resolve_handshake(
+    handshake: Handshake | None,
+    *,
+    identity: Identity | None,
+    trust: TrustPolicy | None,
+    psk: bytes | None,
+) -> Handshake:
+    """The handshake a client or server uses: ``handshake`` if given, else the native one.
+
+    Raises:
+        TypeError: both ``handshake`` and native options were given, or the native profile
+            was chosen without a trust policy.
+    """
+    if handshake is not None:
+        if identity is not None or trust is not None or psk is not None:
+            raise TypeError(
+                "pass either handshake= or the native options (identity, trust, psk), not both"
+            )
+        return handshake
+    if trust is None:
+        raise TypeError(
+            "the native profile needs trust=: PinnedKeys([...]) to accept known keys, "
+            "KnownKeysFile(path) for trust on first use, or AcceptAnyKey() to accept any "
+            "key (encryption without authentication)"
+        )
+    return NativeHandshake(identity=identity, trust=trust, psk=psk)
