@@ -29,7 +29,6 @@ from ._exceptions import DecryptionError as DecryptionError
 from ._exceptions import HandshakeError as HandshakeError
 from ._exceptions import HandshakeTimeout as HandshakeTimeout
 from ._exceptions import KeyFileError as KeyFileError
-from ._exceptions import LimitExceeded as LimitExceeded
 from ._exceptions import LocalProtocolError as LocalProtocolError
 from ._exceptions import MonteError as MonteError
 from ._exceptions import PeerRejected as PeerRejected
@@ -75,7 +74,6 @@ __all__ = [
     "KeyFileError",
     "KnownKey",
     "KnownKeysFile",
-    "LimitExceeded",
     "LocalProtocolError",
     "MonteError",
     "MonteV1Handshake",

@@ -178,7 +178,7 @@ class Connection(trio.abc.AsyncResource):
         self._max_send = facts.max_message_size
         self._state = _OPEN
         self._close_reason: ConnectionClosed | None = None
-        self._dispatcher = Dispatcher(max_pending=config.max_pending_requests)
+        self._dispatcher = Dispatcher()
         self._writer = Writer(
             stream,
             self._session,
@@ -705,8 +705,10 @@ class Connection(trio.abc.AsyncResource):
         seen = self._session.credit_changed
         if seen != self._credit_seen:
             self._credit_seen = seen
-            self._call_waiters.unpark()
-            self._oneway_waiters.unpark()
+            if self._call_waiters:
+                self._call_waiters.unpark()
+            if self._oneway_waiters:
+                self._oneway_waiters.unpark()
 
 
 # Re-exported for outcome's type checkers (reschedule with errors).

@@ -16,7 +16,6 @@ translated once, at the boundary where they happen, with ``raise New(...) from e
     │   ├── HandshakeTimeout        ... in the time allowed
     │   └── PeerRejected            ... because a trust policy refused a static key
     ├── RemoteError                 the remote handler raised while serving the call
-    ├── LimitExceeded               a configured limit would be exceeded
     └── KeyFileError                a key or known-keys file could not be read or written
 """
 
@@ -29,7 +28,6 @@ __all__ = [
     "HandshakeError",
     "HandshakeTimeout",
     "KeyFileError",
-    "LimitExceeded",
     "LocalProtocolError",
     "MonteError",
     "PeerRejected",
@@ -155,15 +153,6 @@ class RemoteError(MonteError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-class LimitExceeded(MonteError):
-    """A configured limit would be exceeded.
-
-    Not raised by a connection's calls: at every limit (``max_pending_requests``,
-    ``max_send_queue``, the peer's credit) ``request`` and ``send`` wait, in order of
-    arrival, and ``send_nowait`` raises :class:`trio.WouldBlock`.
-    """
 
 
 class KeyFileError(MonteError):

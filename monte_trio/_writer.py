@@ -147,7 +147,7 @@ class Writer:
         plaintexts = session.records_to_send(self._max_plaintext, max_bytes)
         self.owed = 0  # records_to_send packs every credit update
         self._packed += before - session.send_queue_bytes
-        if session.send_queue_bytes < self.max_send_queue:
+        if self.space and session.send_queue_bytes < self.max_send_queue:
             self.space.unpark_all()
         return plaintexts
 

@@ -35,7 +35,6 @@ PUBLIC = {
         "KeyFileError",
         "KnownKey",
         "KnownKeysFile",
-        "LimitExceeded",
         "LocalProtocolError",
         "MonteError",
         "MonteV1Handshake",

@@ -444,7 +444,7 @@ def test_legacy_pbkdf2_file_still_loads_with_a_warning(
     path = tmp_path / "old.pem"
     write_private(path, legacy_encrypted_pem(me, b"old secret"))
     assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
-    with caplog.at_level("WARNING", logger="monte_trio._keys"):
+    with caplog.at_level("WARNING", logger="monte_trio"):
         loaded = Identity.load(path, passphrase=b"old secret")
     assert loaded.private_bytes() == me.private_bytes()
     assert "PBKDF2" in caplog.text

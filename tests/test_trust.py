@@ -397,7 +397,7 @@ async def test_damaged_line_is_skipped_and_stops_learning(
     path.write_text(f"# comment\n\n{key} *\n{bad_line.format(key=key)}\n{server_key} {SERVER}\n")
     policy = KnownKeysFile(path)
     # The listed keys are still accepted: one damaged line does not poison every check.
-    with caplog.at_level("WARNING", logger="monte_trio._trust"):
+    with caplog.at_level("WARNING", logger="monte_trio"):
         await policy.verify(key, peer=None)
         await policy.verify(server_key, peer=SERVER)
     assert "line 4" in caplog.text

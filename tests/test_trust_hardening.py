@@ -72,7 +72,7 @@ async def test_checks_parse_the_file_once_and_again_only_when_it_changes(
     # One damaged line: each parse logs exactly one warning, a public way to count parses.
     path.write_text("damaged line\n" + "".join(f"{key} client:*\n" for key in keys))
     policy = KnownKeysFile(path)
-    with caplog.at_level(logging.WARNING, logger="monte_trio._trust"):
+    with caplog.at_level(logging.WARNING, logger="monte_trio"):
         started = time.perf_counter()
         for i in range(500):
             await policy.verify(keys[(i * 7919) % len(keys)], peer=None)
@@ -161,7 +161,7 @@ async def test_learning_stops_at_max_entries(
     learned = [Identity.generate().public_key for _ in range(3)]
     for key in learned:
         await policy.verify(key, peer=None)
-    with caplog.at_level(logging.WARNING, logger="monte_trio._trust"):
+    with caplog.at_level(logging.WARNING, logger="monte_trio"):
         for _ in range(3):
             with pytest.raises(PeerRejected, match=r"max_entries=3\), and learns no more"):
                 await policy.verify(Identity.generate().public_key, peer=None)

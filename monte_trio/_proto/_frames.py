@@ -1,12 +1,11 @@
 """The message layer: what a record's plaintext means.
 
-A connection is written against :class:`FrameCodec`, so each wire profile only has to say
-how a frame (kind, id, payload) maps to record plaintexts and back:
-
 * :class:`MonteV1Codec` is Go monte's layout, ``u32 seq | payload``: seq 0 is a one-way
-  message, other seqs are requests or replies. It can express nothing else.
-* The native profile's codec (in ``_native``) adds a header with a frame kind and flags,
-  error replies, cancellation, keepalive, goaway and messages larger than one record.
+  message, other seqs are requests or replies. It can express nothing else; Go monte's
+  session (:mod:`~monte_trio._proto._session_v1`) routes on it.
+* The native profile's frames (wire version 2: an 8-byte header with kind, flags, length
+  and id, several frames per record) are packed and parsed by the session
+  (:mod:`~monte_trio._proto._session`), with the layout in :mod:`~monte_trio._proto._wire2`.
 
 Frames are plain tuples ``(kind, id, payload)`` on the hot path; :class:`FrameKind` names the
 kinds. Nothing here performs I/O or imports trio.
@@ -16,11 +15,11 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Final, Protocol
+from typing import Final
 
 from .._exceptions import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["Frame", "FrameCodec", "FrameKind", "MonteV1Codec", "id_after", "id_parity"]
+__all__ = ["Frame", "FrameKind", "MonteV1Codec", "id_parity"]
 
 
 class FrameKind(enum.IntEnum):
@@ -52,47 +51,6 @@ def id_parity(initiator: bool) -> int:
     """The parity of request ids a side allocates: odd (1, 3, ...) for the side that dialed,
     even (2, 4, ...) for the side that accepted, as in Go monte."""
     return 1 if initiator else 0
-
-
-def id_after(a: int, b: int) -> bool:
-    """Whether request id ``a`` was allocated after ``b``: serial-number arithmetic on u32
-    ids (RFC 1982), ``0 < (a - b) mod 2**32 < 2**31``, so the order survives wraparound."""
-    return 0 < (a - b) % 2**32 < 2**31
-
-
-class FrameCodec(Protocol):
-    """Maps frames to record plaintexts and back, for one connection.
-
-    Attributes:
-        profile: the wire profile's name, e.g. ``"monte-v1"``.
-        kinds: the frame kinds this codec can send.
-        max_message_size: the largest payload :meth:`encode` accepts.
-    """
-
-    profile: str
-    kinds: frozenset[FrameKind]
-    max_message_size: int
-
-    @property
-    def reassembling(self) -> int:
-        """Payload bytes of a message received in part, held until its last record."""
-        ...
-
-    def encode(self, kind: int, ident: int, payload: bytes, out: list[bytes | None]) -> int:
-        """Append the plaintexts of one frame to ``out``; return how many bytes they hold.
-
-        Raises:
-            LocalProtocolError: the payload is too large, or the kind is not supported.
-        """
-        ...
-
-    def decode(self, plaintext: bytes) -> Frame | None:
-        """Decode one record plaintext. ``None`` means it was part of a longer message.
-
-        Raises:
-            RemoteProtocolError: the plaintext is malformed.
-        """
-        ...
 
 
 _SEQ: Final = struct.Struct(">I")
