@@ -232,6 +232,7 @@ def soak(session: nox.Session) -> None:
 MUTATION_TARGETS: dict[str, list[str]] = {
     "monte_trio/_proto/_records.py": ["tests/test_records.py", "tests/test_edges_records.py"],
     "monte_trio/_trust.py": ["tests/test_trust.py", "tests/test_edges_trust.py"],
+    "monte_trio/_known_keys.py": ["tests/test_trust.py", "tests/test_edges_trust.py"],
     "monte_trio/_dispatcher.py": ["tests/test_dispatcher.py"],
     "monte_trio/_proto/_frames.py": ["tests/test_monte_v1.py", "tests/test_edges_wire.py"],
     "monte_trio/_proto/_wire2.py": ["tests/test_native_v2_vectors.py", "tests/test_edges_wire.py"],

@@ -41,14 +41,14 @@ from ._handshake import Handshake as Handshake
 from ._handshake import MonteV1Handshake as MonteV1Handshake
 from ._keys import Identity as Identity
 from ._keys import PublicKey as PublicKey
+from ._known_keys import KnownKey as KnownKey
+from ._known_keys import KnownKeysFile as KnownKeysFile
 from ._native_handshake import NativeHandshake as NativeHandshake
 from ._secure_stream import SecureStream as SecureStream
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve as serve
 from ._trust import AcceptAnyKey as AcceptAnyKey
-from ._trust import KnownKey as KnownKey
-from ._trust import KnownKeysFile as KnownKeysFile
 from ._trust import PinnedKeys as PinnedKeys
 from ._trust import TrustPolicy as TrustPolicy
 from ._version import __version__ as __version__

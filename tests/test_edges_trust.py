@@ -22,7 +22,8 @@ import pytest
 import trio
 
 from monte_trio import Identity, KeyFileError, PeerRejected, PublicKey
-from monte_trio._trust import KnownKey, KnownKeysFile, PinnedKeys
+from monte_trio._known_keys import KnownKey, KnownKeysFile
+from monte_trio._trust import PinnedKeys
 
 SERVER = "example.com:4433"
 TIMEOUT = 5

@@ -12,16 +12,11 @@ from typing import ParamSpec
 import pytest
 import trio
 
+from monte_trio._cli._security import parse_trust
 from monte_trio._exceptions import KeyFileError, PeerRejected
 from monte_trio._keys import Identity, PublicKey
-from monte_trio._trust import (
-    AcceptAnyKey,
-    KnownKey,
-    KnownKeysFile,
-    PinnedKeys,
-    TrustPolicy,
-    parse_trust,
-)
+from monte_trio._known_keys import KnownKey, KnownKeysFile
+from monte_trio._trust import AcceptAnyKey, PinnedKeys, TrustPolicy
 
 SERVER = "example.com:4433"
 P = ParamSpec("P")

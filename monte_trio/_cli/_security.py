@@ -17,14 +17,54 @@ import attrs
 from .._exceptions import KeyFileError
 from .._handshake import Handshake, MonteV1Handshake
 from .._keys import Identity
+from .._known_keys import KnownKeysFile
 from .._secret_files import read_secret_file
-from .._trust import AcceptAnyKey, TrustPolicy, parse_trust
+from .._trust import AcceptAnyKey, PinnedKeys, TrustPolicy
 from ._options import MONTE_V1, NATIVE, TRUST_CHOICES
 from ._output import PROG, warn
 
 __all__ = ["Security", "read_passphrase", "read_psk", "resolve_security"]
 
 _PSK_SIZE = 32
+
+
+_TRUST_FORMS = '"any", "pin:KEY[,KEY...]" or "tofu:FILE"'
+
+
+def parse_trust(spec: str) -> TrustPolicy:
+    """Build a trust policy from a command-line specification.
+
+    Args:
+        spec: one of
+
+            * ``any``: :class:`AcceptAnyKey` (encryption without authentication);
+            * ``pin:KEY[,KEY...]``: :class:`PinnedKeys` with those printable keys;
+            * ``tofu:FILE``: :class:`KnownKeysFile` on ``FILE`` (a read-only file is in
+              lockdown).
+
+    Returns:
+        The policy.
+
+    Raises:
+        ValueError: ``spec`` is none of these forms, or a pinned key is invalid.
+    """
+    text = spec.strip()
+    kind, sep, arg = text.partition(":")
+    if text == "any":
+        return AcceptAnyKey()
+    if sep and kind == "pin":
+        parts = [part.strip() for part in arg.split(",")]
+        if not any(parts):
+            raise ValueError(f"trust {spec!r}: pin: needs at least one key; use {_TRUST_FORMS}")
+        try:
+            return PinnedKeys(part for part in parts if part)
+        except ValueError as exc:
+            raise ValueError(f"trust {spec!r}: {exc}") from exc
+    if sep and kind == "tofu":
+        if not arg.strip():
+            raise ValueError(f"trust {spec!r}: tofu: needs a file name; use {_TRUST_FORMS}")
+        return KnownKeysFile(arg.strip())
+    raise ValueError(f"unknown trust policy {spec!r}; use {_TRUST_FORMS}")
 
 
 def _read_secret_file(
