@@ -48,6 +48,18 @@ from ._secure_stream import SecureStream as SecureStream
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve as serve
+from ._services._errors import CodecError as CodecError
+from ._services._errors import InvalidArguments as InvalidArguments
+from ._services._errors import MethodErrorCode as MethodErrorCode
+from ._services._errors import MethodNotFound as MethodNotFound
+from ._services._errors import RemoteMethodError as RemoteMethodError
+from ._services._errors import remote_error as remote_error
+from ._services._retry import retry as retry
+from ._services._router import CallInfo as CallInfo
+from ._services._router import MethodStatistics as MethodStatistics
+from ._services._router import Middleware as Middleware
+from ._services._router import Router as Router
+from ._services._router import idempotent as idempotent
 from ._trust import AcceptAnyKey as AcceptAnyKey
 from ._trust import PinnedKeys as PinnedKeys
 from ._trust import TrustPolicy as TrustPolicy
@@ -56,8 +68,10 @@ from ._version import __version__ as __version__
 __all__ = [
     "AcceptAnyKey",
     "AsyncHandler",
+    "CallInfo",
     "Client",
     "ClientStatistics",
+    "CodecError",
     "ConnectError",
     "Connection",
     "ConnectionClosed",
@@ -71,10 +85,15 @@ __all__ = [
     "HandshakeTimeout",
     "Identity",
     "InlineHandler",
+    "InvalidArguments",
     "KeyFileError",
     "KnownKey",
     "KnownKeysFile",
     "LocalProtocolError",
+    "MethodErrorCode",
+    "MethodNotFound",
+    "MethodStatistics",
+    "Middleware",
     "MonteError",
     "MonteV1Handshake",
     "NativeHandshake",
@@ -83,15 +102,20 @@ __all__ = [
     "ProtocolError",
     "PublicKey",
     "RemoteError",
+    "RemoteMethodError",
     "RemoteProtocolError",
     "Request",
     "RequestNotProcessed",
+    "Router",
     "SecureStream",
     "Server",
     "ServerStatistics",
     "TrustPolicy",
+    "idempotent",
     "inline",
     "open_client",
+    "remote_error",
+    "retry",
     "serve",
 ]
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from abc import ABCMeta
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 
@@ -29,6 +30,7 @@ from ._config import ConnectionConfig
 from ._connection import Connection, Handler
 from ._exceptions import (
     ConnectError,
+    ConnectionClosed,
     HandshakeError,
     HandshakeTimeout,
     RequestNotProcessed,
@@ -36,6 +38,10 @@ from ._exceptions import (
 from ._handshake import Handshake
 from ._keys import Identity
 from ._native_handshake import resolve_handshake
+from ._services._caller import UNTYPED, call_on, make_proxy
+from ._services._codecs import get_codec
+from ._services._retry import backoff
+from ._services._router import Middleware
 from ._trust import TrustPolicy
 
 __all__ = ["Client", "ClientStatistics", "ConnectionState", "open_client"]
@@ -67,6 +73,7 @@ class ConnectionState(enum.Enum):
 ConnectionStateHook = Callable[[Connection, ConnectionState], None]
 
 _T = TypeVar("_T")
+_P = TypeVar("_P")
 
 
 class _NoPublicConstructor(ABCMeta):
@@ -120,6 +127,9 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         dial_timeout: float,
         handshake_timeout: float,
         connection_state: ConnectionStateHook | None,
+        dial_backoff: float = 0.0,
+        max_dial_backoff: float = 10.0,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         if max_conns < 1:
             raise ValueError("max_conns must be at least 1")
@@ -143,6 +153,13 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         self._dial_finished = trio.lowlevel.ParkingLot()
         self._closed = False
         self._nowait_conn: Connection | None = None
+        if dial_backoff < 0 or max_dial_backoff < 0:
+            raise ValueError("dial_backoff and max_dial_backoff cannot be negative")
+        self._dial_backoff = dial_backoff
+        self._max_dial_backoff = max_dial_backoff
+        self._failed_in_a_row = 0
+        self._next_dial_at = -math.inf
+        self._middleware = tuple(middleware)
 
     @property
     def connections(self) -> list[Connection]:
@@ -193,6 +210,81 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
                 return
             except RequestNotProcessed as exc:
                 self._reassigning(attempt, exc)
+
+    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call the server's method ``method`` with these arguments; return its result.
+
+        Untyped: the result is what the codec decodes (see :meth:`proxy` for typed
+        calls). The arguments are encoded with the codec (``ConnectionConfig.codec``); a
+        single ``bytes`` argument, and a ``bytes`` result, travel untouched. The remaining
+        time of the enclosing cancel scopes' deadline goes with the call: the method is
+        cancelled when it passes. A call refused before any of it was sent moves to
+        another connection, as :meth:`request` does. Client middleware (``open_client``'s
+        ``middleware``) runs around it.
+
+        Raises:
+            RemoteMethodError: the call failed at the server (a subclass:
+                :exc:`~monte_trio.MethodNotFound`, :exc:`~monte_trio.InvalidArguments`);
+                or, instead, the exception registered under the error's name
+                (:func:`~monte_trio.remote_error`).
+            CodecError: the arguments do not encode (nothing was sent), or the reply
+                does not decode.
+            ValueError: the method name is longer than 65,535 bytes of UTF-8.
+
+        See :meth:`request` for the errors of the call itself.
+        """
+        return await self._invoke(method, args, kwargs, False, UNTYPED)
+
+    def proxy(self, protocol: Callable[..., _P], *, namespace: str = "") -> _P:
+        """A proxy whose methods call the server's: ``protocol``'s methods, typed.
+
+        ``protocol`` is a :class:`typing.Protocol` class (any class works) whose public
+        ``async def`` methods the server serves (:meth:`Router.add_service
+        <monte_trio.Router.add_service>`); mypy sees the proxy as an instance of it, so a
+        wrong argument or result type is a type error::
+
+            kv = client.proxy(KeyValue, namespace="kv")
+            value = await kv.get("key")    # calls "kv.get"
+
+        Methods marked :func:`~monte_trio.idempotent` on the Protocol are sent marked
+        idempotent, and moved to another connection (up to three times) when theirs
+        fails. With a typed codec (``msgpack``), results are converted to the methods'
+        return annotations.
+
+        Args:
+            protocol: the Protocol class. (Typed as a callable returning the Protocol:
+                mypy refuses a Protocol class where ``type[P]`` is expected.)
+            namespace: prefixed to each method's name with a dot, as the server
+                registered them.
+
+        Raises:
+            TypeError: ``protocol`` is not a class with public methods.
+        """
+        proxy: _P = make_proxy(protocol, namespace, self._invoke)
+        return proxy
+
+    async def _invoke(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        idempotent: bool,
+        result_type: Any,
+    ) -> Any:
+        codec = get_codec(self._config.codec)
+        for attempt in range(_REASSIGNMENTS + 1):
+            conn = await self._pick()
+            try:
+                return await call_on(
+                    conn, codec, name, args, kwargs, idempotent, result_type, self._middleware
+                )
+            except RequestNotProcessed as exc:
+                self._reassigning(attempt, exc)
+            except ConnectionClosed:
+                # It may have run: only an idempotent call moves to another connection.
+                if not idempotent or attempt >= _REASSIGNMENTS or self._closed:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _reassigning(self, attempt: int, exc: RequestNotProcessed) -> None:
         """A call was not processed: re-raise its error if it may not move again."""
@@ -265,9 +357,19 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
 
     # -- dialing ---------------------------------------------------------------------------
 
+    def _dial_failed(self) -> None:
+        """Count a failed dial; the next one waits a backoff that grows with each failure
+        in a row."""
+        self._dial_failures += 1
+        self._failed_in_a_row += 1
+        delay = backoff(self._failed_in_a_row, self._dial_backoff, self._max_dial_backoff)
+        self._next_dial_at = trio.current_time() + delay
+
     async def _dial(self) -> Connection:
         self._dialing += 1
         try:
+            if self._failed_in_a_row and self._dial_backoff:
+                await trio.sleep_until(self._next_dial_at)
             transport = await self._open_transport()
             try:
                 with trio.fail_after(self._handshake_timeout):
@@ -276,7 +378,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
                     )
             except trio.TooSlowError:
                 await trio.aclose_forcefully(transport)
-                self._dial_failures += 1
+                self._dial_failed()
                 raise HandshakeTimeout(
                     f"the handshake with {self.peer} did not complete within "
                     f"{self._handshake_timeout} s; is it a monte_trio server of the same "
@@ -285,7 +387,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
             except BaseException as exc:
                 await trio.aclose_forcefully(transport)
                 if isinstance(exc, HandshakeError):
-                    self._dial_failures += 1
+                    self._dial_failed()
                 raise
             if self._closed:
                 await trio.aclose_forcefully(secure)
@@ -295,6 +397,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
                 )
             conn: Connection = await self._nursery.start(self._run_connection, secure)
             self._dials += 1
+            self._failed_in_a_row = 0
             return conn
         finally:
             self._dialing -= 1
@@ -310,7 +413,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
                 error = exc
             except OSError as exc:
                 error = exc
-        self._dial_failures += 1
+        self._dial_failed()
         what = "timed out" if isinstance(error, trio.TooSlowError) else str(error)
         raise ConnectError(
             f"could not connect to {self.peer} ({self._dial_attempts} attempt(s), "
@@ -376,6 +479,9 @@ async def open_client(
     handshake_timeout: float = 3.0,
     connection_state: ConnectionStateHook | None = None,
     connect: Dialer | None = None,
+    dial_backoff: float = 0.0,
+    max_dial_backoff: float = 10.0,
+    middleware: Sequence[Middleware] = (),
 ) -> AsyncIterator[Client]:
     """Open a client for the server at ``host``:``port``.
 
@@ -405,6 +511,15 @@ async def open_client(
             ``(connection, ConnectionState.CLOSED)`` as connections come and go.
         connect: instead of ``host`` and ``port``, an async function that opens a new
             transport stream (for example over :mod:`monte_trio.testing`'s network).
+        dial_backoff: after a failed dial (TCP or handshake), the next one waits a random
+            time between 0 and ``dial_backoff`` seconds, a ceiling that doubles with each
+            failure in a row (full jitter) ...
+        max_dial_backoff: ... up to this many seconds. A successful dial resets it. The
+            wait is part of the call that dials, so the caller's cancel scope bounds it.
+            ``dial_backoff=0`` (the default) dials again at once.
+        middleware: run around each method call made with :meth:`Client.call` or a
+            proxy, the first outermost (see :data:`~monte_trio.Middleware`; the call's
+            ``side`` is ``"client"``).
 
     Raises:
         ConnectError: the server could not be reached (name resolution, refused,
@@ -440,6 +555,9 @@ async def open_client(
             dial_timeout=dial_timeout,
             handshake_timeout=handshake_timeout,
             connection_state=connection_state,
+            dial_backoff=dial_backoff,
+            max_dial_backoff=max_dial_backoff,
+            middleware=middleware,
         )
         try:
             await client._dial()

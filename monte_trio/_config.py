@@ -16,6 +16,19 @@ _KEEPALIVE_INTERVAL: float | None = 15.0
 _MIN_RECORD_SIZE = 65
 _DEFAULT_MESSAGE_SIZE = 4 * 1024 * 1024
 _MESSAGE_COST = 64  # what each message costs of a window on top of its body (wire v2)
+_CODECS = ("json", "msgpack")
+
+
+def _check_codec(_instance: object, _attribute: object, value: str) -> None:
+    if value not in _CODECS:
+        raise ValueError(f"codec must be one of {', '.join(map(repr, _CODECS))}, got {value!r}")
+    if value == "msgpack":
+        try:
+            __import__("msgspec")
+        except ImportError:
+            raise ValueError(
+                "codec 'msgpack' needs msgspec: pip install monte_trio[msgspec]"
+            ) from None
 
 
 @attrs.frozen(kw_only=True)
@@ -74,6 +87,13 @@ class ConnectionConfig:
             caller (default); when ``False`` the caller only learns that the handler failed.
         expose_tracebacks: native only: also send the handler's traceback. Never enable
             this towards untrusted peers.
+        codec: how service calls (:class:`~monte_trio.Router`, ``call``, ``proxy``)
+            encode arguments and results: ``"json"`` (the standard library's, default) or
+            ``"msgpack"`` (MessagePack through msgspec, with typed arguments and results:
+            ``pip install monte_trio[msgspec]``). Native: announced in the handshake, and
+            both sides must choose the same (else the handshake fails, naming both
+            choices); monte-v1 has no hello, so it is a local choice both sides must make
+            alike. Raw ``bytes`` arguments and results travel untouched with either.
     """
 
     max_record_size: int | None = attrs.field(
@@ -111,6 +131,7 @@ class ConnectionConfig:
     keepalive_tolerance: float = attrs.field(default=45.0, validator=attrs.validators.gt(0.0))
     expose_errors: bool = True
     expose_tracebacks: bool = False
+    codec: str = attrs.field(default="json", validator=_check_codec)
 
     @property
     def effective_request_window(self) -> int:

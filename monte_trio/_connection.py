@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import outcome
@@ -92,6 +92,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("monte_trio")
+
+_P = TypeVar("_P")
 
 _V1_CANCELLED = 1024
 """monte-v1: cancelled calls whose late reply is still recognised (and counted as dropped)
@@ -580,6 +582,25 @@ class Connection(trio.abc.AsyncResource):
         if detail in RETRY_SAFE:
             raise RequestNotProcessed(f"the peer refused the request with call id {ident}: {text}")
         raise RemoteError(text)
+
+    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call the peer's method ``method`` (served by a :class:`~monte_trio.Router`)
+        and return its result; as :meth:`Client.call <monte_trio.Client.call>`, on this
+        connection (no client middleware, no moving to another connection)."""
+        from ._services._caller import UNTYPED, connection_invoke
+
+        return await connection_invoke(self, method, args, kwargs, False, UNTYPED)
+
+    def proxy(self, protocol: Callable[..., _P], *, namespace: str = "") -> _P:
+        """A typed proxy of the peer's methods, as :meth:`Client.proxy
+        <monte_trio.Client.proxy>`, on this connection: a handler calls the peer back
+        with ``request.connection.proxy(SomeProtocol)``."""
+        import functools
+
+        from ._services._caller import connection_invoke, make_proxy
+
+        proxy: _P = make_proxy(protocol, namespace, functools.partial(connection_invoke, self))
+        return proxy
 
     async def send(self, body: bytes) -> None:
         """Send a one-way message and return once it has been written to the socket.

@@ -16,6 +16,10 @@ translated once, at the boundary where they happen, with ``raise New(...) from e
     │   ├── HandshakeTimeout        ... in the time allowed
     │   └── PeerRejected            ... because a trust policy refused a static key
     ├── RemoteError                 the remote handler raised while serving the call
+    │   └── RemoteMethodError       a method call failed at the peer (code, name, details)
+    │       ├── MethodNotFound      ... no such method
+    │       └── InvalidArguments    ... the arguments did not fit or decode
+    ├── CodecError                  a value did not encode or decode with the codec
     └── KeyFileError                a key or known-keys file could not be read or written
 """
 

@@ -9,6 +9,7 @@ reverse.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import final
 
@@ -21,7 +22,7 @@ from ._keys import Identity, PublicKey
 from ._proto import _native_hello as wire
 from ._proto._noise import HandshakeState
 from ._proto._records import RecordOpener, RecordSealer
-from ._proto._wire2 import MAX_RECORD, MIN_RECORD_SIZE, VERSION, Hello2, prologue
+from ._proto._wire2 import MAX_RECORD, MIN_RECORD_SIZE, VERSION, Codec, Hello2, prologue
 from ._secure_stream import SecureStream
 from ._trust import TrustPolicy
 from ._util import escape_peer_text
@@ -29,6 +30,23 @@ from ._util import escape_peer_text
 __all__ = ["NativeHandshake", "resolve_handshake"]
 
 _U16 = struct.Struct(">H")
+
+
+def _codec_name(codec: int) -> str:
+    try:
+        return repr(Codec(codec).name.lower())
+    except ValueError:
+        return f"an unknown codec (id {codec})"
+
+
+def codec_mismatch(local: Hello2, peer: Hello2, *, peer_is: str) -> str | None:
+    """Why the two sides' service codecs disagree (naming both), or ``None``."""
+    if local.codec == peer.codec:
+        return None
+    return (
+        f"codec mismatch: this side uses {_codec_name(local.codec)}, the {peer_is} uses "
+        f"{_codec_name(peer.codec)}; both sides must set the same ConnectionConfig(codec=...)"
+    )
 
 
 class _Reader:
@@ -126,6 +144,7 @@ class NativeHandshake(Handshake):
             reply_window=config.effective_reply_window,
             max_calls=config.max_calls,
             nested_allowance=config.nested_allowance,
+            codec=Codec[config.codec.upper()],
         )
 
     async def _handshake(
@@ -190,6 +209,11 @@ class NativeHandshake(Handshake):
             raise
         msg3 = state.write_message(self._hello(config).encode())
         await transport.send_all(_U16.pack(len(msg3)) + msg3)
+        # The server refuses a codec mismatch too (its verdict names both); msg3 went out
+        # so that it can.
+        mismatch = codec_mismatch(self._hello(config), server_hello, peer_is="server")
+        if mismatch is not None:
+            raise HandshakeError(mismatch)
         send, receive = state.split()
         sealer, opener = wire.transport(
             send,
@@ -265,6 +289,12 @@ class NativeHandshake(Handshake):
             verdict = wire.encode_verdict(False, reason, max_size=sealer.max_plaintext)
             await transport.send_all(sealer.seal(verdict))
             raise
+        mismatch = codec_mismatch(self._hello(config), client_hello, peer_is="client")
+        if mismatch is not None:
+            verdict = wire.encode_verdict(False, mismatch, max_size=sealer.max_plaintext)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await transport.send_all(sealer.seal(verdict))
+            raise HandshakeError(mismatch)
         await transport.send_all(sealer.seal(wire.encode_verdict(True)))
         try:
             rest = reader.rest()

@@ -1,13 +1,16 @@
-"""``monte-trio keygen PATH``: create a key pair, save its private key, print the public key."""
+"""``monte-trio keygen PATH``: create a key pair, save its private key, print the public key;
+``monte-trio keygen --psk FILE``: create a pre-shared key file."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 
 import trio
 
 from .._keys import Identity
+from .._secret_files import write_private_file
 from ._errors import CommandFailed
 from ._options import Job, add_command
 from ._output import say
@@ -23,10 +26,17 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "keygen",
         summary="generate a static key pair and save its private key",
         description="Generate a static X25519 key pair, write the private key to PATH "
-        "(mode 0600) and print the public key to give to peers.",
+        "(mode 0600) and print the public key to give to peers; or, with --psk FILE, "
+        "write a new pre-shared key (32 random bytes as 64 hexadecimal characters, mode "
+        "0600) for --psk of serve, bench and call.",
         run=run,
     )
-    keygen.add_argument("path", metavar="PATH", help="where to write the private key (0600)")
+    keygen.add_argument(
+        "path", metavar="PATH", nargs="?", help="where to write the private key (0600)"
+    )
+    keygen.add_argument(
+        "--psk", metavar="FILE", help="write a new pre-shared key to FILE (0600) instead"
+    )
     keygen.add_argument(
         "--passphrase-file",
         metavar="FILE",
@@ -41,6 +51,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Job:
     """Read the passphrase file; return the work: write a new private key to ``args.path``
     (in a worker thread: encrypting the key takes a deliberately slow key derivation)."""
+    if (args.path is None) == (args.psk is None):
+        parser.error("give PATH (a key pair) or --psk FILE (a pre-shared key), one of them")
+    if args.psk is not None:
+        if args.passphrase_file is not None:
+            parser.error("--passphrase-file encrypts key pairs, not pre-shared keys")
+        return _psk_job(args.psk, args.force)
     passphrase = read_passphrase(parser, args.passphrase_file)
 
     def write() -> Identity:
@@ -63,3 +79,18 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Job:
         return 0
 
     return keygen
+
+
+def _psk_job(path: str, force: bool) -> Job:
+    def write() -> None:
+        if os.path.lexists(path) and not force:
+            raise CommandFailed(f"{path} already exists; pass --force to replace it")
+        write_private_file(path, secrets.token_bytes(32).hex().encode() + b"\n", overwrite=force)
+
+    async def keygen_psk() -> int:
+        """Write the pre-shared key file; say where; return 0."""
+        await trio.to_thread.run_sync(write)
+        say(f"wrote pre-shared key to {path} (mode 0600); give it to both sides with --psk")
+        return 0
+
+    return keygen_psk

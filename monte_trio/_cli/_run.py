@@ -1,11 +1,11 @@
 """The ``monte-trio`` program: its parser, made of one subparser per command, and ``main``.
 
-Each command module (``_keygen``, ``_serve``, ``_bench``, ``_demo``) adds its own subparser
-and sets ``run``, which checks the command's options (usage errors go through the command's
-parser) and returns the command's work, an async function. :func:`main` runs that work with
-:func:`trio.run`; :func:`async_main` awaits it in an event loop already running (a test's,
-or an application's). Both turn what a command raises into an exit status
-(:func:`._errors.exit_status`).
+Each command module (``_keygen``, ``_pubkey``, ``_serve``, ``_call``, ``_bench``,
+``_demo``) adds its own subparser and sets ``run``, which checks the command's options
+(usage errors go through the command's parser) and returns the command's work, an async
+function. :func:`main` runs that work with :func:`trio.run`; :func:`async_main` awaits it
+in an event loop already running (a test's, or an application's). Both turn what a command
+raises into an exit status (:func:`._errors.exit_status`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import trio
 
 from .._version import __version__
-from . import _bench, _demo, _keygen, _serve
+from . import _bench, _call, _demo, _keygen, _pubkey, _serve
 from ._errors import exit_status
 from ._options import Command, HelpFormatter, Job
 from ._output import PROG
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (_keygen, _serve, _bench, _demo):
+    for command in (_keygen, _pubkey, _serve, _call, _bench, _demo):
         command.add_parser(commands)
     return parser
 

@@ -1,5 +1,10 @@
 """``monte-trio serve``: an echo server that stops gracefully on SIGINT or SIGTERM.
 
+It serves methods through a :class:`~monte_trio.Router`: ``echo`` (returns its argument,
+or the list of its arguments if there are several) and ``info`` (the version, the uptime,
+connection and request counts). Bodies that are not method calls (``bench``'s raw bytes)
+go to the router's fallback, the raw :func:`echo` handler.
+
 It handles its own signals (rather than through ``_interrupt.interruptible``)
 because a service's stop is not an interruption: the first signal starts a graceful
 shutdown (exit status 130 after SIGINT, 0 after SIGTERM), a second one stops at once.
@@ -9,24 +14,58 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import signal
+from typing import Any
 
 import trio
 
 from .._config import ConnectionConfig
 from .._connection import Request
 from .._server import Server
+from .._services._router import Router
+from .._version import __version__
 from ._errors import CommandFailed, describe
 from ._options import Job, add_command, add_security_options, port, positive_int
 from ._output import format_address, say
 from ._security import Security, resolve_security
 
-__all__ = ["add_parser", "echo", "run"]
+__all__ = ["add_parser", "echo", "run", "service_router"]
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 async def echo(request: Request) -> bytes | None:
     """Reply to each request with its body (one-way messages are only counted)."""
     return None if request.oneway else request.body
+
+
+def service_router(server: Server) -> Router:
+    """The methods ``serve`` exposes: ``echo`` and ``info`` (about ``server``), with the raw
+    :func:`echo` handler as the fallback for bodies that are not method calls."""
+    router = Router(fallback=echo)
+    started = trio.current_time()
+
+    @router.method("echo")
+    async def echo_method(*args: Any) -> Any:
+        return args[0] if len(args) == 1 else list(args)
+
+    @router.method("info")
+    async def info() -> dict[str, Any]:
+        stats = server.statistics()
+        return {
+            "version": __version__,
+            "uptime": round(trio.current_time() - started, 3),
+            "connections": {
+                "active": stats.connections_active,
+                "accepted": stats.connections_accepted,
+                "refused": stats.connections_refused,
+            },
+            "requests": stats.requests_received,
+            "messages": stats.messages_received,
+        }
+
+    return router
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,8 +75,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "serve",
         summary="run an echo server",
         description="An echo server: replies to each request with its body and counts "
-        "one-way messages. The native profile needs --trust. SIGINT (Ctrl-C) or SIGTERM "
-        "stops it gracefully (exit status 130 after SIGINT, 0 after SIGTERM).",
+        "one-way messages; serves the methods echo (returns its arguments) and info "
+        "(version, uptime, connection counts) to 'call'. The native profile needs --trust. "
+        "SIGINT (Ctrl-C) or SIGTERM stops it gracefully (exit status 130 after SIGINT, 0 "
+        "after SIGTERM).",
         run=run,
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -65,11 +106,39 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="largest record accepted (default: the profile's; monte-v1 uses 4096, so "
         "raise it to bench monte-v1 with --size above 4076)",
     )
+    serve.add_argument(
+        "--codec",
+        choices=("json", "msgpack"),
+        default="json",
+        help="the codec of method calls (msgpack needs msgspec); clients must use the same",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        type=str.upper,
+        default=None,
+        help="log the library's messages at this level and above on stderr (default: WARNING)",
+    )
+    serve.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more: -v is --log-level INFO, -vv DEBUG",
+    )
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Job:
     """Resolve the security options; return the work: serve until a signal."""
     security = resolve_security(parser, args, who="client")
+    try:
+        ConnectionConfig(codec=args.codec)
+    except ValueError as exc:
+        parser.error(f"--codec: {exc}")
+    level = args.log_level or ("DEBUG" if args.verbose >= 2 else "INFO" if args.verbose else None)
+    if level is not None:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("monte_trio").setLevel(level)
     return functools.partial(_serve, args, security)
 
 
@@ -79,9 +148,10 @@ def _listener_address(listener: trio.SocketListener) -> str:
 
 
 async def _serve(args: argparse.Namespace, security: Security) -> int:
-    config = ConnectionConfig(max_record_size=args.max_record_size)
+    config = ConnectionConfig(max_record_size=args.max_record_size, codec=args.codec)
+    router = Router(fallback=echo)
     server = Server(
-        echo,
+        router,
         handshake=security.handshake,
         identity=security.identity,
         trust=security.trust,
@@ -90,6 +160,7 @@ async def _serve(args: argparse.Namespace, security: Security) -> int:
         max_conns=args.max_conns,
         max_handshakes=args.max_handshakes,
     )
+    router.include(service_router(server))
     status = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

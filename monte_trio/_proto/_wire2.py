@@ -31,6 +31,7 @@ __all__ = [
     "MIN_MESSAGE_SIZE",
     "MIN_RECORD_SIZE",
     "VERSION",
+    "Codec",
     "ErrorCode",
     "Hello2",
     "HelloType",
@@ -126,6 +127,16 @@ class HelloType(enum.IntEnum):
     MAX_CALLS = 6
     NESTED_ALLOWANCE = 7
     FEATURES = 8
+    CODEC = 9
+
+
+class Codec(enum.IntEnum):
+    """Codec ids of the hello's optional ``codec`` field: how service calls encode their
+    arguments and results (docs/services.rst). The field is sent only when it is not
+    :attr:`JSON`; absent, it means :attr:`JSON`."""
+
+    JSON = 1
+    MSGPACK = 2
 
 
 _TLV: Final = struct.Struct(">HH")
@@ -140,6 +151,8 @@ _FIELDS: Final = {
     7: "nested_allowance",
     8: "features",
 }
+_CODEC_TYPE: Final = 9
+_CODEC_SIZE: Final = 2
 _DEFAULT_M: Final = 16 * 1024 * 1024
 
 
@@ -174,6 +187,9 @@ class Hello2:
         max_calls: S, non-nested calls the peer may have open at the sender (>= 1).
         nested_allowance: k, nested calls each open call may have (>= 1).
         features: extension bits (none defined).
+        codec: the service codec the sender uses (a :class:`Codec` id; any u16 is kept,
+            so that a peer naming an unknown codec is reported by name and number).
+            Optional on the wire: absent means :attr:`Codec.JSON`, which is never sent.
     """
 
     version: int = VERSION
@@ -184,6 +200,7 @@ class Hello2:
     max_calls: int = 128
     nested_allowance: int = 1
     features: int = 0
+    codec: int = Codec.JSON
 
     def encode(self) -> bytes:
         """The TLV encoding, types in increasing order."""
@@ -198,14 +215,18 @@ class Hello2:
             self.features,
         )
         out = bytearray()
-        for type_, value in zip(_FIELDS, values, strict=True):
+        for type_, value in enumerate(values, start=1):
             size = _SIZES[type_]
-            out += _TLV.pack(type_, size) + value.to_bytes(size, "big")
+            # "big" is the default byte order from Python 3.11: its mutants are equivalent.
+            field = value.to_bytes(size, "big")  # pragma: no mutate
+            out += _TLV.pack(type_, size) + field
+        if self.codec != Codec.JSON:
+            out += _TLV.pack(_CODEC_TYPE, _CODEC_SIZE) + self.codec.to_bytes(_CODEC_SIZE, "big")
         return bytes(out)
 
     @classmethod
     def decode(cls, data: bytes) -> Hello2:
-        """Parse and check a hello; unknown types are ignored.
+        """Parse and check a hello; unknown types are ignored, ``codec`` is optional.
 
         Raises:
             RemoteProtocolError: truncated, a known type twice or with a wrong length, a
@@ -223,6 +244,15 @@ class Hello2:
             value = data[offset : offset + length]
             offset += length
             name = _FIELDS.get(type_)
+            if type_ == _CODEC_TYPE:
+                if length != _CODEC_SIZE:
+                    raise RemoteProtocolError(
+                        f"hello field codec has {length} bytes, not {_CODEC_SIZE}"
+                    )
+                if "codec" in values:
+                    raise RemoteProtocolError("hello field codec appears twice")
+                values["codec"] = int.from_bytes(value, "big")
+                continue
             if name is None:
                 continue
             if length != _SIZES[type_]:
@@ -231,7 +261,8 @@ class Hello2:
                 )
             if name in values:
                 raise RemoteProtocolError(f"hello field {name} appears twice")
-            values[name] = int.from_bytes(value, "big")
+            number = int.from_bytes(value, "big")  # pragma: no mutate (as in encode)
+            values[name] = number
         missing = [n for n in _FIELDS.values() if n not in values]
         if missing:
             raise RemoteProtocolError(f"the peer's hello lacks {', '.join(missing)}")

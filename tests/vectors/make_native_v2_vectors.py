@@ -42,6 +42,9 @@ RESPONDER_HELLO = wire.Hello2(
     nested_allowance=1,
 )
 INITIATOR_HELLO = wire.Hello2()
+# The optional codec field (type 9): MessagePack, and an id no implementation knows (kept,
+# and reported by number when the two sides' codecs are compared).
+CODEC_HELLOS = [wire.Hello2(codec=wire.Codec.MSGPACK), wire.Hello2(codec=0xFFFF)]
 
 
 def derive(label: str) -> bytes:
@@ -288,7 +291,7 @@ def build() -> dict[str, Any]:
             "events for each record: [kind, id, a, b] with bytes in hex (1 REQUEST, 2 ONEWAY, "
             "3 REPLY, 4 ERROR, 5 CANCEL, 6 GOAWAY, 7 PONG). Records use version 1's layer."
         ),
-        "hellos": [hello_json(INITIATOR_HELLO), hello_json(RESPONDER_HELLO)],
+        "hellos": [hello_json(h) for h in [INITIATOR_HELLO, RESPONDER_HELLO, *CODEC_HELLOS]],
         "headers": headers(),
         "batch": batch(),
         "fragmentation": fragmentation(),

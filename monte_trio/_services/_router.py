@@ -1,0 +1,565 @@
+"""The serving side: :class:`Router`, methods by name, middleware and statistics.
+
+A :class:`Router` is an async handler (pass it to :class:`~monte_trio.Server`,
+:func:`~monte_trio.open_client` or any connection as ``handler=``). For each request whose
+body is a call envelope (:mod:`._envelope`) it finds the method by name, decodes the
+arguments with the connection's codec (:mod:`._codecs`), checks them against the method's
+signature (and, with a typed codec, converts them to its annotations), runs the method
+under the caller's deadline, through the middleware, and replies with the encoded result
+or an error reply. Nothing the caller sends can end the connection: every refusal is an
+error reply with a :class:`~monte_trio.MethodErrorCode`. Bodies that are not call
+envelopes go to the ``fallback`` handler, if any.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import traceback
+import typing
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import attrs
+import trio
+
+from .._handlers import Handler, InlineHandler, Request
+from .._util import printable
+from . import _envelope as env
+from ._codecs import Codec, get_codec
+from ._errors import CodecError, MethodErrorCode, registered_name
+
+if TYPE_CHECKING:
+    from .._connection import Connection
+    from .._keys import PublicKey
+
+__all__ = [
+    "CallInfo",
+    "MethodStatistics",
+    "Middleware",
+    "Router",
+    "idempotent",
+    "protocol_methods",
+    "run_middleware",
+]
+
+logger = logging.getLogger("monte_trio")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_IDEMPOTENT = "__monte_trio_idempotent__"
+
+
+def idempotent(func: _F) -> _F:
+    """Declare a method idempotent: running it twice has the effect of running it once.
+
+    On a Protocol's method, a proxy's calls of it are marked idempotent (a
+    :class:`~monte_trio.Client` may then send it again on another connection after a
+    connection failure); on a served method (a function given to :meth:`Router.method`,
+    or a Protocol's method given to :meth:`Router.add_service`), the router accepts
+    calls marked idempotent. A call marked idempotent for a method not declared so is
+    refused with :attr:`~monte_trio.MethodErrorCode.NOT_IDEMPOTENT`, unrun.
+    """
+    setattr(func, _IDEMPOTENT, True)
+    return func
+
+
+def _is_idempotent(func: object) -> bool:
+    return bool(getattr(func, _IDEMPOTENT, False))
+
+
+@attrs.frozen(eq=False)
+class CallInfo:
+    """One method call, as middleware sees it.
+
+    Attributes:
+        method: the method's full name (with its namespace).
+        args: the positional arguments (decoded, on the serving side).
+        kwargs: the keyword arguments.
+        connection: the connection the call travels on.
+        side: ``"server"`` for a call being served, ``"client"`` for a call being made.
+        idempotent: whether the call is marked idempotent.
+        deadline: the call's deadline on this side's clock (:func:`trio.current_time`),
+            :data:`math.inf` if none.
+    """
+
+    method: str
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    connection: Connection = attrs.field(repr=False)
+    side: str
+    idempotent: bool
+    deadline: float
+
+    @property
+    def peer_public_key(self) -> PublicKey | None:
+        """The peer's authenticated static key (native profile), else ``None``."""
+        return self.connection.peer_public_key
+
+
+Next = Callable[[], Awaitable[Any]]
+"""What a middleware awaits to run the rest of the chain (and at its end the call)."""
+
+Middleware = Callable[[CallInfo, Next], Awaitable[Any]]
+"""Runs around each call: ``async def middleware(call: CallInfo, next) -> result``.
+
+It returns what ``await next()`` returned (or another result), and sees the call's
+exception raised out of ``await next()``. Measure durations with
+:func:`trio.current_time` around it; the router's own statistics are in
+:meth:`Router.statistics`."""
+
+
+async def run_middleware(middleware: Sequence[Middleware], info: CallInfo, last: Next) -> Any:
+    """Run ``last`` through ``middleware``, the first one outermost."""
+
+    def link(index: int) -> Next:
+        if index == len(middleware):
+            return last
+        current = middleware[index]
+        rest = link(index + 1)
+
+        def step() -> Awaitable[Any]:
+            return current(info, rest)
+
+        return step
+
+    return await link(0)()
+
+
+@attrs.frozen
+class MethodStatistics:
+    """A method's counters (see :meth:`Router.statistics`); durations on trio's clock.
+
+    Attributes:
+        calls: calls that reached the method (its arguments were decoded, or refused).
+        errors: those that ended in an error reply (or were cancelled).
+        total_time: seconds spent in them in all.
+        max_time: the longest one, in seconds.
+    """
+
+    calls: int
+    errors: int
+    total_time: float
+    max_time: float
+
+
+class _Refusal(Exception):
+    """An error reply decided before the method ran."""
+
+    def __init__(self, code: MethodErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.define(eq=False)
+class _Method:
+    name: str
+    func: Callable[..., Awaitable[Any]]
+    idempotent: bool
+    kind: str = "unary"
+    signature: inspect.Signature | None = None
+    arity: int | None = None  # the plain positional parameters, when that is all there is
+    hints: dict[str, Any] | None = None
+    calls: int = 0
+    errors: int = 0
+    total_time: float = 0.0
+    max_time: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            self.signature = inspect.signature(self.func)
+        except (TypeError, ValueError):
+            return  # no signature: arguments are passed as they come
+        params = list(self.signature.parameters.values())
+        if all(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+            for p in params
+        ):
+            self.arity = len(params)
+
+    def annotations(self) -> dict[str, Any]:
+        if self.hints is None:
+            try:
+                target: Any = self.func
+                while isinstance(target, functools.partial):
+                    target = target.func
+                if not (inspect.isfunction(target) or inspect.ismethod(target)):
+                    target = type(target).__call__
+                hints = typing.get_type_hints(target)
+            except Exception as exc:
+                raise _Refusal(
+                    MethodErrorCode.INTERNAL,
+                    f"the annotations of {self.name!r} could not be resolved: {exc}",
+                ) from exc
+            hints.pop("return", None)
+            self.hints = hints
+        return self.hints
+
+    def record(self, failed: bool, duration: float) -> None:
+        self.calls += 1
+        self.errors += failed
+        self.total_time += duration
+        self.max_time = max(self.max_time, duration)
+
+
+def protocol_methods(protocol: type) -> dict[str, Callable[..., Any]]:
+    """The public methods a Protocol class declares (its bases' too), by name.
+
+    Raises:
+        TypeError: ``protocol`` is not a class, or declares no public method.
+    """
+    if not isinstance(protocol, type):
+        raise TypeError(f"expected a Protocol class, got {protocol!r}")
+    members: dict[str, Callable[..., Any]] = {}
+    for klass in reversed(protocol.__mro__):
+        if klass is object or klass.__module__ in ("typing", "typing_extensions"):
+            continue
+        for name, value in vars(klass).items():
+            if not name.startswith("_") and inspect.isfunction(value):
+                members[name] = value
+    if not members:
+        raise TypeError(f"{protocol.__qualname__} declares no public method")
+    return members
+
+
+def _full_name(namespace: str, name: str) -> str:
+    return f"{namespace}.{name}" if namespace else name
+
+
+def _is_async(func: object) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+class Router:
+    """Methods by name: an async handler that serves calls made with ``call`` or ``proxy``.
+
+    Register ``async def`` functions with :meth:`method`, or an object implementing a
+    Protocol with :meth:`add_service`, then pass the router as ``handler=`` to a
+    :class:`~monte_trio.Server`, :func:`~monte_trio.open_client` or a connection::
+
+        router = monte_trio.Router()
+
+        @router.method
+        async def add(a: int, b: int) -> int:
+            return a + b
+
+        server = monte_trio.Server(router, trust=...)
+
+    Args:
+        middleware: run around each call that reaches a method, the first outermost (see
+            :data:`Middleware`).
+        fallback: serves the requests and one-way messages whose body is not a call
+            envelope (raw bytes for an older handler, for example). Without it, such a
+            request gets an error reply (:attr:`~monte_trio.MethodErrorCode.INVALID_CALL`)
+            and such a one-way message is dropped (logged).
+    """
+
+    def __init__(
+        self, *, middleware: Sequence[Middleware] = (), fallback: Handler | None = None
+    ) -> None:
+        self._methods: dict[str, _Method] = {}
+        self._middleware = tuple(middleware)
+        self._fallback = fallback
+
+    def __repr__(self) -> str:
+        return f"<monte_trio.Router with {len(self._methods)} method(s)>"
+
+    @property
+    def methods(self) -> list[str]:
+        """The registered methods' full names, sorted."""
+        return sorted(self._methods)
+
+    # -- registering -----------------------------------------------------------------------
+
+    @overload
+    def method(self, func: _F, /) -> _F: ...
+
+    @overload
+    def method(
+        self, name: str | None = None, /, *, idempotent: bool = False
+    ) -> Callable[[_F], _F]: ...
+
+    def method(
+        self, func_or_name: Any = None, /, *, idempotent: bool = False
+    ) -> Callable[[_F], _F] | Any:
+        """Register an ``async def`` function as a method; use it as a decorator.
+
+        ``@router.method`` names the method after the function; ``@router.method("name")``
+        names it explicitly; ``idempotent=True`` declares it idempotent (as
+        :func:`~monte_trio.idempotent` does).
+
+        Raises:
+            TypeError: the function is not async.
+            ValueError: the name is empty, longer than 65,535 bytes, or taken.
+        """
+        if callable(func_or_name):
+            self._add(func_or_name.__name__, func_or_name, idempotent)
+            return func_or_name
+        name: str | None = func_or_name
+
+        def register(func: _F) -> _F:
+            self._add(name if name is not None else func.__name__, func, idempotent)
+            return func
+
+        return register
+
+    def add_service(self, service: object, protocol: type, *, namespace: str = "") -> None:
+        """Register ``service``'s methods that ``protocol`` declares, as
+        ``namespace.method`` (or ``method`` without a namespace).
+
+        A method is idempotent if the Protocol's or the service's declaration is marked
+        with :func:`~monte_trio.idempotent`.
+
+        Raises:
+            TypeError: ``service`` lacks one of the methods, or one is not async.
+            ValueError: a name is taken.
+        """
+        for name, declared in protocol_methods(protocol).items():
+            func = getattr(service, name, None)
+            if func is None:
+                raise TypeError(
+                    f"{type(service).__qualname__} lacks {name}(), which "
+                    f"{protocol.__qualname__} declares"
+                )
+            self._add(
+                _full_name(namespace, name), func, _is_idempotent(declared) or _is_idempotent(func)
+            )
+
+    def include(self, router: Router, *, namespace: str = "") -> None:
+        """Add ``router``'s methods (as registered now), under ``namespace`` if given.
+
+        Raises:
+            ValueError: a name is taken.
+        """
+        for name, method in router._methods.items():
+            self._add(_full_name(namespace, name), method.func, method.idempotent)
+
+    def _add(self, name: str, func: Callable[..., Any], idempotent: bool) -> None:
+        if not _is_async(func):
+            raise TypeError(
+                f"method {name!r}: {func!r} is not async; register an async def function"
+            )
+        if not name:
+            raise ValueError("a method name cannot be empty")
+        env.encode_name(name)
+        if name in self._methods:
+            raise ValueError(f"a method named {name!r} is already registered")
+        self._methods[name] = _Method(name, func, idempotent or _is_idempotent(func))
+
+    # -- statistics ------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, MethodStatistics]:
+        """Each registered method's counters, by full name."""
+        return {
+            name: MethodStatistics(m.calls, m.errors, m.total_time, m.max_time)
+            for name, m in sorted(self._methods.items())
+        }
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> bytes | None:
+        """Serve one request or one-way message (the handler's interface)."""
+        body = request.body
+        if not env.is_call(body):
+            fallback = self._fallback
+            if fallback is not None:
+                if isinstance(fallback, InlineHandler):
+                    return fallback.func(request)
+                return await fallback(request)
+            if request.oneway:
+                logger.warning(
+                    "%s: dropped a one-way message that is not a method call",
+                    request.connection.name,
+                )
+                return None
+            return _error(MethodErrorCode.INVALID_CALL, "this body is not a method call")
+        reply = await self._serve(body, request.connection)
+        if request.oneway:
+            if reply[1] == env.ERROR:
+                code, _, message, _ = env.decode_error(reply)
+                logger.warning(
+                    "%s: a method called by a one-way message failed (%s): %s",
+                    request.connection.name,
+                    MethodErrorCode(code).name,
+                    message,
+                )
+            return None
+        return reply
+
+    async def _run(
+        self,
+        method: _Method,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        conn: Connection,
+        flags: int,
+        deadline: float,
+    ) -> Any:
+        if not self._middleware:
+            return await method.func(*args, **kwargs)
+        info = CallInfo(
+            method.name,
+            args,
+            kwargs,
+            conn,
+            "server",
+            bool(flags & env.FLAG_IDEMPOTENT),
+            deadline,
+        )
+
+        async def last() -> Any:
+            return await method.func(*args, **kwargs)
+
+        return await run_middleware(self._middleware, info, last)
+
+    async def _serve(self, body: bytes, conn: Connection) -> bytes:
+        try:
+            name, flags, remaining, payload = env.decode_call(body)
+        except env.EnvelopeError as exc:
+            return _error(MethodErrorCode.INVALID_CALL, str(exc))
+        method = self._methods.get(name)
+        if method is None:
+            shown = name if len(name) <= 200 else name[:200] + "..."
+            return _error(MethodErrorCode.NOT_FOUND, f"no method named {shown!r}")
+        if flags & env.FLAG_IDEMPOTENT and not method.idempotent:
+            return _error(
+                MethodErrorCode.NOT_IDEMPOTENT,
+                f"{name!r} is not declared idempotent here, but the call was marked "
+                "idempotent; it was not run",
+            )
+        start = trio.current_time()
+        failed = True
+        try:
+            if remaining is not None and remaining <= 0:
+                return _error(
+                    MethodErrorCode.DEADLINE_EXCEEDED,
+                    f"the caller's deadline had passed when {name!r} arrived; it was not run",
+                )
+            config = conn._config
+            codec = get_codec(config.codec)
+            try:
+                args, kwargs = _arguments(method, flags, payload, codec)
+            except _Refusal as refusal:
+                return _error(refusal.code, refusal.message)
+            deadline = math.inf if remaining is None else start + remaining
+            try:
+                if remaining is None:  # no cancel scope to pay for
+                    result = await self._run(method, args, kwargs, conn, flags, deadline)
+                else:
+                    with trio.move_on_at(deadline) as scope:
+                        result = await self._run(method, args, kwargs, conn, flags, deadline)
+                    if scope.cancelled_caught:
+                        return _error(
+                            MethodErrorCode.DEADLINE_EXCEEDED,
+                            f"the caller's deadline passed while {name!r} ran "
+                            f"({remaining:.6f} s); it was cancelled",
+                        )
+            except Exception as exc:
+                return _exception_reply(exc, name, conn, codec)
+            if isinstance(result, bytes | bytearray | memoryview):
+                failed = False
+                return env.RAW_PREFIX + bytes(result)
+            try:
+                encoded = codec.encode(result)
+            except CodecError as exc:
+                return _error(
+                    MethodErrorCode.INTERNAL, f"the result of {name!r} could not be encoded: {exc}"
+                )
+            failed = False
+            return env.RESULT_PREFIX + encoded
+        finally:
+            method.record(failed, trio.current_time() - start)
+
+
+def _error(code: MethodErrorCode, message: str, name: str = "", details: bytes = b"") -> bytes:
+    return env.encode_error(code, name, message, details)
+
+
+def _arguments(
+    method: _Method, flags: int, payload: bytes, codec: Codec
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's arguments, decoded and checked against the method's parameters."""
+    if flags & env.FLAG_RAW:
+        args: tuple[Any, ...] = (payload,)
+        kwargs: dict[str, Any] = {}
+    else:
+        try:
+            decoded = codec.decode(payload)
+        except CodecError as exc:
+            raise _Refusal(MethodErrorCode.INVALID_ARGUMENTS, f"the arguments: {exc}") from exc
+        if (
+            not isinstance(decoded, list | tuple)
+            or len(decoded) != 2
+            or not isinstance(decoded[0], list | tuple)
+            or not isinstance(decoded[1], dict)
+            or not all(isinstance(key, str) for key in decoded[1])
+        ):
+            raise _Refusal(
+                MethodErrorCode.INVALID_ARGUMENTS,
+                "the arguments are not [positional array, keyword map]",
+            )
+        args, kwargs = tuple(decoded[0]), decoded[1]
+    signature = method.signature
+    if signature is None:
+        return args, kwargs
+    if method.arity == len(args) and not kwargs and not codec.typed:
+        return args, kwargs
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise _Refusal(
+            MethodErrorCode.INVALID_ARGUMENTS,
+            f"{method.name!r} cannot take these arguments: {exc}",
+        ) from None
+    if codec.typed:
+        hints = method.annotations()
+        for pname, value in bound.arguments.items():
+            annotation = hints.get(pname)
+            if annotation is None:
+                continue
+            kind = signature.parameters[pname].kind
+            try:
+                if kind is inspect.Parameter.VAR_POSITIONAL:
+                    converted: Any = tuple(codec.convert(v, annotation) for v in value)
+                elif kind is inspect.Parameter.VAR_KEYWORD:
+                    converted = {k: codec.convert(v, annotation) for k, v in value.items()}
+                else:
+                    converted = codec.convert(value, annotation)
+            except CodecError as exc:
+                raise _Refusal(
+                    MethodErrorCode.INVALID_ARGUMENTS, f"argument {pname!r}: {exc}"
+                ) from exc
+            bound.arguments[pname] = converted
+    return bound.args, bound.kwargs
+
+
+def _exception_reply(exc: Exception, method: str, conn: Connection, codec: Codec) -> bytes:
+    """The error reply for the exception a method raised."""
+    name = registered_name(exc)
+    details: Any = None
+    if name is not None:
+        code = MethodErrorCode.APPLICATION
+        message = str(exc)
+        details = getattr(exc, "details", None)
+    else:
+        code = MethodErrorCode.INTERNAL
+        name = ""
+        logger.error("%s: method %s raised", conn.name, printable(method[:200]), exc_info=exc)
+        config = conn._config
+        if not config.expose_errors:
+            message = "the method raised an exception"
+        elif config.expose_tracebacks:
+            message = "".join(traceback.format_exception(exc))
+        else:
+            message = f"{type(exc).__name__}: {exc}"
+    encoded = b""
+    if details is not None:
+        try:
+            encoded = codec.encode(details)
+        except CodecError as error:
+            message += f" (its details could not be encoded: {error})"
+    return _error(code, message, name, encoded)

@@ -1,0 +1,62 @@
+"""A proxy is typed as its Protocol: mypy --strict finds a wrong argument or result type in
+a user's code."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import trio
+
+# mypy runs from the project's root: its configuration, and its cache.
+ROOT = Path(__file__).resolve().parent.parent
+
+SAMPLE = textwrap.dedent(
+    """\
+    from typing import Protocol
+
+    import monte_trio
+
+
+    class KeyValue(Protocol):
+        async def get(self, key: str) -> bytes: ...
+
+
+    async def use(client: monte_trio.Client, conn: monte_trio.Connection) -> None:
+        kv = client.proxy(KeyValue, namespace="kv")
+        value: bytes = await kv.get("key")
+        await kv.get(42)  # line 13: a wrong argument type
+        wrong: int = await kv.get("key")  # line 14: a wrong result type
+        back = conn.proxy(KeyValue)
+        await back.get("key", "extra")  # line 16: too many arguments
+        untyped = await client.call("kv.get", "key")
+        reveal_type(untyped)  # line 18
+        del value, wrong, untyped
+    """
+)
+
+
+async def test_mypy_checks_calls_through_a_proxy(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(SAMPLE)
+    command = [sys.executable, "-m", "mypy", "--strict", str(sample)]
+    with trio.fail_after(300):
+        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
+    out = result.stdout.decode()
+    lines = [
+        line.split("sample.py:", 1)[-1]
+        for line in out.splitlines()
+        if ": error:" in line or ": note:" in line
+    ]
+    errors = [line for line in lines if ": error:" in line]
+    assert len(errors) == 3, out
+    assert errors[0].startswith(
+        '13: error: Argument 1 to "get" of "KeyValue" has incompatible type "int"'
+    ), out
+    assert errors[1].startswith(
+        '14: error: Incompatible types in assignment (expression has type "bytes"'
+    ), out
+    assert errors[2].startswith('16: error: Too many arguments for "get" of "KeyValue"'), out
+    assert '18: note: Revealed type is "Any"' in lines, out
+    assert result.returncode == 1
