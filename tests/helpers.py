@@ -8,9 +8,11 @@ the default ``prepend`` import mode, ``tests/`` having no ``__init__.py``). Fixt
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import trio
@@ -404,3 +406,18 @@ async def socket_connection_pair(
     record-safe stream (direct writes) are taken."""
     async with open_connection_pair(handshake, transports=socket_stream_pair(), **options) as pair:
         yield pair
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+"""The project's root: mypy runs there, with the project's configuration."""
+
+
+async def run_mypy_strict(tmp_path: Path, source: str) -> tuple[int, str]:
+    """Run ``mypy --strict`` on ``source`` (written to ``tmp_path/sample.py``) as a user
+    would, from the project root; return its exit status and output."""
+    sample = trio.Path(tmp_path / "sample.py")
+    await sample.write_text(source)
+    command = [sys.executable, "-m", "mypy", "--strict", str(sample)]
+    with trio.fail_after(300):
+        result = await trio.run_process(command, cwd=_ROOT, capture_stdout=True, check=False)
+    return result.returncode, result.stdout.decode()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import textwrap
 from collections.abc import Awaitable
 from pathlib import Path
@@ -14,7 +13,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from helpers import is_native
+from helpers import is_native, run_mypy_strict
 
 import monte_trio
 from monte_trio import (
@@ -31,7 +30,6 @@ TIMEOUT = 30  # seconds
 FIX = "monte_trio.inline"  # what the error for an unwrapped plain function names
 # mypy runs from the project's root: its configuration, and its cache (so that monte_trio
 # itself is not checked again from scratch).
-ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _upper(request: Request) -> bytes:
@@ -206,14 +204,9 @@ MYPY_SAMPLE = textwrap.dedent(
 
 
 async def test_mypy_rejects_an_unwrapped_plain_function(tmp_path: Path) -> None:
-    sample = tmp_path / "sample.py"
-    sample.write_text(MYPY_SAMPLE)
-    command = [sys.executable, "-m", "mypy", "--strict", str(sample)]
-    with trio.fail_after(300):
-        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
-    out = result.stdout.decode()
+    returncode, out = await run_mypy_strict(tmp_path, MYPY_SAMPLE)
     errors = [line for line in out.splitlines() if ": error:" in line]
     assert len(errors) == 1, out
     # (mypy's cache may name the file of an identical earlier sample)
     assert 'sample.py:13: error: Argument 1 to "Server"' in errors[0], out
-    assert result.returncode == 1
+    assert returncode == 1

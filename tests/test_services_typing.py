@@ -3,14 +3,10 @@ a user's code."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
 
-import trio
-
-# mypy runs from the project's root: its configuration, and its cache.
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import run_mypy_strict
 
 SAMPLE = textwrap.dedent(
     """\
@@ -38,12 +34,7 @@ SAMPLE = textwrap.dedent(
 
 
 async def test_mypy_checks_calls_through_a_proxy(tmp_path: Path) -> None:
-    sample = tmp_path / "sample.py"
-    sample.write_text(SAMPLE)
-    command = [sys.executable, "-m", "mypy", "--strict", str(sample)]
-    with trio.fail_after(300):
-        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
-    out = result.stdout.decode()
+    returncode, out = await run_mypy_strict(tmp_path, SAMPLE)
     lines = [
         line.split("sample.py:", 1)[-1]
         for line in out.splitlines()
@@ -59,4 +50,4 @@ async def test_mypy_checks_calls_through_a_proxy(tmp_path: Path) -> None:
     ), out
     assert errors[2].startswith('16: error: Too many arguments for "get" of "KeyValue"'), out
     assert '18: note: Revealed type is "Any"' in lines, out
-    assert result.returncode == 1
+    assert returncode == 1
