@@ -9,6 +9,10 @@ the next call dials a replacement. A caller whose connection refuses its call be
 of it was sent (:class:`~monte_trio.RequestNotProcessed`: the connection started closing)
 picks again, as httpcore's pool loop does, a bounded number of times.
 
+The module is a little over 500 lines because :class:`Client` carries every call shape the
+pool serves (requests, one-way messages, method calls and typed proxies), each choosing a
+connection the same way; the method-call machinery itself is in ``_services``.
+
 Every connection's tasks live in the client's nursery, which the ``async with`` block of
 :func:`open_client` owns: nothing runs after the block ends.
 """

@@ -1,4 +1,5 @@
-"""The ``monte-trio`` command line: ``keygen``, ``serve``, ``bench`` and ``demo``.
+"""The ``monte-trio`` command line: ``keygen``, ``pubkey``, ``serve``, ``bench``, ``call``
+and ``demo``, one module each.
 
 Every subcommand prepares its options synchronously (reading key, passphrase and PSK files,
 parsing trust specifications), so that bad usage is reported by argparse (exit status 2)

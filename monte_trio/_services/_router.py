@@ -9,6 +9,9 @@ under the caller's deadline, through the middleware, and replies with the encode
 or an error reply. Nothing the caller sends can end the connection: every refusal is an
 error reply with a :class:`~monte_trio.MethodErrorCode`. Bodies that are not call
 envelopes go to the ``fallback`` handler, if any.
+
+It is one class of a little over 500 lines: registration, dispatch, argument checking,
+middleware and statistics all read the same method table.
 """
 
 from __future__ import annotations
