@@ -47,6 +47,21 @@ How a driver uses this
   ``reader_paused(True/False)`` around any pause of the reader caused by our own
   back-pressure, so it never counts as the peer's silence.
 * **Close**: ``start_close()`` queues GOAWAY; close TCP when ``finished`` (or EV_CLOSED).
+* **Streams and streaming calls** (docs/wire-native.rst, "Streams and streaming calls";
+  per-id state in :mod:`~monte_trio._proto._calls`): ``open_stream()`` /
+  ``open_call(shape)`` return an id or ``None`` (no slot: wait FIFO, retry after
+  ``credit_changed`` moves). A writer calls ``send_data(id, data, end)`` (returns the bytes
+  accepted; wait for ``(EV_CALL_CREDIT, id or 0, ...)`` before retrying the rest) or
+  ``send_message(id, body, end) -> bool`` likewise, and ``send_end(id)``; it never holds
+  the write role while waiting. The reader routes EV_STREAM_OPENED to ``stream_handler``,
+  EV_DATA and EV_MESSAGE to the stream's receive buffer, EV_END to a clean EOF, EV_RESET
+  to a failed read (truncated), EV_STOP to failing the stream's senders (the RESET answer
+  is already queued), EV_ERROR on a call to its caller. When the application has taken
+  data: ``read_done(id, len(data) or the EV_MESSAGE's cost, now=clock)``. On EV_PONG:
+  ``observe_rtt(now - sent_at)``; while streams carry data, ``ping(now)`` every few RTTs so
+  windows can grow. Giving up: ``cancel(id)`` (opener), ``reset(id, code)`` /
+  ``stop(id, code)`` (either side; ``aclose()`` with unread data calls both), and a call's
+  acceptor fails with ``send_error(id, code, text)``.
 """
 
 from __future__ import annotations
@@ -56,9 +71,20 @@ from collections import deque
 from typing import Any, Final
 
 from .._exceptions import LocalProtocolError, RemoteProtocolError
+from ._calls import (
+    HALF_CLOSED,
+    HALF_ENDING,
+    HALF_OPEN,
+    HALF_RESETTING,
+    SHAPE_BIDIRECTIONAL,
+    SHAPE_STREAM,
+    Channel,
+    update_due,
+)
 from ._wire2 import (
     CONTROL_BURST,
     CONTROL_RATE,
+    FLAG_END,
     FLAG_MORE,
     FLAG_NESTED,
     HEADER,
@@ -66,6 +92,9 @@ from ._wire2 import (
     MAX_CONTROL_PAYLOAD,
     MAX_ERROR_TEXT,
     MESSAGE_COST,
+    SLICE,
+    STREAM_ABORT_BURST,
+    STREAM_ABORT_RATE,
     CreditLimit,
     ErrorCode,
     Hello2,
@@ -76,14 +105,21 @@ __all__ = [
     "CLOSED",
     "CLOSING",
     "ERROR",
+    "EV_CALL_CREDIT",
     "EV_CANCEL",
     "EV_CLOSED",
+    "EV_DATA",
+    "EV_END",
     "EV_ERROR",
     "EV_GOAWAY",
+    "EV_MESSAGE",
     "EV_ONEWAY",
     "EV_PONG",
     "EV_REPLY",
     "EV_REQUEST",
+    "EV_RESET",
+    "EV_STOP",
+    "EV_STREAM_OPENED",
     "OPEN",
     "Event",
     "Session",
@@ -116,6 +152,25 @@ EV_PONG: Final = 7
 """``(EV_PONG, ping_id, sent_at, 0)``: our keepalive was answered (rtt = now - sent_at)."""
 EV_CLOSED: Final = 8
 """``(EV_CLOSED, code, reason, 0)``: the session ended (peer silent, grace expired)."""
+EV_STREAM_OPENED: Final = 9
+"""``(EV_STREAM_OPENED, id, shape, 0)``: the peer opened a byte stream (shape 0) or a
+streaming call (``SHAPE_UPLOAD``, ``SHAPE_DOWNLOAD``, ``SHAPE_BIDIRECTIONAL``)."""
+EV_DATA: Final = 10
+"""``(EV_DATA, id, data, 0)``: bytes on a stream; ``read_done(id, n)`` as they are read."""
+EV_MESSAGE: Final = 11
+"""``(EV_MESSAGE, id, body, cost)``: one message of a streaming call; ``read_done(id,
+cost)`` once the application took it."""
+EV_END: Final = 12
+"""``(EV_END, id, 0, 0)``: the peer half-closed (END) its sending half: nothing follows."""
+EV_RESET: Final = 13
+"""``(EV_RESET, id, code, 0)``: the peer aborted its sending half; what it sent may be
+truncated (a reader must fail, never report a clean end)."""
+EV_STOP: Final = 14
+"""``(EV_STOP, id, code, 0)``: the peer will not read our sending half: the session has
+discarded our unsent data and queued RESET(code); senders on ``id`` must fail."""
+EV_CALL_CREDIT: Final = 15
+"""``(EV_CALL_CREDIT, id, available, 0)``: our credit on stream ``id`` grew (wake its
+sender); id 0: the connection-level data window grew (wake every blocked sender)."""
 
 Event = tuple[int, int, object, object]
 
@@ -126,6 +181,9 @@ _REQUEST: Final = 0x02
 _REPLY: Final = 0x03
 _ERROR: Final = 0x04
 _CONT: Final = 0x05
+_STREAM: Final = 0x06
+_CALL: Final = 0x07
+_DATA: Final = 0x08
 _FIRST_CONTROL: Final = 0x10
 _PING_PAYLOAD_SIZE: Final = 8
 
@@ -154,15 +212,37 @@ class Session:
         first_id: the first call id to allocate (tests of id exhaustion).
         control_burst: budgeted control frames accepted at once ...
         control_rate: ... and refilled per second.
+        stream_window_cap: the largest a stream's receive window grows to (auto-tuning
+            toward the bandwidth-delay product); the memory bound uses it.
+        abort_burst: streams the peer may open and then abort (RESET, STOP) at once ...
+        abort_rate: ... and per second after that.
     """
 
     __slots__ = (
+        "_abort_burst",
+        "_abort_rate",
+        "_aborts",
         "_blocked_replies",
         "_budget",
         "_budget_at",
         "_burst",
+        "_call_max_in",
+        "_call_max_out",
         "_cancels",
+        "_cap",
+        "_ch_in",
+        "_ch_out",
+        "_channels",
         "_credit_dirty",
+        "_d_blocked",
+        "_d_blocked_at",
+        "_d_blocked_out",
+        "_d_limit_in",
+        "_d_limit_out",
+        "_d_read",
+        "_d_recv",
+        "_d_used_out",
+        "_d_window",
         "_goaway_in",
         "_goaway_out",
         "_goaway_sent",
@@ -180,13 +260,17 @@ class Session:
         "_out_plain",
         "_own_k",
         "_own_m",
+        "_own_ms",
         "_own_s",
+        "_own_sw",
         "_partial",
         "_paused",
         "_peer_k",
         "_peer_m",
+        "_peer_ms",
         "_peer_parity",
         "_peer_s",
+        "_peer_sw",
         "_ping",
         "_ping_at",
         "_ping_outstanding",
@@ -200,7 +284,9 @@ class Session:
         "_r_recv",
         "_r_used_out",
         "_rate",
+        "_ready",
         "_reserve",
+        "_sctrl",
         "_silent",
         "_silent_ticks",
         "_w_limit_in",
@@ -213,6 +299,7 @@ class Session:
         "highest_in",
         "highest_out",
         "initiator",
+        "rtt",
         "send_queue_bytes",
         "state",
     )
@@ -230,6 +317,9 @@ class Session:
         first_id: int | None = None,
         control_burst: int = CONTROL_BURST,
         control_rate: float = CONTROL_RATE,
+        stream_window_cap: int = 16 * 1024 * 1024,
+        abort_burst: int = STREAM_ABORT_BURST,
+        abort_rate: float = STREAM_ABORT_RATE,
     ) -> None:
         own_parity = 1 if initiator else 0
         if first_id is None:
@@ -306,6 +396,34 @@ class Session:
         self._paused = False
         self._grace = grace_period
         self._grace_at: float | None = None
+        # Streams and streaming calls: enabled when both hellos offer them.
+        both = bool(local.max_streams and peer.max_streams)
+        self._own_ms = local.max_streams if both else 0
+        self._peer_ms = peer.max_streams if both else 0
+        self._own_sw = local.stream_window
+        self._peer_sw = peer.stream_window
+        self._call_max_in = min(self._own_m, local.stream_window // 2 - MESSAGE_COST)
+        self._call_max_out = min(self._peer_m, peer.stream_window // 2 - MESSAGE_COST)
+        self._cap = max(stream_window_cap, local.stream_window)
+        self._channels: dict[int, Channel] = {}
+        self._ch_out = 0
+        self._ch_in = 0
+        self._ready: deque[int] = deque()  # round-robin of channels with data to pack
+        self._sctrl: dict[int, None] = {}  # channels (0: the connection) with control due
+        # Connection-level data window: granted (in) and granted to us (out).
+        self._d_window = local.data_window
+        self._d_limit_in = local.data_window
+        self._d_recv = 0
+        self._d_read = 0
+        self._d_blocked = False
+        self._d_limit_out = peer.data_window
+        self._d_used_out = 0
+        self._d_blocked_at = -1
+        self._d_blocked_out = False
+        self._abort_burst = abort_burst
+        self._abort_rate = abort_rate
+        self._aborts = float(abort_burst)
+        self.rtt: float | None = None
 
     # ------------------------------------------------------------------ queries
     @property
@@ -316,7 +434,15 @@ class Session:
     @property
     def wants_write(self) -> bool:
         """Whether :meth:`records_to_send` has something to pack."""
-        return bool(self._queue or self._pong or self._ping or self._cancels or self._credit_dirty)
+        return bool(
+            self._queue
+            or self._pong
+            or self._ping
+            or self._cancels
+            or self._credit_dirty
+            or self._ready
+            or self._sctrl
+        )
 
     @property
     def finished(self) -> bool:
@@ -331,6 +457,7 @@ class Session:
             and not self._partial
             and not self.wants_write
             and not self._blocked_replies
+            and not self._channels
         )
 
     @property
@@ -347,6 +474,39 @@ class Session:
             "slots": self._peer_s - self._out_plain,
             "request_bytes_held": sum(self._in_held.values()),
             "reply_bytes_held": sum(self._r_held.values()),
+            "streams": self._peer_ms - self._ch_out,
+            "data_window": self._d_limit_out - self._d_used_out,
+        }
+
+    @property
+    def streams_open(self) -> tuple[int, int]:
+        """``(ours, theirs)``: streams and streaming calls holding a slot on each side."""
+        return self._ch_out, self._ch_in
+
+    @property
+    def data_ledger(self) -> dict[str, int]:
+        """The connection-level data window, for statistics and tests: what we received
+        and returned (credited back at once) and what we sent against the peer's grant."""
+        return {
+            "received": self._d_recv,
+            "returned": self._d_read,
+            "advertised": self._d_limit_in,
+            "sent": self._d_used_out,
+            "granted": self._d_limit_out,
+        }
+
+    def stream_credit(self, ident: int) -> dict[str, int] | None:
+        """One stream's windows (``None`` once it is closed): ``send`` is the credit we
+        may still use, ``window`` our receive window, ``unread`` what the application has
+        not returned with :meth:`read_done`, ``unsent`` data accepted but not packed."""
+        ch = self._channels.get(ident)
+        if ch is None:
+            return None
+        return {
+            "send": ch.s_limit - ch.s_used,
+            "window": ch.r_window,
+            "unread": ch.r_recv - ch.r_read,
+            "unsent": ch.unsent,
         }
 
     def _check_sendable(self) -> None:
@@ -454,6 +614,10 @@ class Session:
         self._check_sendable()
         entry = self._in.get(call_id)
         if entry is None or entry[3]:
+            ch = self._channels.get(call_id)
+            if ch is not None and kind == _ERROR:
+                self._channel_error_out(ch, body)
+                return
             raise LocalProtocolError(f"call {call_id} is not awaiting an answer from us")
         if kind == _REPLY:
             self._check_size(body)
@@ -480,7 +644,14 @@ class Session:
     def cancel(self, call_id: int) -> None:
         """Give up on our call ``call_id``: no event for it follows. A call not yet on the
         wire is withdrawn; otherwise CANCEL is sent and the slot stays held until the
-        peer's terminal frame (ERROR CANCELLED, or a reply that crossed it)."""
+        peer's terminal frame (ERROR CANCELLED, or a reply that crossed it).
+
+        A stream or streaming call of ours is cancelled with RESET(CANCELLED) and
+        STOP(CANCELLED) (withdrawn if its opening frame is not on the wire yet)."""
+        ch = self._channels.get(call_id)
+        if ch is not None:
+            self._cancel_channel(ch)
+            return
         entry = self._out.get(call_id)
         if entry is None or entry[1] or self.state >= CLOSED:
             return
@@ -558,6 +729,261 @@ class Session:
         time it is paused is not the peer's silence."""
         self._paused = paused
 
+    # ------------------------------------------------------------------ streams
+    def open_stream(self) -> int | None:
+        """Open a byte stream; return its id, or ``None`` when the peer's max_streams are
+        all in use (wait FIFO and retry after :attr:`credit_changed` moves: a slot frees
+        when a stream is closed both ways).
+
+        Raises:
+            LocalProtocolError: closed or closing, or one of the hellos offers no streams.
+        """
+        return self._open_channel(_STREAM, SHAPE_STREAM)
+
+    def open_call(self, shape: int) -> int | None:
+        """Open a streaming call of ``shape`` (``SHAPE_UPLOAD``, ``SHAPE_DOWNLOAD`` or
+        ``SHAPE_BIDIRECTIONAL``); its messages follow with :meth:`send_message`. Returns
+        its id or ``None`` as :meth:`open_stream` does.
+
+        Raises:
+            LocalProtocolError: as :meth:`open_stream`, or an unknown shape.
+        """
+        if shape not in (1, 2, SHAPE_BIDIRECTIONAL):
+            raise LocalProtocolError(f"unknown call shape {shape}; use 1, 2 or 3")
+        return self._open_channel(_CALL, shape)
+
+    def _open_channel(self, kind: int, shape: int) -> int | None:
+        self._check_sendable()
+        if not self.can_open:
+            raise LocalProtocolError("the connection is closing; retry on a new connection")
+        if not self._peer_ms:
+            raise LocalProtocolError(
+                "streams are not enabled on this connection (both hellos need max_streams)"
+            )
+        if self._ch_out >= self._peer_ms:
+            return None
+        ident = self._next_id
+        self._next_id = ident + 2
+        self.highest_out = ident
+        self._ch_out += 1
+        self._channels[ident] = Channel(
+            ident, ours=True, shape=shape, send_limit=self._peer_sw, recv_window=self._own_sw
+        )
+        self._queue.append([kind, ident, b"", bytes([shape]) if shape else b"", 0])
+        if self._next_id > ID_LIMIT and self._goaway_out is None:
+            self.start_close(ErrorCode.ID_EXHAUSTED)
+        return ident
+
+    def _sending(self, ident: int, messages: bool) -> Channel:
+        ch = self._channels.get(ident)
+        self._check_sendable()
+        if ch is None or ch.send_state != HALF_OPEN:
+            raise LocalProtocolError(f"stream {ident} is not open for sending")
+        if ch.messages != messages:
+            what = "send_message" if ch.messages else "send_data"
+            raise LocalProtocolError(
+                f"{ident} is a {'call' if ch.messages else 'stream'}: use {what}"
+            )
+        return ch
+
+    def send_data(self, ident: int, data: bytes, end: bool = False) -> int:
+        """Queue bytes on stream ``ident``; return how many were accepted.
+
+        As many as both windows allow (the stream's and the connection's) are accepted
+        and their credit taken; the rest is the caller's to retry after EV_CALL_CREDIT.
+        ``end`` half-closes the stream once everything given was accepted (it is ignored
+        when fewer bytes were). Running short of credit queues BLOCKED for the peer.
+
+        Raises:
+            LocalProtocolError: not a stream of this connection, or its sending half is
+                already ended or reset.
+        """
+        ch = self._sending(ident, False)
+        n = len(data)
+        room = min(ch.s_limit - ch.s_used, self._d_limit_out - self._d_used_out)
+        take = n if n <= room else max(room, 0)
+        if take:
+            ch.s_used += take
+            self._d_used_out += take
+            ch.send_buf.append([data if take == n else data[:take], 0])
+            self.send_queue_bytes += take
+        if take < n:
+            self._note_blocked(ch)
+        elif end:
+            ch.send_state = HALF_ENDING
+        if take or ch.send_state == HALF_ENDING:
+            self._mark_ready(ch)
+        return take
+
+    def send_message(self, ident: int, body: bytes, end: bool = False) -> bool:
+        """Queue one message on streaming call ``ident`` if both windows hold its cost
+        (body + 64); ``False``: wait for EV_CALL_CREDIT and retry (BLOCKED is queued).
+        ``end`` half-closes after it; the one message of a one-message half always does.
+
+        Raises:
+            LocalProtocolError: not a call, its sending half is ended, a one-message half
+                already sent its message, or the body exceeds the largest call message
+                (``min(M, stream_window / 2 - 64)`` of the peer).
+        """
+        ch = self._sending(ident, True)
+        size = len(body)
+        if size > self._call_max_out:
+            raise LocalProtocolError(
+                f"message of {size} bytes exceeds the largest message on a streaming call "
+                f"({self._call_max_out}); send it over a stream"
+            )
+        if not ch.send_many:
+            if ch.send_messages:
+                raise LocalProtocolError(f"call {ident} sends exactly one message this way")
+            end = True
+        cost = size + MESSAGE_COST
+        if ch.s_limit - ch.s_used < cost or self._d_limit_out - self._d_used_out < size:
+            self._note_blocked(ch, cost, size)
+            return False
+        ch.s_used += cost
+        self._d_used_out += size
+        ch.send_messages += 1
+        ch.send_buf.append([body, 0])
+        self.send_queue_bytes += size
+        if end:
+            ch.send_state = HALF_ENDING
+        self._mark_ready(ch)
+        return True
+
+    def send_end(self, ident: int) -> None:
+        """Half-close stream or call ``ident`` (END after the data already queued).
+
+        Raises:
+            LocalProtocolError: not open for sending, or a call's one-message half whose
+                message was not sent (send it with :meth:`send_message` instead).
+        """
+        ch = self._channels.get(ident)
+        if ch is not None and ch.messages and not ch.send_many and not ch.send_messages:
+            raise LocalProtocolError(f"call {ident} must send its one message before END")
+        ch = self._sending(ident, ch.messages if ch is not None else False)
+        ch.send_state = HALF_ENDING
+        self._mark_ready(ch)
+
+    def _mark_ready(self, ch: Channel) -> None:
+        if ch.wire_open and not ch.ready:
+            ch.ready = True
+            self._ready.append(ch.ident)
+
+    def _note_blocked(self, ch: Channel, cost: int = 1, size: int = 1) -> None:
+        """Queue BLOCKED for each window that fell short (once per limit value)."""
+        if ch.s_limit - ch.s_used < cost and ch.blocked_at != ch.s_limit:
+            ch.blocked_at = ch.s_limit
+            ch.blocked_out = True
+            self._sctrl[ch.ident] = None
+        if self._d_limit_out - self._d_used_out < size and self._d_blocked_at != self._d_limit_out:
+            self._d_blocked_at = self._d_limit_out
+            self._d_blocked_out = True
+            self._sctrl[0] = None
+
+    def read_done(self, ident: int, nbytes: int, *, now: float | None = None) -> None:
+        """The application consumed ``nbytes`` of stream ``ident`` (a call: the ``cost``
+        of each EV_MESSAGE it took): return that credit, batched (see the module's rules).
+
+        Args:
+            ident: the stream or call.
+            nbytes: bytes read (streams) or message costs (calls).
+            now: the driver's clock; given, it lets the window grow toward the
+                bandwidth-delay product (with :attr:`rtt`).
+        """
+        ch = self._channels.get(ident)
+        if ch is not None and ch.note_read(nbytes, now, self.rtt, self._cap):
+            self._sctrl[ident] = None
+
+    def reset(self, ident: int, code: int = ErrorCode.CANCELLED) -> None:
+        """Abort our sending half of ``ident``: unsent data is dropped (its credit taken
+        back), RESET(code) goes out in the control lane and no END ever follows. Nothing
+        happens if the half is already closed."""
+        ch = self._channels.get(ident)
+        if ch is None or ch.send_state in (HALF_RESETTING, HALF_CLOSED) or self.state >= CLOSED:
+            return
+        self._discard_unsent(ch)
+        ch.send_state = HALF_RESETTING
+        ch.reset_out = int(code)
+        self._sctrl[ident] = None
+
+    def stop(self, ident: int, code: int = ErrorCode.CANCELLED) -> None:
+        """Ask the peer to abort its sending half of ``ident`` (STOP(code); it answers
+        RESET). Data arriving meanwhile is discarded; no EV_DATA or EV_MESSAGE follows."""
+        ch = self._channels.get(ident)
+        if ch is None or ch.recv_state != HALF_OPEN or ch.stopping or self.state >= CLOSED:
+            return
+        ch.stopping = True
+        ch.r_message = None
+        ch.stop_out = int(code)
+        self._sctrl[ident] = None
+
+    def _cancel_channel(self, ch: Channel) -> None:
+        if self.state >= CLOSED:
+            return
+        if ch.ours and not ch.wire_open:
+            for item in self._queue:
+                if item[1] == ch.ident and item[0] in (_STREAM, _CALL):
+                    self._queue.remove(item)
+                    break
+            self._discard_unsent(ch)
+            ch.send_state = ch.recv_state = HALF_CLOSED
+            self._remove(ch)
+            return
+        self.reset(ch.ident, ErrorCode.CANCELLED)
+        self.stop(ch.ident, ErrorCode.CANCELLED)
+
+    def _channel_error_out(self, ch: Channel, body: bytes) -> None:
+        if ch.ours or not ch.messages:
+            raise LocalProtocolError(
+                f"{ch.ident} is not a streaming call this side accepted: use reset() and stop()"
+            )
+        if ch.send_state not in (HALF_OPEN, HALF_ENDING):
+            raise LocalProtocolError(f"call {ch.ident} has already ended its sending half")
+        self._discard_unsent(ch)
+        ch.send_state = HALF_RESETTING  # the ERROR, in the message queue, closes both halves
+        ch.stopping = True
+        ch.r_message = None
+        self._queue.append([_ERROR, ch.ident, b"", body, 0])
+        self.send_queue_bytes += len(body)
+
+    def _discard_unsent(self, ch: Channel) -> None:
+        unsent = ch.unsent
+        if unsent or ch.send_buf:
+            self._d_used_out -= unsent
+            self.send_queue_bytes -= unsent
+            ch.send_buf.clear()
+        if ch.ready:
+            ch.ready = False
+            self._ready.remove(ch.ident)
+
+    def _remove(self, ch: Channel) -> None:
+        """Both halves closed on this side: free the slot."""
+        del self._channels[ch.ident]
+        if ch.ready:
+            ch.ready = False
+            self._ready.remove(ch.ident)
+        if ch.ours:
+            self._ch_out -= 1
+        else:
+            self._ch_in -= 1
+        self.credit_changed += 1
+
+    def observe_rtt(self, seconds: float) -> None:
+        """The driver measured a round trip (a PONG's ``now - sent_at``): the smoothed
+        value (:attr:`rtt`) drives window growth."""
+        rtt = self.rtt
+        self.rtt = seconds if rtt is None else 0.875 * rtt + 0.125 * seconds
+
+    def ping(self, now: float) -> bool:
+        """Queue a PING to measure the round trip (none if one is outstanding)."""
+        if self._ping_outstanding or self.state != OPEN:
+            return False
+        self._ping_seq = (self._ping_seq % 0xFFFFFFFF) + 1
+        self._ping = (self._ping_seq, int(now * 1e6).to_bytes(8, "big", signed=True))
+        self._ping_at = {self._ping_seq: now}
+        self._ping_outstanding = True
+        return True
+
     # ------------------------------------------------------------------ timers
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next run, or ``None``."""
@@ -580,6 +1006,10 @@ class Session:
             return events
         self._budget = min(
             float(self._burst), self._budget + self._rate * max(0.0, now - self._budget_at)
+        )
+        self._aborts = min(
+            float(self._abort_burst),
+            self._aborts + self._abort_rate * max(0.0, now - self._budget_at),
         )
         self._budget_at = now
         if self._grace_at is not None and now >= self._grace_at:
@@ -628,7 +1058,7 @@ class Session:
         out: list[bytes] = []
         parts: list[bytes] = []
         size = 0
-        if self._pong or self._ping or self._cancels or self._credit_dirty:
+        if self._pong or self._ping or self._cancels or self._credit_dirty or self._sctrl:
             for frame in self._control_frames():
                 if size + len(frame) > max_plaintext:
                     out.append(b"".join(parts))
@@ -636,11 +1066,35 @@ class Session:
                     size = 0
                 parts.append(frame)
                 size += len(frame)
-        queue = self._queue
         limit = max_bytes if max_bytes is not None else 1 << 62
         produced = 0
-        chunk_max = min(65535, max_plaintext - 8)
-        while queue and produced < limit:
+        if not self._ready:
+            size, produced = self._pack_queue(out, parts, size, 0, max_plaintext, limit)
+        if self._ready and produced < limit:
+            size, produced = self._interleave(out, parts, size, produced, max_plaintext, limit)
+        if parts:
+            out.append(b"".join(parts))
+        return out
+
+    def _pack_queue(
+        self,
+        out: list[bytes],
+        parts: list[bytes],
+        size: int,
+        produced: int,
+        max_plaintext: int,
+        limit: int,
+        turn_cap: int = 1 << 62,
+        chunk_cap: int = 65535,
+    ) -> tuple[int, int]:
+        """Pack the message queue (requests, replies, one-ways, opening frames, GOAWAY)
+        in order; with streams ready, one turn of at most ``turn_cap`` payload bytes in
+        frames of at most ``chunk_cap``. Returns the open record's size and the bytes of
+        closed records so far."""
+        queue = self._queue
+        chunk_max = min(chunk_cap, max_plaintext - 8)
+        turn = 0
+        while queue and produced < limit and turn < turn_cap:
             item = queue[0]
             kind, ident, prefix, body, offset = item
             blen = len(body)
@@ -650,7 +1104,7 @@ class Session:
                     if size + 8 + n > max_plaintext:
                         out.append(b"".join(parts))
                         produced += size
-                        parts = []
+                        parts.clear()
                         size = 0
                     if prefix:
                         parts.append(_pack(kind, FLAG_NESTED, n, ident) + prefix)
@@ -658,6 +1112,7 @@ class Session:
                         parts.append(_pack(kind, 0, n, ident))
                     parts.append(body)
                     size += 8 + n
+                    turn += n
                     queue.popleft()
                     if kind == _ONEWAY:
                         self.send_queue_bytes -= blen
@@ -669,10 +1124,10 @@ class Session:
                 if room < 256:
                     out.append(b"".join(parts))
                     produced += size
-                    parts = []
+                    parts.clear()
                     size = 0
                     room = max_plaintext - 8 - len(prefix) - 4
-                room = min(room, 65535 - len(prefix) - 4)
+                room = min(room, chunk_cap - len(prefix) - 4)
                 flags = FLAG_MORE | (FLAG_NESTED if prefix else 0)
                 parts.append(
                     _pack(kind, flags, len(prefix) + 4 + room, ident)
@@ -681,27 +1136,123 @@ class Session:
                     + body[:room]
                 )
                 size += 8 + len(prefix) + 4 + room
+                turn += room
                 item[4] = room
                 continue
             take = min(blen - offset, chunk_max)
             if size + 8 + take > max_plaintext:
                 out.append(b"".join(parts))
                 produced += size
-                parts = []
+                parts.clear()
                 size = 0
             last = offset + take >= blen
             parts.append(
                 _pack(_CONT, 0 if last else FLAG_MORE, take, ident) + body[offset : offset + take]
             )
             size += 8 + take
+            turn += take
             if last:
                 queue.popleft()
                 self._sent(kind, ident, blen)
             else:
                 item[4] = offset + take
-        if parts:
-            out.append(b"".join(parts))
-        return out
+        return size, produced
+
+    def _interleave(
+        self,
+        out: list[bytes],
+        parts: list[bytes],
+        size: int,
+        produced: int,
+        max_plaintext: int,
+        limit: int,
+    ) -> tuple[int, int]:
+        """Fair scheduling: turns of at most SLICE payload bytes, round-robin between the
+        message queue and each stream with data (control frames went first)."""
+        queue = self._queue
+        ready = self._ready
+        channels = self._channels
+        while produced < limit and (queue or ready):
+            if queue:
+                size, produced = self._pack_queue(
+                    out, parts, size, produced, max_plaintext, limit, SLICE, SLICE
+                )
+            if ready and produced < limit:
+                ch = channels.get(ready.popleft())
+                if ch is None or not ch.ready:
+                    continue
+                ch.ready = False
+                size, produced = self._pack_channel(ch, out, parts, size, produced, max_plaintext)
+                if ch.send_buf or ch.send_state == HALF_ENDING:
+                    ch.ready = True
+                    ready.append(ch.ident)
+        return size, produced
+
+    def _pack_channel(
+        self,
+        ch: Channel,
+        out: list[bytes],
+        parts: list[bytes],
+        size: int,
+        produced: int,
+        max_plaintext: int,
+    ) -> tuple[int, int]:
+        """One turn of one stream: DATA frames of at most SLICE payload bytes in all (a
+        call's message continues with MORE; END rides on the last frame)."""
+        ident = ch.ident
+        buf = ch.send_buf
+        turn = 0
+        while turn < SLICE:
+            if not buf and ch.send_state != HALF_ENDING:
+                break
+            remaining = len(buf[0][0]) - buf[0][1] if buf else 0
+            room = max_plaintext - size - 8
+            if room < 0 or room < min(remaining, 256):
+                out.append(b"".join(parts))
+                parts.clear()
+                produced += size
+                size = 0
+                room = max_plaintext - 8
+            room = min(room, 65535, SLICE - turn)
+            flags = 0
+            take = 0
+            if not buf:
+                pieces: list[bytes] = []
+            elif ch.messages:
+                item = buf[0]
+                data, offset = item
+                take = min(remaining, room)
+                if take == remaining:
+                    buf.popleft()
+                else:
+                    item[1] = offset + take
+                    flags = FLAG_MORE
+                pieces = [data[offset : offset + take] if take != len(data) else data]
+            else:
+                pieces = []
+                while buf and take < room:
+                    item = buf[0]
+                    data, offset = item
+                    t = min(len(data) - offset, room - take)
+                    pieces.append(data if t == len(data) else data[offset : offset + t])
+                    if offset + t == len(data):
+                        buf.popleft()
+                    else:
+                        item[1] = offset + t
+                    take += t
+            if not buf and not flags and ch.send_state == HALF_ENDING:
+                flags |= FLAG_END
+                ch.send_state = HALF_CLOSED
+            parts.append(_pack(_DATA, flags, take, ident))
+            parts.extend(pieces)
+            size += 8 + take
+            turn += take
+            self.send_queue_bytes -= take
+            if ch.send_state == HALF_CLOSED:
+                if ch.recv_state == HALF_CLOSED:
+                    self._remove(ch)
+                break
+        return size, produced
 
     def _sent(self, kind: int, ident: int, blen: int) -> None:
         """A message's last frame is packed."""
@@ -722,6 +1273,20 @@ class Session:
                         p[2] -= 1
                 else:
                     self._in_plain -= 1
+            elif kind == _ERROR:
+                ch = self._channels.get(ident)
+                if ch is not None:  # a streaming call's ERROR ends both halves
+                    ch.send_state = ch.recv_state = HALF_CLOSED
+                    ch.reset_out = ch.stop_out = None
+                    self._remove(ch)
+        elif kind in (_STREAM, _CALL):
+            ch = self._channels.get(ident)
+            if ch is not None:
+                ch.wire_open = True
+                if ch.send_buf or ch.send_state == HALF_ENDING:
+                    self._mark_ready(ch)
+                if ch.reset_out is not None or ch.stop_out is not None or ch.blocked_out:
+                    self._sctrl[ident] = None
 
     def _control_frames(self) -> list[bytes]:
         frames: list[bytes] = []
@@ -746,11 +1311,63 @@ class Session:
         for call_id in self._cancels:
             frames.append(_pack(Kind.CANCEL, 0, 0, call_id))
         self._cancels.clear()
+        if self._sctrl:
+            self._stream_control_frames(frames)
         if self._ping is not None:
             ident, payload = self._ping
             frames.append(_pack(Kind.PING, 0, len(payload), ident) + payload)
             self._ping = None
         return frames
+
+    def _stream_control_frames(self, frames: list[bytes]) -> None:
+        """RESET, STOP, WINDOW and BLOCKED due on channels (one of each at most; the
+        latest WINDOW value wins), and the connection's data window (key 0)."""
+        deferred: dict[int, None] = {}
+        for ident in self._sctrl:
+            if ident == 0:
+                if self._d_blocked_out:
+                    self._d_blocked_out = False
+                    if self._d_blocked_at == self._d_limit_out:
+                        frames.append(
+                            _pack(Kind.BLOCKED, 0, 8, 0) + self._d_limit_out.to_bytes(8, "big")
+                        )
+                new = self._d_read + self._d_window
+                if new > self._d_limit_in and update_due(
+                    self._d_window, self._d_limit_in, self._d_read, self._d_blocked
+                ):
+                    self._d_limit_in = new
+                    self._d_blocked = False
+                    frames.append(
+                        _pack(Kind.CREDIT, 0, 8, CreditLimit.DATA_WINDOW) + new.to_bytes(8, "big")
+                    )
+                continue
+            ch = self._channels.get(ident)
+            if ch is None:
+                continue
+            if not ch.wire_open:  # its opening frame is still queued: wait for it
+                deferred[ident] = None
+                continue
+            if ch.stop_out is not None:
+                frames.append(_pack(Kind.STOP, 0, 2, ident) + ch.stop_out.to_bytes(2, "big"))
+                ch.stop_out = None
+            if ch.r_dirty:
+                ch.r_dirty = False
+                new = ch.r_read + ch.r_window
+                if new > ch.r_limit and ch.recv_state == HALF_OPEN and not ch.stopping:
+                    ch.r_limit = new
+                    ch.r_blocked = False
+                    frames.append(_pack(Kind.WINDOW, 0, 8, ident) + new.to_bytes(8, "big"))
+            if ch.blocked_out:
+                ch.blocked_out = False
+                if ch.blocked_at == ch.s_limit and ch.send_state == HALF_OPEN:
+                    frames.append(_pack(Kind.BLOCKED, 0, 8, ident) + ch.s_limit.to_bytes(8, "big"))
+            if ch.reset_out is not None:
+                frames.append(_pack(Kind.RESET, 0, 2, ident) + ch.reset_out.to_bytes(2, "big"))
+                ch.reset_out = None
+                ch.send_state = HALF_CLOSED
+                if ch.recv_state == HALF_CLOSED:
+                    self._remove(ch)
+        self._sctrl = deferred
 
     # ------------------------------------------------------------------ parsing
     def receive_records(self, plaintexts: list[bytes]) -> list[Event]:
@@ -857,6 +1474,8 @@ class Session:
         self._check_terminal_id(ident, cost)
         entry = self._out.pop(ident, None)
         if entry is None:
+            if ident in self._channels:
+                raise _violation(ErrorCode.PROTOCOL, f"a unary answer on stream {ident}")
             # A stale id (its call ended): credit back, charge the budget.
             self._r_pending += cost
             self._credit_dirty = True
@@ -907,6 +1526,15 @@ class Session:
             return
         if kind == _CONT:
             self._continuation(flags, length, ident, pt, start, end, events)
+            return
+        if kind == _DATA:
+            self._data_in(flags, length, ident, pt, start, end, events)
+            return
+        if kind in (_STREAM, _CALL):
+            self._channel_in(kind, flags, length, ident, pt[start:end], events)
+            return
+        if kind == _ERROR and ident in self._channels:
+            self._channel_error_in(flags, ident, pt[start:end], events)
             return
         if kind not in (_ONEWAY, _REQUEST, _REPLY, _ERROR):
             raise _violation(ErrorCode.PROTOCOL, f"unknown frame kind {kind}")
@@ -1051,6 +1679,10 @@ class Session:
                 current = self._r_limit_out
             elif ident == CreditLimit.CALLS:
                 current = self._peer_s
+            elif ident == CreditLimit.STREAMS:
+                current = self._peer_ms
+            elif ident == CreditLimit.DATA_WINDOW:
+                current = self._d_limit_out
             else:
                 raise _violation(ErrorCode.PROTOCOL, f"CREDIT for unknown limit {ident}")
             if value < current:
@@ -1063,8 +1695,15 @@ class Session:
             elif ident == CreditLimit.REPLY_WINDOW:
                 self._r_limit_out = value
                 self._unblock_replies()
-            else:
+            elif ident == CreditLimit.CALLS:
                 self._peer_s = min(value, 2**31)
+            elif ident == CreditLimit.STREAMS:
+                if not self._peer_ms:
+                    raise _violation(ErrorCode.PROTOCOL, "CREDIT for streams, never enabled")
+                self._peer_ms = min(value, 2**31)
+            else:
+                self._d_limit_out = value
+                events.append((EV_CALL_CREDIT, 0, value - self._d_used_out, 0))
             self.credit_changed += 1
         elif kind == Kind.CANCEL:
             if length:
@@ -1072,12 +1711,16 @@ class Session:
             if ident & 1 != self._peer_parity or ident == 0 or ident > self.highest_in:
                 raise _violation(ErrorCode.PROTOCOL, f"CANCEL of call {ident}, never opened")
             entry = self._in.get(ident)
+            if entry is None and ident in self._channels:
+                raise _violation(ErrorCode.PROTOCOL, f"CANCEL of stream {ident}: use RESET, STOP")
             if entry is None or entry[1] or entry[3]:
                 self._charge("CANCEL of a closed call")
                 return
             entry[1] = 1
             if ident not in self._partial:
                 events.append((EV_CANCEL, ident, 0, 0))
+        elif Kind.RESET <= kind <= Kind.BLOCKED:
+            self._channel_control(kind, length, ident, payload, events)
         elif kind == Kind.PING:
             self._charge("PING")
             self._pong = (ident, payload)
@@ -1112,6 +1755,283 @@ class Session:
         else:
             raise _violation(ErrorCode.PROTOCOL, f"unknown frame kind {kind}")
 
+    def _fail_channels_above(self, last: int) -> tuple[int, ...]:
+        """Our streams above a GOAWAY's id were never accepted: fail them (safe to retry),
+        withdraw their opening frames, free their slots and data credit."""
+        gone = [ch for i, ch in self._channels.items() if ch.ours and i > last]
+        if not gone:
+            return ()
+        ids = {ch.ident for ch in gone}
+        self._queue = deque(
+            item for item in self._queue if not (item[0] in (_STREAM, _CALL) and item[1] in ids)
+        )
+        for ch in gone:
+            self._discard_unsent(ch)
+            ch.send_state = ch.recv_state = HALF_CLOSED
+            self._remove(ch)
+        return tuple(sorted(ids))
+
+    # ------------------------------------------------------------------ stream parsing
+    def _known_id(self, ident: int) -> bool:
+        """Whether ``ident`` was ever opened (by either side)."""
+        if ident == 0:
+            return False
+        if ident & 1 == self._peer_parity:
+            return ident <= self.highest_in
+        return ident <= self.highest_out
+
+    def _named(self, ident: int, what: str) -> Channel | None:
+        """The channel a frame names; None (charged) if it was closed; an error if never
+        opened (or ours with its opening frame not yet sent)."""
+        ch = self._channels.get(ident)
+        if ch is not None:
+            if ch.ours and not ch.wire_open:
+                raise _violation(ErrorCode.PROTOCOL, f"{what} names stream {ident}, never opened")
+            return ch
+        if not self._known_id(ident):
+            raise _violation(ErrorCode.PROTOCOL, f"{what} names stream {ident}, never opened")
+        self._charge(f"{what} for a closed stream")
+        return None
+
+    def _channel_in(
+        self, kind: int, flags: int, length: int, ident: int, payload: bytes, events: list[Event]
+    ) -> None:
+        """A STREAM or CALL frame: the peer opens a stream or a streaming call."""
+        if flags:
+            raise _violation(ErrorCode.PROTOCOL, f"flags {flags:#x} not allowed on kind {kind}")
+        if kind == _STREAM:
+            if length:
+                raise _violation(ErrorCode.FRAME_SIZE, "a STREAM frame with a payload")
+            shape = SHAPE_STREAM
+        else:
+            if length != 1:
+                raise _violation(ErrorCode.FRAME_SIZE, "a CALL frame whose payload is not 1 byte")
+            shape = payload[0]
+            if shape not in (1, 2, SHAPE_BIDIRECTIONAL):
+                raise _violation(ErrorCode.PROTOCOL, f"a CALL of unknown shape {shape}")
+        if ident & 1 != self._peer_parity or ident == 0:
+            raise _violation(ErrorCode.PROTOCOL, f"stream id {ident} has the wrong parity")
+        if ident <= self.highest_in:
+            raise _violation(ErrorCode.PROTOCOL, f"stream id {ident} was already used")
+        self.highest_in = ident
+        if not self._own_ms:
+            raise _violation(ErrorCode.PROTOCOL, f"stream {ident} opened; streams are not enabled")
+        if self._goaway_out is not None:
+            return  # after our GOAWAY: not accepted; its data is discarded as a closed id's
+        if self._ch_in >= self._own_ms:
+            raise _violation(ErrorCode.FLOW_CONTROL, f"stream {ident} beyond max_streams")
+        self._ch_in += 1
+        self._last_accepted = ident
+        self._channels[ident] = Channel(
+            ident, ours=False, shape=shape, send_limit=self._peer_sw, recv_window=self._own_sw
+        )
+        events.append((EV_STREAM_OPENED, ident, shape, 0))
+
+    def _data_in(
+        self,
+        flags: int,
+        length: int,
+        ident: int,
+        pt: bytes,
+        start: int,
+        end: int,
+        events: list[Event],
+    ) -> None:
+        if flags & ~(FLAG_MORE | FLAG_END):
+            raise _violation(ErrorCode.PROTOCOL, f"flags {flags:#x} not allowed on DATA")
+        # The connection-level window: checked, then returned at once (the data enters
+        # its stream's buffer, bounded by the stream's own window).
+        if self._d_recv + length > self._d_limit_in:
+            raise _violation(ErrorCode.FLOW_CONTROL, "DATA beyond the connection data window")
+        if length:
+            self._d_recv += length
+            self._d_read += length
+            if 0 not in self._sctrl and update_due(
+                self._d_window, self._d_limit_in, self._d_read, self._d_blocked
+            ):
+                self._sctrl[0] = None
+        ch = self._channels.get(ident)
+        if ch is None:
+            if not self._known_id(ident):
+                raise _violation(ErrorCode.PROTOCOL, f"DATA for stream {ident}, never opened")
+            if not length:
+                self._charge("empty DATA for a closed stream")
+            return  # crossed a RESET, STOP or ERROR on the wire: discarded
+        if ch.ours and not ch.wire_open:
+            raise _violation(ErrorCode.PROTOCOL, f"DATA for stream {ident}, never opened")
+        if ch.recv_state == HALF_CLOSED:
+            raise _violation(ErrorCode.PROTOCOL, f"DATA on stream {ident} after its END or RESET")
+        more = flags & FLAG_MORE
+        ending = flags & FLAG_END
+        if more and ending:
+            raise _violation(ErrorCode.PROTOCOL, "END on a DATA frame flagged MORE")
+        if ch.stopping:
+            pass  # we sent STOP: discard until the peer's RESET (or an END that crossed it)
+        elif not ch.messages:
+            if more:
+                raise _violation(ErrorCode.PROTOCOL, f"MORE on byte stream {ident}")
+            if length:
+                if ch.r_recv + length > ch.r_limit:
+                    raise _violation(ErrorCode.FLOW_CONTROL, f"stream {ident} beyond its window")
+                ch.r_recv += length
+                events.append((EV_DATA, ident, pt[start:end], 0))
+            elif not ending:
+                self._charge("empty DATA")
+        else:
+            self._message_in(ch, more, ending, length, pt, start, end, events)
+        if ending:
+            if not ch.stopping:
+                events.append((EV_END, ident, 0, 0))
+            self._recv_closed(ch)
+
+    def _message_in(
+        self,
+        ch: Channel,
+        more: int,
+        ending: int,
+        length: int,
+        pt: bytes,
+        start: int,
+        end: int,
+        events: list[Event],
+    ) -> None:
+        """A DATA frame of a streaming call: a message, or part of one."""
+        ident = ch.ident
+        message = ch.r_message
+        if message is None and not more and not length and ending:
+            # END alone: no message.
+            if not ch.recv_many and not ch.r_messages:
+                raise _violation(ErrorCode.PROTOCOL, f"call {ident} ended without its message")
+            return
+        if message is None:
+            if not ch.recv_many and ch.r_messages:
+                raise _violation(
+                    ErrorCode.PROTOCOL, f"a second message on one-message call {ident}"
+                )
+            message = bytearray()
+        if more and not length:
+            raise _violation(ErrorCode.PROTOCOL, "an empty DATA frame flagged MORE")
+        cost = length if more else length + MESSAGE_COST
+        if ch.r_recv + cost > ch.r_limit:
+            raise _violation(ErrorCode.FLOW_CONTROL, f"call {ident} beyond its window")
+        ch.r_recv += cost
+        message += pt[start:end]
+        if len(message) > self._call_max_in:
+            raise _violation(ErrorCode.FRAME_SIZE, f"a message on call {ident} over its maximum")
+        if more:
+            ch.r_message = message
+            return
+        ch.r_message = None
+        ch.r_messages += 1
+        if not ch.recv_many and not ending:
+            raise _violation(
+                ErrorCode.PROTOCOL, f"one-message call {ident}: its message lacks END"
+            )
+        events.append((EV_MESSAGE, ident, bytes(message), len(message) + MESSAGE_COST))
+
+    def _recv_closed(self, ch: Channel) -> None:
+        ch.recv_state = HALF_CLOSED
+        ch.stopping = False
+        ch.r_message = None
+        if ch.send_state == HALF_CLOSED:
+            self._remove(ch)
+
+    def _abort_guard(self, ch: Channel) -> None:
+        """Rapid Reset: streams the peer opens and then aborts draw on their own bucket."""
+        if not ch.ours and not ch.aborted:
+            ch.aborted = True
+            self._aborts -= 1
+            if self._aborts < 0:
+                raise _violation(
+                    ErrorCode.ENHANCE_YOUR_CALM, "streams opened and aborted too fast"
+                )
+
+    def _channel_control(
+        self, kind: int, length: int, ident: int, payload: bytes, events: list[Event]
+    ) -> None:
+        """RESET, STOP, WINDOW, BLOCKED."""
+        if kind == Kind.RESET or kind == Kind.STOP:
+            if length != 2:
+                raise _violation(ErrorCode.FRAME_SIZE, f"a {Kind(kind).name} frame not of 2 bytes")
+            code = int.from_bytes(payload, "big")
+            ch = self._named(ident, Kind(kind).name)
+            if ch is None:
+                return
+            if kind == Kind.RESET:
+                if ch.recv_state == HALF_CLOSED:
+                    raise _violation(ErrorCode.PROTOCOL, f"RESET of stream {ident} after its end")
+                self._abort_guard(ch)
+                if not ch.stopping:
+                    events.append((EV_RESET, ident, code, 0))
+                self._recv_closed(ch)
+                return
+            if ch.stop_in:
+                self._charge("a second STOP")
+                return
+            ch.stop_in = True
+            self._abort_guard(ch)
+            if ch.send_state in (HALF_OPEN, HALF_ENDING):
+                self._discard_unsent(ch)
+                ch.send_state = HALF_RESETTING
+                ch.reset_out = code
+                self._sctrl[ident] = None
+            events.append((EV_STOP, ident, code, 0))
+            return
+        if length != 8:
+            raise _violation(ErrorCode.FRAME_SIZE, f"a {Kind(kind).name} frame not of 8 bytes")
+        value = int.from_bytes(payload, "big")
+        if kind == Kind.BLOCKED and ident == 0:
+            if value == self._d_limit_in and not self._d_blocked:
+                self._d_blocked = True
+                if update_due(self._d_window, self._d_limit_in, self._d_read, True):
+                    self._sctrl[0] = None
+            else:
+                self._charge("BLOCKED that is stale or repeated")
+            return
+        ch = self._named(ident, Kind(kind).name)
+        if ch is None:
+            return
+        if kind == Kind.WINDOW:
+            if value < ch.s_limit:
+                raise _violation(
+                    ErrorCode.FLOW_CONTROL, f"a WINDOW lowered stream {ident}'s limit"
+                )
+            if value == ch.s_limit:
+                self._charge("WINDOW that grants nothing")
+                return
+            ch.s_limit = value
+            self.credit_changed += 1
+            events.append((EV_CALL_CREDIT, ident, value - ch.s_used, 0))
+            return
+        if (
+            value == ch.r_limit
+            and not ch.r_blocked
+            and ch.recv_state == HALF_OPEN
+            and not ch.stopping
+        ):
+            ch.r_blocked = True
+            if update_due(ch.r_window, ch.r_limit, ch.r_read, True):
+                ch.r_dirty = True
+                self._sctrl[ident] = None
+        else:
+            self._charge("BLOCKED that is stale or repeated")
+
+    def _channel_error_in(self, flags: int, ident: int, body: bytes, events: list[Event]) -> None:
+        """The acceptor's ERROR on one of our streaming calls: terminal both ways."""
+        ch = self._channels[ident]
+        if flags:
+            raise _violation(ErrorCode.PROTOCOL, f"flags {flags:#x} not allowed on kind 4")
+        if not ch.ours or not ch.messages or not ch.wire_open:
+            raise _violation(ErrorCode.PROTOCOL, f"ERROR on {ident}, not a call of ours")
+        if not 2 <= len(body) <= MAX_ERROR_TEXT + 2:
+            raise _violation(ErrorCode.FRAME_SIZE, "an ERROR frame without a code or over 1,000")
+        self._discard_unsent(ch)
+        ch.send_state = ch.recv_state = HALF_CLOSED
+        ch.reset_out = ch.stop_out = None
+        self._remove(ch)
+        code = int.from_bytes(body[:2], "big")
+        events.append((EV_ERROR, ident, code, body[2:].decode("utf-8", errors="replace")))
+
     def _own_parity_of_peer_calls(self) -> int:
         # GOAWAY names one of OUR calls (the last the peer accepted): our parity.
         return 1 - self._peer_parity
@@ -1119,6 +2039,8 @@ class Session:
     def _fail_above(self, last: int) -> tuple[int, ...]:
         gone = [i for i, e in self._out.items() if i > last and not e[0]]
         failed = tuple(i for i in gone if not self._out[i][1])
+        if self._channels:
+            failed += self._fail_channels_above(last)
         if not gone:
             return failed
         keep: deque[list[Any]] = deque()

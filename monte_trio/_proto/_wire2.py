@@ -20,6 +20,9 @@ from .._exceptions import RemoteProtocolError
 __all__ = [
     "CONTROL_BURST",
     "CONTROL_RATE",
+    "DEFAULT_DATA_WINDOW",
+    "DEFAULT_STREAM_WINDOW",
+    "FLAG_END",
     "FLAG_MORE",
     "FLAG_NESTED",
     "HEADER",
@@ -30,6 +33,12 @@ __all__ = [
     "MESSAGE_COST",
     "MIN_MESSAGE_SIZE",
     "MIN_RECORD_SIZE",
+    "MIN_STREAM_WINDOW",
+    "SHAPE_DOWN",
+    "SHAPE_UP",
+    "SLICE",
+    "STREAM_ABORT_BURST",
+    "STREAM_ABORT_RATE",
     "VERSION",
     "Codec",
     "ErrorCode",
@@ -69,9 +78,29 @@ CONTROL_RATE: Final = 100
 FLAG_MORE: Final = 0x01
 """Data frames: the message continues in a CONTINUATION frame of the same id."""
 FLAG_END: Final = 0x02
-"""Reserved for streaming calls: the sender's half of the call ends."""
+"""DATA: the sender's half of the stream or streaming call ends (half-close)."""
 FLAG_NESTED: Final = 0x04
 """REQUEST: a call made by a handler of the call named by the ``u32 parent`` prefix."""
+SHAPE_UP: Final = 0x01
+"""CALL shape bit (in its ``u8 shape`` payload): the opener sends a stream of messages."""
+SHAPE_DOWN: Final = 0x02
+"""CALL shape bit: the acceptor sends a stream of messages."""
+
+DEFAULT_STREAM_WINDOW: Final = 256 * 1024
+"""Initial per-stream (and per-streaming-call) window of the reference implementation."""
+MIN_STREAM_WINDOW: Final = 1024
+"""Floor of the hello's ``stream_window``."""
+MAX_STREAM_WINDOW: Final = 2**30
+"""Ceiling of the hello's ``stream_window`` (a window grows past it only by WINDOW frames)."""
+DEFAULT_DATA_WINDOW: Final = 16 * 1024 * 1024
+"""Connection-level window of stream and call data of the reference implementation."""
+SLICE: Final = 16 * 1024
+"""Payload bytes one stream (or the message queue) may pack in its turn: a small request
+waits behind at most one slice of a bulk transfer."""
+STREAM_ABORT_BURST: Final = 1000
+"""Streams the peer may open and then abort (RESET or STOP) at once ..."""
+STREAM_ABORT_RATE: Final = 100
+"""... and per second after that; beyond: GOAWAY(ENHANCE_YOUR_CALM)."""
 
 
 class Kind(enum.IntEnum):
@@ -83,7 +112,14 @@ class Kind(enum.IntEnum):
     REPLY = 0x03
     ERROR = 0x04
     CONTINUATION = 0x05
+    STREAM = 0x06
+    CALL = 0x07
+    DATA = 0x08
     CANCEL = 0x10
+    RESET = 0x11
+    STOP = 0x12
+    WINDOW = 0x13
+    BLOCKED = 0x14
     PING = 0x18
     PONG = 0x19
     GOAWAY = 0x1A
@@ -91,7 +127,7 @@ class Kind(enum.IntEnum):
 
 
 class ErrorCode(enum.IntEnum):
-    """Codes carried by GOAWAY and ERROR (and by RESET, with streams)."""
+    """Codes carried by GOAWAY, ERROR, RESET and STOP."""
 
     NO_ERROR = 0
     PROTOCOL = 1
@@ -114,6 +150,8 @@ class CreditLimit(enum.IntEnum):
     CALLS = 1
     REQUEST_WINDOW = 2
     REPLY_WINDOW = 3
+    STREAMS = 4
+    DATA_WINDOW = 5
 
 
 class HelloType(enum.IntEnum):
@@ -128,6 +166,9 @@ class HelloType(enum.IntEnum):
     NESTED_ALLOWANCE = 7
     FEATURES = 8
     CODEC = 9
+    STREAM_WINDOW = 10
+    MAX_STREAMS = 11
+    DATA_WINDOW = 12
 
 
 class Codec(enum.IntEnum):
@@ -153,6 +194,8 @@ _FIELDS: Final = {
 }
 _CODEC_TYPE: Final = 9
 _CODEC_SIZE: Final = 2
+# Optional stream fields: sent (all three) only when max_streams > 0.
+_STREAM_FIELDS: Final = {10: ("stream_window", 4), 11: ("max_streams", 4), 12: ("data_window", 8)}
 _DEFAULT_M: Final = 16 * 1024 * 1024
 
 
@@ -190,6 +233,13 @@ class Hello2:
         codec: the service codec the sender uses (a :class:`Codec` id; any u16 is kept,
             so that a peer naming an unknown codec is reported by name and number).
             Optional on the wire: absent means :attr:`Codec.JSON`, which is never sent.
+        stream_window: initial window of each stream and streaming call the peer sends
+            on (bytes; a call message costs its body + 64), 1,024 to 2**30.
+        max_streams: streams and streaming calls the peer may have open at the sender; 0
+            means none (and then no stream field is sent: an older peer's hello, which has
+            none of them, means "no streams").
+        data_window: connection-level window of stream and call data, at least
+            ``2 * stream_window``.
     """
 
     version: int = VERSION
@@ -201,6 +251,9 @@ class Hello2:
     nested_allowance: int = 1
     features: int = 0
     codec: int = Codec.JSON
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    max_streams: int = 0
+    data_window: int = DEFAULT_DATA_WINDOW
 
     def encode(self) -> bytes:
         """The TLV encoding, types in increasing order."""
@@ -222,6 +275,9 @@ class Hello2:
             out += _TLV.pack(type_, size) + field
         if self.codec != Codec.JSON:
             out += _TLV.pack(_CODEC_TYPE, _CODEC_SIZE) + self.codec.to_bytes(_CODEC_SIZE, "big")
+        if self.max_streams:
+            for type_, (name, size) in _STREAM_FIELDS.items():
+                out += _TLV.pack(type_, size) + int(getattr(self, name)).to_bytes(size, "big")
         return bytes(out)
 
     @classmethod
@@ -253,6 +309,17 @@ class Hello2:
                     raise RemoteProtocolError("hello field codec appears twice")
                 values["codec"] = int.from_bytes(value, "big")
                 continue
+            optional = _STREAM_FIELDS.get(type_)
+            if optional is not None:
+                field_name, size = optional
+                if length != size:
+                    raise RemoteProtocolError(
+                        f"hello field {field_name} has {length} bytes, not {size}"
+                    )
+                if field_name in values:
+                    raise RemoteProtocolError(f"hello field {field_name} appears twice")
+                values[field_name] = int.from_bytes(value, "big")
+                continue
             if name is None:
                 continue
             if length != _SIZES[type_]:
@@ -263,6 +330,11 @@ class Hello2:
                 raise RemoteProtocolError(f"hello field {name} appears twice")
             number = int.from_bytes(value, "big")  # pragma: no mutate (as in encode)
             values[name] = number
+        if not values.get("max_streams"):
+            # No streams: the other stream fields mean nothing (and keep their defaults).
+            values.pop("stream_window", None)
+            values.pop("data_window", None)
+            values["max_streams"] = 0
         missing = [n for n in _FIELDS.values() if n not in values]
         if missing:
             raise RemoteProtocolError(f"the peer's hello lacks {', '.join(missing)}")
@@ -284,8 +356,20 @@ class Hello2:
             ("reply_window", self.reply_window, default_reply_window(m), 2**62),
             ("max_calls", self.max_calls, 1, 2**31),
             ("nested_allowance", self.nested_allowance, 1, 2**16),
+            ("max_streams", self.max_streams, 0, 2**31),
         ):
             if not low <= value <= high:
                 raise RemoteProtocolError(
                     f"the peer announced {name} {value}, outside the allowed range {low}..{high}"
                 )
+        if self.max_streams:
+            sw = self.stream_window
+            for name, value, low, high in (
+                ("stream_window", sw, MIN_STREAM_WINDOW, MAX_STREAM_WINDOW),
+                ("data_window", self.data_window, 2 * sw, 2**62),
+            ):
+                if not low <= value <= high:
+                    raise RemoteProtocolError(
+                        f"the peer announced {name} {value}, outside the allowed range "
+                        f"{low}..{high}"
+                    )

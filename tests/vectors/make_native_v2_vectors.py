@@ -45,6 +45,9 @@ INITIATOR_HELLO = wire.Hello2()
 # The optional codec field (type 9): MessagePack, and an id no implementation knows (kept,
 # and reported by number when the two sides' codecs are compared).
 CODEC_HELLOS = [wire.Hello2(codec=wire.Codec.MSGPACK), wire.Hello2(codec=0xFFFF)]
+# Streams enabled (fields 10 to 12, sent only when max_streams > 0): small windows so the
+# examples below show a blocked sender and a window update.
+STREAM_HELLO = wire.Hello2(max_streams=8, stream_window=1024, data_window=4096)
 
 
 def derive(label: str) -> bytes:
@@ -112,6 +115,14 @@ def headers() -> list[dict[str, Any]]:
         ("GOAWAY, last id 3", wire.Kind.GOAWAY, 0, 2, 3),
         ("CREDIT, request window", wire.Kind.CREDIT, 0, 8, 2),
         ("largest id", wire.Kind.REPLY, 0, 0, 0xFFFFFFFF),
+        ("STREAM, opens id 9", wire.Kind.STREAM, 0, 0, 9),
+        ("CALL, opens id 11, u8 shape", wire.Kind.CALL, 0, 1, 11),
+        ("DATA flagged MORE, id 11", wire.Kind.DATA, 0x01, 1000, 11),
+        ("DATA flagged END, id 9", wire.Kind.DATA, 0x02, 3, 9),
+        ("RESET, id 9, u16 code", wire.Kind.RESET, 0, 2, 9),
+        ("STOP, id 9, u16 code", wire.Kind.STOP, 0, 2, 9),
+        ("WINDOW, id 9, u64 limit", wire.Kind.WINDOW, 0, 8, 9),
+        ("BLOCKED, connection data window", wire.Kind.BLOCKED, 0, 8, 0),
     ]
     return [
         {
@@ -177,6 +188,63 @@ def credit() -> dict[str, Any]:
         "initial_request_window": RESPONDER_HELLO.request_window,
         "plaintexts": [p.hex() for p in plaintexts],
         "frames": [frames_of(p) for p in plaintexts],
+    }
+
+
+def streams() -> dict[str, Any]:
+    """Both sides with STREAM_HELLO: a byte stream that runs out of credit, the window
+    update, END both ways; a download call; a cancelled bidirectional call."""
+    ini = S.Session(initiator=True, local=STREAM_HELLO, peer=STREAM_HELLO, keepalive_interval=None)
+    res = S.Session(
+        initiator=False, local=STREAM_HELLO, peer=STREAM_HELLO, keepalive_interval=None
+    )
+    steps: list[dict[str, Any]] = []
+
+    def flush(sender: S.Session, receiver: S.Session, what: str) -> list[S.Event]:
+        plaintexts = sender.records_to_send(1008)
+        events = receiver.receive_records(plaintexts)
+        steps.append(
+            {
+                "what": what,
+                "direction": I2R if sender is ini else R2I,
+                "plaintexts": [p.hex() for p in plaintexts],
+                "frames": [frames_of(p) for p in plaintexts],
+                "events": [event_json(e) for e in events],
+            }
+        )
+        return events
+
+    body = bytes(i % 251 for i in range(1500))
+    sid = ini.open_stream() or 0
+    accepted = ini.send_data(sid, body)
+    assert accepted == 1024
+    flush(ini, res, "STREAM 1 and 1,024 bytes: the whole stream window")
+    flush(ini, res, "BLOCKED(1, 1024): its opening frame had to go first")
+    res.read_done(sid, 1024)
+    flush(res, ini, "the application read 1,024 bytes: WINDOW(1, 2048)")
+    assert ini.send_data(sid, body[accepted:], end=True) == len(body) - accepted
+    flush(ini, res, "the last 476 bytes with END")
+    res.send_data(sid, b"thanks", end=True)
+    flush(res, ini, "the responder's half: data and END; the stream is closed")
+    cid = ini.open_call(2) or 0
+    ini.send_message(cid, b"list everything")
+    flush(ini, res, "CALL 3, download: one request message, with END")
+    res.read_done(cid, 15 + wire.MESSAGE_COST)
+    for part in (b"first", b"", b"third"):
+        res.send_message(cid, part)
+    res.send_end(cid)
+    flush(res, ini, "three messages (one empty) and END")
+    bid = ini.open_call(3) or 0
+    ini.send_message(bid, b"x" * 40)
+    flush(ini, res, "CALL 5, bidirectional, and a message")
+    ini.cancel(bid)
+    flush(ini, res, "cancelled: RESET(5, CANCELLED) and STOP(5, CANCELLED)")
+    flush(res, ini, "STOP answered by RESET(5, CANCELLED); both slots are free")
+    assert ini.streams_open == (0, 0) == res.streams_open
+    return {
+        "hello": hello_json(STREAM_HELLO),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "steps": steps,
     }
 
 
@@ -289,13 +357,17 @@ def build() -> dict[str, Any]:
             "Native wire version 2. Frame header: u8 kind | u8 flags | u16 length | u32 id. "
             "Hello: TLV u16 type | u16 length | value. 'events' are the reference Session's "
             "events for each record: [kind, id, a, b] with bytes in hex (1 REQUEST, 2 ONEWAY, "
-            "3 REPLY, 4 ERROR, 5 CANCEL, 6 GOAWAY, 7 PONG). Records use version 1's layer."
+            "3 REPLY, 4 ERROR, 5 CANCEL, 6 GOAWAY, 7 PONG, 9 STREAM_OPENED, 10 DATA, 11 MESSAGE, "
+            "12 END, 13 RESET, 14 STOP, 15 CALL_CREDIT). Records use version 1's layer."
         ),
-        "hellos": [hello_json(h) for h in [INITIATOR_HELLO, RESPONDER_HELLO, *CODEC_HELLOS]],
+        "hellos": [
+            hello_json(h) for h in [INITIATOR_HELLO, RESPONDER_HELLO, *CODEC_HELLOS, STREAM_HELLO]
+        ],
         "headers": headers(),
         "batch": batch(),
         "fragmentation": fragmentation(),
         "credit": credit(),
+        "streams": streams(),
         "transcript": transcript(),
     }
 
