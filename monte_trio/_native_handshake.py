@@ -114,7 +114,7 @@ class NativeHandshake(Handshake):
             raise ValueError(f"a pre-shared key is 32 bytes, got {len(psk)}")
         if cipher not in ("AESGCM", "ChaChaPoly"):
             raise ValueError("cipher must be 'AESGCM' or 'ChaChaPoly'")
-        self.identity = identity or Identity.generate()
+        self.identity: Identity = identity or Identity.generate()
         self.trust = trust
         self._psk = psk
         self._cipher = cipher

@@ -170,8 +170,10 @@ class Server:
         if max_handshakes < 1:
             raise ValueError("max_handshakes must be at least 1")
         self._handler = handler
-        self.handshake = resolve_handshake(handshake, identity=identity, trust=trust, psk=psk)
-        self.config = config or ConnectionConfig()
+        self.handshake: Handshake = resolve_handshake(
+            handshake, identity=identity, trust=trust, psk=psk
+        )
+        self.config: ConnectionConfig = config or ConnectionConfig()
         self.max_conns = max_conns
         self.max_handshakes = max_handshakes
         self._conn_wait_timeout = conn_wait_timeout

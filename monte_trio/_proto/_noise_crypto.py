@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -98,6 +99,9 @@ class NonceFormat:
     """
 
     __slots__ = ("_make_aead", "name", "pack")
+
+    name: str
+    pack: Callable[..., bytes]
 
     def __init__(self, name: str, layout: str, make_aead: type[AESGCM | ChaCha20Poly1305]) -> None:
         self.name = name

@@ -75,6 +75,11 @@ class _Direction:
         "max_record_size",
     )
 
+    counter: int
+    """Records sealed or opened so far: the next record's nonce counter."""
+    max_plaintext: int
+    max_record_size: int
+
     def __init__(
         self,
         key: bytes,

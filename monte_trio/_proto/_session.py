@@ -304,6 +304,15 @@ class Session:
         "state",
     )
 
+    initiator: bool
+    state: int
+    credit_changed: int
+    """Moves whenever credit or a slot was freed: retry the credit waiters when it does."""
+    send_queue_bytes: int
+    """Body bytes queued and not yet packed."""
+    highest_out: int
+    highest_in: int
+
     def __init__(
         self,
         *,

@@ -30,6 +30,10 @@ class MonteV1Session:
 
     __slots__ = ("_codec", "_next_id", "_out", "_queue", "closing", "send_queue_bytes", "state")
 
+    closing: bool
+    send_queue_bytes: int
+    state: int
+
     def __init__(self, *, initiator: bool, max_record_size: int) -> None:
         self._codec = MonteV1Codec(initiator=initiator, max_record_size=max_record_size)
         self._next_id = 1 if initiator else 2
