@@ -170,7 +170,7 @@ class Connection(trio.abc.AsyncResource):
         self.facts: SessionFacts = stream.facts
         facts = self.facts
         self._config = config = config or ConnectionConfig()
-        self.name = name or ("client" if facts.initiator else "server") + " connection"
+        self.name: str = name or ("client" if facts.initiator else "server") + " connection"
         try:
             now = trio.current_time()
         except RuntimeError:
@@ -624,7 +624,15 @@ class Connection(trio.abc.AsyncResource):
         if self._session.send_queue_bytes >= writer.max_send_queue:
             await writer.wait_for_space(self._is_closed)
         direct = writer.quiet
-        await self._queue_oneway(body)
+        session = self._session
+        if (
+            not self._oneway_waiters
+            and session.state < SESSION_CLOSED
+            and session.send_oneway(body)
+        ):
+            self._messages_sent += 1  # credit at once (the common case): no wait, no task
+        else:
+            await self._queue_oneway(body)
         if direct and writer.quiet:
             await self._write_directly()
             return

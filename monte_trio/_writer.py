@@ -167,7 +167,10 @@ class Writer:
         """
         self.direct = True
         try:
-            await self._send(self._pack(None))
+            if self._write_timeout is None:
+                await self._stream.send_records(self._pack(None))  # type: ignore[arg-type]
+            else:
+                await self._send(self._pack(None))
         finally:
             self.direct = False
             if self._session.wants_write or self._stream.has_unsent or self._waiters:
