@@ -76,7 +76,7 @@ from ._proto._wire2 import RETRY_SAFE
 from ._reader import Reader
 from ._secure_stream import SecureStream
 from ._util import escape_peer_text
-from ._writer import CREDIT_DELAY, CREDIT_NOW, WRITE_ERRORS, Writer
+from ._writer import CREDIT_DELAY, CREDIT_SHARE, WRITE_ERRORS, Writer
 
 if TYPE_CHECKING:
     from ._handshake import SessionFacts
@@ -188,6 +188,9 @@ class Connection(trio.abc.AsyncResource):
             max_send_queue=config.max_send_queue,
             on_error=self._write_failed,
         )
+        local = facts.local_hello
+        if local is not None:
+            self._writer.credit_now = min(local.request_window, local.reply_window) // CREDIT_SHARE
         self._handlers = HandlerPool(self, handler, max_workers=config.max_concurrent_handlers)
         self._call_waiters = trio.lowlevel.ParkingLot()
         self._oneway_waiters = trio.lowlevel.ParkingLot()
@@ -714,7 +717,7 @@ class Connection(trio.abc.AsyncResource):
         writer.owed += nbytes
         if writer.task is None:
             return  # the writer is awake (or writing): it packs the credit
-        if writer.owed >= CREDIT_NOW:
+        if writer.owed >= writer.credit_now:
             writer.wake()
         else:
             self.defer_flush()

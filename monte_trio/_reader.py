@@ -35,7 +35,7 @@ from ._proto._session import (
     EV_REPLY,
     EV_REQUEST,
 )
-from ._writer import CREDIT_NOW, WRITE_ERRORS
+from ._writer import WRITE_ERRORS
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -120,7 +120,7 @@ class Reader:
                             if (
                                 conn.reply_queued
                                 or session.send_queue_bytes
-                                or writer.owed >= CREDIT_NOW
+                                or writer.owed >= writer.credit_now
                             ):
                                 writer.wake()
                             else:

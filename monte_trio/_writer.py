@@ -36,14 +36,17 @@ if TYPE_CHECKING:
     from ._proto._session_v1 import MonteV1Session
     from ._secure_stream import SecureStream
 
-__all__ = ["CREDIT_DELAY", "CREDIT_NOW", "WRITE_AHEAD", "WRITE_ERRORS", "Writer"]
+__all__ = ["CREDIT_DELAY", "CREDIT_SHARE", "WRITE_AHEAD", "WRITE_ERRORS", "Writer"]
 
 CREDIT_DELAY = 0.005
 """Seconds a small credit return may wait for a write to ride on before the writer sends
 it alone: a lone CREDIT frame costs a wake-up, a seal and a system call on this side and
 a read on the peer's, as much as the message it pays for."""
-CREDIT_NOW = 64 * 1024
-"""Returned credit at or above this is sent at once (a peer may be waiting for it)."""
+CREDIT_SHARE = 4
+"""Returned credit of at least 1/CREDIT_SHARE of the smaller window this side granted is
+sent at once (the peer may be waiting for it); less rides on the next write, or goes
+alone within CREDIT_DELAY. With the default windows (8 MiB and 4 MiB) a steady stream of
+one-way messages is then credited by the timer rather than every 64 KiB."""
 WRITE_AHEAD = 128 * 1024
 """Plaintext bytes the writer packs and seals ahead of the socket per write: a big sealed
 batch is head-of-line blocking for control frames, a small one costs system calls."""
@@ -88,6 +91,7 @@ class Writer:
         "_stream",
         "_waiters",
         "_write_timeout",
+        "credit_now",
         "direct",
         "max_send_queue",
         "owed",
@@ -116,6 +120,7 @@ class Writer:
         self.direct = False  # a caller is writing (see the module docstring)
         self.space = trio.lowlevel.ParkingLot()  # senders waiting for room
         self.owed = 0  # credit returned to the session since the last pack (bytes)
+        self.credit_now = 64 * 1024  # owed credit sent at once (set from the windows)
 
     def wake(self) -> None:
         """Wake the writer if it is parked (and no direct write is in progress)."""
