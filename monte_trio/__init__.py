@@ -59,6 +59,7 @@ from ._services._router import CallInfo as CallInfo
 from ._services._router import MethodStatistics as MethodStatistics
 from ._services._router import Middleware as Middleware
 from ._services._router import Router as Router
+from ._services._router import current_call as current_call
 from ._services._router import idempotent as idempotent
 from ._trust import AcceptAnyKey as AcceptAnyKey
 from ._trust import PinnedKeys as PinnedKeys
@@ -111,6 +112,7 @@ __all__ = [
     "Server",
     "ServerStatistics",
     "TrustPolicy",
+    "current_call",
     "idempotent",
     "inline",
     "open_client",

@@ -60,6 +60,7 @@ PUBLIC = {
         "Server",
         "ServerStatistics",
         "TrustPolicy",
+        "current_call",
         "idempotent",
         "inline",
         "open_client",

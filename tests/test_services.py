@@ -219,22 +219,47 @@ async def test_the_server_calls_the_client_back_through_a_protocol() -> None:
     store = Store()
     client_router.add_service(store, KeyValue)
     server_router = Router()
+    seen: list[monte_trio.CallInfo] = []
 
     @server_router.method
     async def remember(key: str, value: str) -> str:
-        request_conn = current_connection[0]
-        peer = request_conn.proxy(KeyValue)
+        call = monte_trio.current_call()
+        seen.append(call)
+        peer = call.connection.proxy(KeyValue)  # the connection the call came on
         await peer.put(key, value)
         return await peer.get(key)
 
-    current_connection: list[monte_trio.Connection] = []
     with trio.fail_after(TIMEOUT):
         async with open_connection_pair(
             native(), server_handler=server_router, client_handler=client_router
         ) as (client, server):
-            current_connection.append(server)
             assert await client.call("remember", "x", "y") == "y"
-    assert store.data == {"x": "y"}
+            with trio.move_on_after(TIMEOUT - 1):
+                assert await client.call("remember", "z", "w") == "w"
+    assert store.data == {"x": "y", "z": "w"}
+    first, second = seen
+    assert first.connection is server
+    assert (first.method, first.args, first.side) == ("remember", ("x", "y"), "server")
+    # The callers' deadlines crossed the wire: the second, 1 s tighter, ends first.
+    assert second.deadline < first.deadline < math.inf
+
+
+async def test_current_call_outside_a_method_says_where_it_works() -> None:
+    with pytest.raises(RuntimeError, match="inside a method a Router is serving"):
+        monte_trio.current_call()
+    router = Router()
+
+    @router.method
+    async def who() -> str:
+        return str(monte_trio.current_call().peer_public_key)
+
+    identity = monte_trio.Identity.generate()
+    handshake = NativeHandshake(identity=identity, trust=monte_trio.AcceptAnyKey())
+    with trio.fail_after(TIMEOUT):
+        async with open_connection_pair(handshake, server_handler=router) as (client, _):
+            assert await client.call("who") == str(identity.public_key)
+    with pytest.raises(RuntimeError):
+        monte_trio.current_call()  # reset once the method returned
 
 
 async def test_bodies_that_are_not_calls_go_to_the_fallback() -> None:

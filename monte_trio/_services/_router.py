@@ -16,6 +16,7 @@ middleware and statistics all read the same method table.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
@@ -43,6 +44,7 @@ __all__ = [
     "MethodStatistics",
     "Middleware",
     "Router",
+    "current_call",
     "idempotent",
     "protocol_methods",
     "run_middleware",
@@ -99,6 +101,34 @@ class CallInfo:
     def peer_public_key(self) -> PublicKey | None:
         """The peer's authenticated static key (native profile), else ``None``."""
         return self.connection.peer_public_key
+
+
+_serving: contextvars.ContextVar[
+    tuple[str, tuple[Any, ...], Mapping[str, Any], Connection, int, float] | None
+] = contextvars.ContextVar("monte_trio_serving", default=None)
+
+
+def current_call() -> CallInfo:
+    """The call the running method serves: its name, arguments, deadline and connection.
+
+    Inside a :class:`Router` method (and the tasks it starts), this is how a method
+    reaches its caller, for example to call it back over the same connection with
+    ``current_call().connection.proxy(SomeProtocol)``, or to authorise by
+    ``current_call().peer_public_key``.
+
+    Raises:
+        RuntimeError: no method call is being served in this context.
+    """
+    serving = _serving.get()
+    if serving is None:
+        raise RuntimeError(
+            "current_call() is only available inside a method a Router is serving "
+            "(and the tasks it starts)"
+        )
+    name, args, kwargs, conn, flags, deadline = serving
+    return CallInfo(
+        name, args, kwargs, conn, "server", bool(flags & env.FLAG_IDEMPOTENT), deadline
+    )
 
 
 Next = Callable[[], Awaitable[Any]]
@@ -394,6 +424,21 @@ class Router:
         return reply
 
     async def _run(
+        self,
+        method: _Method,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        conn: Connection,
+        flags: int,
+        deadline: float,
+    ) -> Any:
+        token = _serving.set((method.name, args, kwargs, conn, flags, deadline))
+        try:
+            return await self._run_method(method, args, kwargs, conn, flags, deadline)
+        finally:
+            _serving.reset(token)
+
+    async def _run_method(
         self,
         method: _Method,
         args: tuple[Any, ...],
