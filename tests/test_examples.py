@@ -5,12 +5,15 @@ Every subprocess is bounded by ``trio.fail_after`` and killed (and reaped) on th
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -229,3 +232,114 @@ async def test_ctrl_c_ends_echo_client_quietly_with_status_130() -> None:
         nursery.cancel_scope.cancel()
     assert code == 130, (rest, stderr)
     assert "Traceback" not in stderr
+
+
+async def test_kv_server_and_client() -> None:
+    with trio.fail_after(15):
+        async with spawn("kv_server.py", "--port", "0") as server:
+            address = (await server.readline()).split()[-1]
+            key = (await server.readline()).removeprefix("public key: ")
+            operations = ["put", "colour", "blue", "get", "colour", "keys"]
+            operations += ["delete", "colour", "get", "colour"]
+            async with spawn(
+                "kv_client.py", address, f"--server-key={key}", "--watch", "", *operations
+            ) as client:
+                await client.close_stdin()
+                code, rest, stderr = await client.finish()
+            assert code == 1, (rest, stderr)  # a key was not found
+            assert rest.splitlines() == [
+                "watching '' (1 watching)",
+                "changed: colour = blue",  # the server called the client back...
+                "put colour",  # ...before it acknowledged the put
+                "colour = blue",
+                "keys: colour",
+                "changed: colour deleted",
+                "deleted colour",
+                "not found: colour",  # NotFound raised as itself, with its details
+            ]
+            assert "Traceback" not in stderr
+
+            wrong = str(Identity.generate().public_key)  # another server key: refused
+            async with spawn("kv_client.py", address, f"--server-key={wrong}", "keys") as bad:
+                await bad.close_stdin()
+                code, rest, stderr = await bad.finish()
+            assert code == 1, (rest, stderr)
+            assert stderr.startswith("error: ")
+
+            server.process.send_signal(signal.SIGINT)
+            await server.close_stdin()
+            code, rest, stderr = await server.finish()
+    assert code == 130, (rest, stderr)
+    assert "Traceback" not in stderr
+    assert rest.splitlines() == [  # the router's statistics, per method
+        "kv.delete: 1 calls, 0 errors",
+        "kv.get: 2 calls, 1 errors",
+        "kv.keys: 1 calls, 0 errors",
+        "kv.put: 1 calls, 0 errors",
+        "kv.watch: 1 calls, 0 errors",
+    ]
+
+
+async def test_kv_client_refuses_an_unknown_operation() -> None:
+    with trio.fail_after(10):
+        async with spawn("kv_client.py", "127.0.0.1:1", "fetch", "x") as client:
+            await client.close_stdin()
+            code, rest, stderr = await client.finish()
+    assert code == 2, (rest, stderr)
+    assert "unknown operation 'fetch'" in stderr
+
+
+async def test_tracing_prints_linked_spans_from_both_sides() -> None:
+    with trio.fail_after(15):
+        async with spawn("tracing.py") as program:
+            await program.close_stdin()
+            code, rest, stderr = await program.finish()
+    assert code == 0, (rest, stderr)
+    assert "skipped: no 'pie' here" in rest
+    assert "total: 7.50" in rest
+    spans = [
+        dict(part.split("=", 1) for part in line.split() if "=" in part) | {"line": line}
+        for line in rest.splitlines()
+        if line.startswith("span ")
+    ]
+    kinds = [line["line"].split()[4:6] for line in spans]
+    assert kinds.count(["client", "price"]) == kinds.count(["server", "price"]) == 3
+    (root,) = [span for span in spans if " internal checkout " in span["line"]]
+    assert root["parent"] == "-"
+    assert {span["trace"] for span in spans} == {root["trace"]}  # one trace
+    assert len(root["trace"]) == 32
+    by_id = {span["id"]: span for span in spans}
+    for span in spans:
+        if " server price " in span["line"]:  # child of a client span, across the wire
+            parent = by_id[span["parent"]]
+            assert " client price " in parent["line"]
+            assert by_id[parent["parent"]] is root
+            assert parent["outcome"] == span["outcome"]
+            assert parent["peer"] != span["peer"]  # each side names the other's key
+    outcomes = sorted(span["outcome"] for span in spans if "outcome" in span)
+    assert outcomes == ["error:OutOfStock"] * 2 + ["ok"] * 4
+
+
+async def test_readme_methods_run_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    """README's Methods section: the Protocol, the server's lines and the client's lines,
+    run together in-process on 127.0.0.1."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Methods\n", 1)[1].split("\n## ", 1)[0]
+    protocol, server_part, client_part = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict[str, Any] = {
+        "identity": Identity.generate(),
+        "trust": monte_trio.AcceptAnyKey(),
+        "__name__": "readme_methods",
+    }
+    exec(compile(protocol + server_part, "README.md:methods", "exec"), namespace)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(namespace["server"].serve, 0, "127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            assert '"127.0.0.1", 4000' in client_part
+            client_part = client_part.replace("4000", str(port))
+            client_code = "async def client_side():\n" + textwrap.indent(client_part, "    ")
+            exec(compile(client_code, "README.md:methods-client", "exec"), namespace)
+            await namespace["client_side"]()
+            nursery.cancel_scope.cancel()
+    assert capsys.readouterr().out == "hello, world\n"
