@@ -183,7 +183,8 @@ def coverage(session: nox.Session) -> None:
     """
     session.install("-e", ".[test]", "coverage")
     session.run("coverage", "erase")
-    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    # One process: coverage follows no xdist worker.
+    session.run("coverage", "run", "-m", "pytest", "-n", "0", *session.posargs)
     session.run("coverage", "report")
 
 
