@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import stat
 from pathlib import Path
 
@@ -252,8 +253,9 @@ def test_load_unencrypted_with_passphrase(tmp_path: Path) -> None:
         b"",
         b"garbage\n",
         b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
-        os.urandom(200),
+        random.Random(200).randbytes(200),  # fixed: every pytest-xdist worker collects the same
     ],
+    ids=["empty", "text", "not-a-key", "random-bytes"],
 )
 def test_load_garbage(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "id.pem"
