@@ -348,3 +348,76 @@ def test_transport_needs_keys() -> None:
             CipherState("AESGCM", bytes(32)), CipherState("AESGCM", None),
             peer_max_record=100, own_max_record=100,
         )  # fmt: skip
+
+
+# --- the hello's optional fields: codec (9) and streams (10-12) -----------------------------
+
+
+def _tlv(type_: int, value: int, size: int) -> bytes:
+    return _TLV.pack(type_, size) + value.to_bytes(size, "big")
+
+
+def _streams_hello(**fields: int) -> Hello2:
+    values = {"max_streams": 1, "stream_window": 2**18, "data_window": 2**24, **fields}
+    return Hello2(**values)
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"max_streams": 2**31}, None),
+        (
+            {"max_streams": 2**31 + 1},
+            "max_streams 2147483649, outside the allowed range 0..2147483648",
+        ),
+        (
+            {"stream_window": wire2.MIN_STREAM_WINDOW, "data_window": 2 * wire2.MIN_STREAM_WINDOW},
+            None,
+        ),
+        ({"stream_window": wire2.MIN_STREAM_WINDOW - 1}, "stream_window 1023, outside"),
+        (
+            {"stream_window": wire2.MAX_STREAM_WINDOW, "data_window": 2 * wire2.MAX_STREAM_WINDOW},
+            None,
+        ),
+        (
+            {"stream_window": wire2.MAX_STREAM_WINDOW + 1, "data_window": 2**62},
+            "stream_window 1073741825",
+        ),
+        ({"data_window": 2 * 2**18}, None),
+        ({"data_window": 2 * 2**18 - 1}, "data_window 524287, outside the allowed range 524288.."),
+        ({"data_window": 2**62}, None),
+        (
+            {"data_window": 2**62 + 1},
+            f"data_window {2**62 + 1}, outside the allowed range 524288..{2**62}",
+        ),
+    ],
+)
+def test_stream_fields_at_their_edges(fields: dict[str, int], problem: str | None) -> None:
+    data = _streams_hello(**fields).encode()
+    if problem is None:
+        decoded = Hello2.decode(data)
+        for name, value in fields.items():
+            assert getattr(decoded, name) == value
+    else:
+        with pytest.raises(RemoteProtocolError, match=problem.replace("..", r"\.\.")):
+            Hello2.decode(data)
+
+
+def test_codec_twice_is_refused_and_fields_after_it_are_read() -> None:
+    with_codec = _streams_hello(max_streams=3, codec=2)
+    decoded = Hello2.decode(with_codec.encode())  # codec (9) comes before 10-12
+    assert (decoded.codec, decoded.max_streams) == (2, 3)
+    base = Hello2(codec=2).encode()
+    with pytest.raises(RemoteProtocolError, match="hello field codec appears twice"):
+        Hello2.decode(base + _tlv(9, 2, 2))
+
+
+def test_stream_fields_without_max_streams_mean_nothing() -> None:
+    defaults = Hello2()
+    data = defaults.encode() + _tlv(10, 5000, 4) + _tlv(12, 7 * 2**20, 8)  # max_streams absent
+    decoded = Hello2.decode(data)
+    assert decoded.max_streams == 0
+    assert (decoded.stream_window, decoded.data_window) == (
+        defaults.stream_window,
+        defaults.data_window,
+    )

@@ -274,10 +274,12 @@ class Hello2:
             field = value.to_bytes(size, "big")  # pragma: no mutate
             out += _TLV.pack(type_, size) + field
         if self.codec != Codec.JSON:
-            out += _TLV.pack(_CODEC_TYPE, _CODEC_SIZE) + self.codec.to_bytes(_CODEC_SIZE, "big")
+            codec = self.codec.to_bytes(_CODEC_SIZE, "big")  # pragma: no mutate (as above)
+            out += _TLV.pack(_CODEC_TYPE, _CODEC_SIZE) + codec
         if self.max_streams:
             for type_, (name, size) in _STREAM_FIELDS.items():
-                out += _TLV.pack(type_, size) + int(getattr(self, name)).to_bytes(size, "big")
+                field = int(getattr(self, name)).to_bytes(size, "big")  # pragma: no mutate
+                out += _TLV.pack(type_, size) + field
         return bytes(out)
 
     @classmethod
@@ -307,7 +309,7 @@ class Hello2:
                     )
                 if "codec" in values:
                     raise RemoteProtocolError("hello field codec appears twice")
-                values["codec"] = int.from_bytes(value, "big")
+                values["codec"] = int.from_bytes(value, "big")  # pragma: no mutate
                 continue
             optional = _STREAM_FIELDS.get(type_)
             if optional is not None:
@@ -318,7 +320,7 @@ class Hello2:
                     )
                 if field_name in values:
                     raise RemoteProtocolError(f"hello field {field_name} appears twice")
-                values[field_name] = int.from_bytes(value, "big")
+                values[field_name] = int.from_bytes(value, "big")  # pragma: no mutate
                 continue
             if name is None:
                 continue
