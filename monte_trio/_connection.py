@@ -187,6 +187,7 @@ class Connection(trio.abc.AsyncResource):
             write_timeout=config.write_timeout,
             max_send_queue=config.max_send_queue,
             on_error=self._write_failed,
+            on_credit_held=self.defer_flush,
         )
         local = facts.local_hello
         if local is not None:
@@ -556,7 +557,21 @@ class Connection(trio.abc.AsyncResource):
         # Direct only when no other call is in flight: callers that run together (many
         # requests on one connection) are better served by one batched write.
         direct = not dispatcher and writer.quiet
-        ident = await self._open_call(body)
+        ident = None
+        if (
+            self._native
+            and self._state is _OPEN
+            and not self._call_waiters
+            and len(dispatcher) < self._config.max_pending_requests
+            and session.can_open
+        ):
+            # Credit at once (the common case): no waiting loop, no extra coroutine.
+            try:
+                ident = session.send_request(body, parent=self._parent())
+            except LocalProtocolError:
+                ident = None  # a nested call whose parent has ended: the loop decides
+        if ident is None:
+            ident = await self._open_call(body)
         channel = dispatcher.add(ident)
         self._requests_sent += 1
         try:
@@ -626,7 +641,6 @@ class Connection(trio.abc.AsyncResource):
         writer = self._writer
         if self._session.send_queue_bytes >= writer.max_send_queue:
             await writer.wait_for_space(self._is_closed)
-        direct = writer.quiet
         session = self._session
         if (
             not self._oneway_waiters
@@ -634,11 +648,15 @@ class Connection(trio.abc.AsyncResource):
             and session.send_oneway(body)
         ):
             self._messages_sent += 1  # credit at once (the common case): no wait, no task
+            if writer.quiet:
+                await self._write_directly()
+                return
         else:
+            direct = writer.quiet
             await self._queue_oneway(body)
-        if direct and writer.quiet:
-            await self._write_directly()
-            return
+            if direct and writer.quiet:
+                await self._write_directly()
+                return
         await writer.wait_written()
 
     async def _queue_oneway(self, body: bytes) -> None:
@@ -726,6 +744,8 @@ class Connection(trio.abc.AsyncResource):
         """Something small (credit, a pong) waits with nothing else to write: let it ride
         on the next write, or have the writer send it alone within ``CREDIT_DELAY`` (the
         reader's timer: the reader is the one task that always comes back)."""
+        if self._flush_at != math.inf:
+            return  # already due sooner than a new delay would be
         due = trio.current_time() + CREDIT_DELAY
         if due < self._flush_at:
             self._flush_at = due

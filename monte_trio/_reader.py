@@ -116,7 +116,9 @@ class Reader:
                             scope.deadline = math.inf
                             await self._v1_events(session.receive_records(records))
                         del records
-                        if session.wants_write and writer.task is not None:
+                        if (
+                            session.wants_write or session.credit_owed
+                        ) and writer.task is not None:
                             if (
                                 conn.reply_queued
                                 or session.send_queue_bytes
@@ -142,6 +144,7 @@ class Reader:
                     return
                 if now >= conn._flush_at:
                     conn._flush_at = math.inf
+                    session.flush_credit()
                 timer = session.get_timer()
                 if timer is not None and now >= timer:
                     self._on_events(session.handle_timer(now))

@@ -177,16 +177,18 @@ class SecureStream(trio.abc.Stream):
             await self._send_keeping_tail(data, self._send_some)
 
     async def _send_keeping_tail(
-        self, data: bytes, send_some: Callable[[memoryview], Awaitable[int]]
+        self, data: bytes, send_some: Callable[[bytes | memoryview], Awaitable[int]]
     ) -> None:
         # trio's socket send is cancelled only before it has sent anything, so ``sent``
         # is exact when Cancelled arrives.
         sent = 0
         try:
-            with memoryview(data) as view:
-                while sent < len(data):
-                    with view[sent:] as rest:
-                        sent += await send_some(rest)
+            sent = await send_some(data)  # usually all of it: no view needed
+            if sent < len(data):
+                with memoryview(data) as view:
+                    while sent < len(data):
+                        with view[sent:] as rest:
+                            sent += await send_some(rest)
         except trio.Cancelled:
             self._unsent = data[sent:]
             raise

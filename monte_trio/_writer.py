@@ -81,12 +81,16 @@ class Writer:
         max_send_queue: queued body bytes above which senders wait for room.
         on_error: called with the exception and ``write_timeout`` when a write fails;
             it ends the connection.
+        on_credit_held: called after a pack that left credit held back (below the
+            session's floor): the connection must flush it within ``CREDIT_DELAY``.
     """
 
     __slots__ = (
         "_max_plaintext",
+        "_on_credit_held",
         "_on_error",
         "_packed",
+        "_record_safe",
         "_session",
         "_stream",
         "_waiters",
@@ -107,12 +111,15 @@ class Writer:
         write_timeout: float | None,
         max_send_queue: int,
         on_error: Callable[[BaseException, float | None], None],
+        on_credit_held: Callable[[], None] = lambda: None,
     ) -> None:
         self._stream = stream
         self._session = session
         self._max_plaintext = stream.max_plaintext
+        self._record_safe = stream.record_safe  # fixed by the transport
         self._write_timeout = write_timeout
         self._on_error = on_error
+        self._on_credit_held = on_credit_held
         self._packed = 0  # body bytes packed so far (all time)
         self._waiters: deque[_Written] = deque()
         self.max_send_queue = max_send_queue
@@ -137,7 +144,7 @@ class Writer:
             self.task is not None
             and not self.direct
             and not self._waiters
-            and self._stream.record_safe
+            and self._record_safe
             and not self._stream.has_unsent
         )
 
@@ -150,7 +157,10 @@ class Writer:
         session = self._session
         before = session.send_queue_bytes
         plaintexts = session.records_to_send(self._max_plaintext, max_bytes)
-        self.owed = 0  # records_to_send packs every credit update
+        if session.credit_owed:
+            self._on_credit_held()  # small credit held back: flushed by the timer
+        else:
+            self.owed = 0  # records_to_send packed every credit update
         self._packed += before - session.send_queue_bytes
         if self.space and session.send_queue_bytes < self.max_send_queue:
             self.space.unpark_all()
@@ -234,6 +244,8 @@ class Writer:
                 if not session.wants_write and not stream.has_unsent:
                     if self._waiters:
                         self._release(len(self._waiters), True)
+                    if session.credit_owed:
+                        self._on_credit_held()  # returned while this task was writing
                     self.task = trio.lowlevel.current_task()
 
                     def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:

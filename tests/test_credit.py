@@ -1,4 +1,4 @@
-"""Issue 10: the connection as a driver of the v2 session, checked end to end.
+"""The connection as a driver of the v2 session, checked end to end.
 
 * The reader never stops reading: while every handler is busy and the peer's callers do
   not take their replies, the peer's ping and a call made back to it are answered.
@@ -98,7 +98,7 @@ class SessionPeer:
 
 
 async def test_ping_and_callback_answered_while_handlers_are_busy_and_replies_untaken() -> None:
-    """Issue 10's target: every handler busy, the peer not taking its replies (its socket
+    """Every handler busy, the peer not taking its replies (its socket
     still read): the peer's ping and a call the server makes back to it are answered
     within 100 ms."""
     release = trio.Event()
@@ -156,6 +156,56 @@ async def test_ping_and_callback_answered_while_handlers_are_busy_and_replies_un
             assert reply == b"answered by the peer"
             assert trio.current_time() - start < 0.1
             release.set()
+            await peer.secure.aclose()
+            await server.shutdown(grace_period=0.5)
+            nursery.cancel_scope.cancel()
+
+
+async def test_credit_held_below_the_floor_still_reaches_the_peer() -> None:
+    """Credit returned in amounts below the floor (1/64 of the smaller window) does not
+    ride on every record; with nothing else to write it still goes out on its own, so a
+    peer that spent its window is never left waiting."""
+    window = 64 * 1024  # floor: 1 KiB
+    received = 0
+
+    def count(request: Request) -> None:
+        nonlocal received
+        received += 1
+
+    config = ConnectionConfig(
+        max_message_size=16 * 1024,
+        request_window=window,
+        reply_window=window,
+        keepalive_interval=None,
+    )
+    server = Server(monte_trio.inline(count), trust=AcceptAnyKey(), config=config)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(server.serve, 0, LOCALHOST)
+            port = listeners[0].socket.getsockname()[1]
+            peer = await SessionPeer.connect(port, ConnectionConfig(keepalive_interval=None))
+            nursery.start_soon(peer.run)
+            session = peer.session
+            for _ in range(13):  # 13 x (10 + 64) = 962 bytes: under the floor
+                assert session.send_oneway(bytes(10))
+            await peer.flush()
+            assert session.credit["request_window"] == window - 962
+            with trio.fail_after(1):
+                await peer.wait_until(lambda: session.credit["request_window"] == window)
+            assert received == 13
+            # A window's worth and more, in small messages: it all goes through.
+            sent = 0
+            while sent < 3 * window:
+                if session.send_oneway(bytes(10)):
+                    sent += 74
+                    continue
+                await peer.flush()
+                before = session.credit["request_window"]
+                await peer.wait_until(lambda: session.credit["request_window"] > before)  # noqa: B023
+            await peer.flush()
+            with trio.fail_after(1):
+                await peer.wait_until(lambda: session.credit["request_window"] == window)
+            assert received == 13 + sent // 74
             await peer.secure.aclose()
             await server.shutdown(grace_period=0.5)
             nursery.cancel_scope.cancel()

@@ -63,6 +63,14 @@ def finished(s: S.Session) -> bool:
     return s.finished
 
 
+def owed(s: S.Session) -> bool:
+    return s.credit_owed
+
+
+def wants(s: S.Session) -> bool:
+    return s.wants_write
+
+
 def frame(kind: int, ident: int, payload: bytes = b"", flags: int = 0) -> bytes:
     return HDR.pack(kind, flags, len(payload), ident) + payload
 
@@ -359,6 +367,78 @@ def test_credit_update_is_state_latest_wins() -> None:
     records = b.records_to_send(MP)
     assert len(records) == 1
     assert len(records[0]) == 16
+
+
+def test_credit_below_the_floor_is_held_until_flushed() -> None:
+    a, b = pair(credit_floor=1000)
+    i = call(a, b"abc")
+    pump(a, b)
+    b.consumed(i)  # 67 bytes back: below the floor
+    assert owed(b)
+    assert not wants(b)
+    b.send_reply(i, b"ok")
+    [record] = b.records_to_send(MP)
+    assert record == frame(Kind.REPLY, i, b"ok")  # the credit does not ride along
+    assert owed(b)
+    b.flush_credit()
+    assert wants(b)
+    assert not owed(b)
+    a.receive_records(b.records_to_send(MP))
+    assert a.credit["request_window"] == Hello2().request_window
+    assert not owed(b)
+    assert not wants(b)
+
+
+def test_credit_reaching_the_floor_rides_on_the_next_record() -> None:
+    a, b = pair(credit_floor=1000)
+    for _ in range(15):  # 15 x 65 bytes: under the floor
+        assert a.send_oneway(b"x")
+    for event in pump(a, b):
+        b.consumed(0, size_of(event))
+    assert owed(b)
+    assert not wants(b)
+    assert a.send_oneway(b"x")
+    b.consumed(0, size_of(pump(a, b)[0]))  # 16 x 65 = 1,040: due
+    assert wants(b)
+    assert not owed(b)
+    a.receive_records(b.records_to_send(MP))
+    assert a.credit["request_window"] == Hello2().request_window
+
+
+def test_reply_credit_below_the_floor_is_held_too() -> None:
+    a, b = pair(credit_floor=1000)
+    i = call(a, b"q")
+    pump(a, b)
+    b.send_reply(i, b"r")
+    pump(b, a)
+    a.delivered(i)
+    assert owed(a)
+    assert not wants(a)
+    a.flush_credit()
+    b.receive_records(a.records_to_send(MP))
+    assert b.credit["reply_window"] == Hello2().reply_window
+
+
+def test_flush_credit_with_nothing_owed_sends_nothing() -> None:
+    a, _ = pair(credit_floor=1000)
+    a.flush_credit()
+    assert not wants(a)
+    assert not owed(a)
+    assert a.records_to_send(MP) == []
+
+
+def test_one_message_packs_as_the_general_path_does() -> None:
+    """The single-message fast path and the batch packer give the same bytes."""
+    a, b = pair()
+    i = call(a, b"hello")
+    [alone] = a.records_to_send(MP)
+    assert alone == frame(Kind.REQUEST, i, b"hello")
+    j = call(a, b"one")
+    k = call(a, b"two")
+    [both] = a.records_to_send(MP)
+    assert both == frame(Kind.REQUEST, j, b"one") + frame(Kind.REQUEST, k, b"two")
+    events = b.receive_records([alone, both])
+    assert [e[1] for e in events] == [i, j, k]
 
 
 def test_every_byte_credited_exactly_once() -> None:

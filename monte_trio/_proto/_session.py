@@ -217,6 +217,10 @@ class Session:
         control_rate: ... and refilled per second.
         stream_window_cap: the largest a stream's receive window grows to (auto-tuning
             toward the bandwidth-delay product); the memory bound uses it.
+        credit_floor: window credit returned in amounts below this many bytes is held
+            back (:attr:`credit_owed`) until it reaches the floor or the driver calls
+            :meth:`flush_credit`, instead of riding on every record; 0 sends it with the
+            next record.
         abort_burst: streams the peer may open and then abort (RESET, STOP) at once ...
         abort_rate: ... and per second after that.
     """
@@ -237,6 +241,7 @@ class Session:
         "_ch_out",
         "_channels",
         "_credit_dirty",
+        "_credit_floor",
         "_d_blocked",
         "_d_blocked_at",
         "_d_blocked_out",
@@ -332,6 +337,7 @@ class Session:
         stream_window_cap: int = 16 * 1024 * 1024,
         abort_burst: int = STREAM_ABORT_BURST,
         abort_rate: float = STREAM_ABORT_RATE,
+        credit_floor: int = 0,
     ) -> None:
         own_parity = 1 if initiator else 0
         if first_id is None:
@@ -368,6 +374,7 @@ class Session:
         self._r_pending = local.reply_window
         self._r_recv = 0
         self._credit_dirty = False
+        self._credit_floor = credit_floor
         # Calls. _out[id] = [parent, cancelled, nested_open, request_fully_sent]
         # _in[id] = [parent, cancelled, nested_open, terminal_queued]
         self._out: dict[int, list[int]] = {}
@@ -455,6 +462,20 @@ class Session:
             or self._ready
             or self._sctrl
         )
+
+    @property
+    def credit_owed(self) -> bool:
+        """Whether returned window credit is held back below ``credit_floor``: the
+        driver must call :meth:`flush_credit` within its delay (the peer may be waiting
+        for it)."""
+        return not self._credit_dirty and (
+            self._w_pending != self._w_limit_in or self._r_pending != self._r_limit_in
+        )
+
+    def flush_credit(self) -> None:
+        """Send the window credit held back below ``credit_floor`` with the next record."""
+        if self._w_pending != self._w_limit_in or self._r_pending != self._r_limit_in:
+            self._credit_dirty = True
 
     @property
     def finished(self) -> bool:
@@ -707,14 +728,16 @@ class Session:
         else:
             cost = nbytes + MESSAGE_COST
         self._w_pending += cost
-        self._credit_dirty = True
+        if self._w_pending - self._w_limit_in >= self._credit_floor:
+            self._credit_dirty = True
 
     def delivered(self, call_id: int) -> None:
         """The caller took (or dropped) the reply of ``call_id``: return its W_r (once)."""
         cost = self._r_held.pop(call_id, None)
         if cost is not None:
             self._r_pending += cost
-            self._credit_dirty = True
+            if self._r_pending - self._r_limit_in >= self._credit_floor:
+                self._credit_dirty = True
 
     def start_close(self, code: int = ErrorCode.NO_ERROR, *, now: float | None = None) -> None:
         """Queue GOAWAY (after everything queued so far) and refuse new calls from now on.
@@ -1067,6 +1090,30 @@ class Session:
             return []
         if self.state == CLOSED:
             return []
+        queue = self._queue
+        if (
+            len(queue) == 1
+            and not self._credit_dirty
+            and not self._ready
+            and not (self._pong or self._ping or self._cancels or self._sctrl)
+        ):
+            # The common case of a quiet connection: one whole unary message (or one-way,
+            # or error), no control frame.
+            kind, ident, prefix, body, offset = queue[0]
+            n = len(body)
+            if (
+                kind < _CONT
+                and not offset
+                and not prefix
+                and n <= max_plaintext - 8
+                and n <= 65535
+            ):
+                queue.popleft()
+                if kind == _ONEWAY:
+                    self.send_queue_bytes -= n
+                else:
+                    self._sent(kind, ident, n)
+                return [_pack(kind, 0, n, ident) + body]
         out: list[bytes] = []
         parts: list[bytes] = []
         size = 0

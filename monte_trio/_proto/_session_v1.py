@@ -55,6 +55,12 @@ class MonteV1Session:
         """Whether :meth:`records_to_send` has something to pack."""
         return bool(self._queue)
 
+    credit_owed: Final = False
+    """monte-v1 has no credit (the same driver reads this of both sessions)."""
+
+    def flush_credit(self) -> None:
+        """monte-v1 has no credit: nothing to send."""
+
     @property
     def finished(self) -> bool:
         """Closing and everything written."""
