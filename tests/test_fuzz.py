@@ -455,7 +455,7 @@ def test_native_frames_on_arbitrary_plaintexts(plaintexts: list[bytes], limit: i
     extra_windows=st.tuples(st.integers(0, 2**40), st.integers(0, 2**40)),
     calls=st.tuples(st.integers(1, 2**31), st.integers(1, 2**16)),
     features=st.integers(0, 2**64 - 1),
-    unknown=st.tuples(st.integers(13, 2**16 - 1), st.binary(max_size=20)),
+    unknown=st.tuples(st.integers(14, 2**16 - 1), st.binary(max_size=20)),
 )
 def test_hello_round_trip(
     version: int,

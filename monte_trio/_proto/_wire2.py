@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterable
 from typing import Final
 
 import attrs
@@ -169,6 +170,7 @@ class HelloType(enum.IntEnum):
     STREAM_WINDOW = 10
     MAX_STREAMS = 11
     DATA_WINDOW = 12
+    COMPRESSION = 13
 
 
 class Codec(enum.IntEnum):
@@ -196,6 +198,9 @@ _CODEC_TYPE: Final = 9
 _CODEC_SIZE: Final = 2
 # Optional stream fields: sent (all three) only when max_streams > 0.
 _STREAM_FIELDS: Final = {10: ("stream_window", 4), 11: ("max_streams", 4), 12: ("data_window", 8)}
+# Optional: the compression codec ids (u8 each) the sender can decompress, in its order of
+# preference; sent only when not empty (absent: none).
+_COMPRESSION_TYPE: Final = 13
 _DEFAULT_M: Final = 16 * 1024 * 1024
 
 
@@ -208,6 +213,14 @@ def default_request_window(max_message_size: int) -> int:
 def default_reply_window(max_message_size: int) -> int:
     """The smallest reply window allowed (and the default): one maximum-size reply."""
     return max_message_size + MESSAGE_COST
+
+
+def _ids(value: object) -> tuple[int, ...]:
+    # Typed ``object`` so that hellos built from a ``dict[str, int]`` of the other fields
+    # still type-check; anything but an iterable of ints fails here.
+    if not isinstance(value, Iterable):
+        raise TypeError(f"compression must be an iterable of codec ids, not {value!r}")
+    return tuple(int(v) for v in value)
 
 
 def prologue(name: str, initiator_preamble: bytes) -> bytes:
@@ -240,6 +253,10 @@ class Hello2:
             none of them, means "no streams").
         data_window: connection-level window of stream and call data, at least
             ``2 * stream_window``.
+        compression: the compression codec ids (``_compression.CompressionId``, u8 each,
+            no duplicates) the sender can decompress, in its order of preference; ids
+            this side does not know are kept (and never used). Optional on the wire:
+            empty means none, and is not sent.
     """
 
     version: int = VERSION
@@ -254,6 +271,7 @@ class Hello2:
     stream_window: int = DEFAULT_STREAM_WINDOW
     max_streams: int = 0
     data_window: int = DEFAULT_DATA_WINDOW
+    compression: tuple[int, ...] = attrs.field(default=(), converter=_ids)
 
     def encode(self) -> bytes:
         """The TLV encoding, types in increasing order."""
@@ -280,17 +298,22 @@ class Hello2:
             for type_, (name, size) in _STREAM_FIELDS.items():
                 field = int(getattr(self, name)).to_bytes(size, "big")  # pragma: no mutate
                 out += _TLV.pack(type_, size) + field
+        if self.compression:
+            out += _TLV.pack(_COMPRESSION_TYPE, len(self.compression)) + bytes(self.compression)
         return bytes(out)
 
     @classmethod
     def decode(cls, data: bytes) -> Hello2:
-        """Parse and check a hello; unknown types are ignored, ``codec`` is optional.
+        """Parse and check a hello; unknown types are ignored, ``codec``, the stream
+        fields and ``compression`` are optional.
 
         Raises:
-            RemoteProtocolError: truncated, a known type twice or with a wrong length, a
-                field missing, or a limit below its floor (the message names it).
+            RemoteProtocolError: truncated, a known type twice or with a wrong length (an
+                empty ``compression``), a field missing, a limit below its floor, or a
+                compression id listed twice (the message names it).
         """
         values: dict[str, int] = {}
+        compression: tuple[int, ...] | None = None
         offset = 0
         while offset < len(data):
             if len(data) - offset < _TLV.size:
@@ -302,6 +325,13 @@ class Hello2:
             value = data[offset : offset + length]
             offset += length
             name = _FIELDS.get(type_)
+            if type_ == _COMPRESSION_TYPE:
+                if not length:
+                    raise RemoteProtocolError("hello field compression is empty")
+                if compression is not None:
+                    raise RemoteProtocolError("hello field compression appears twice")
+                compression = tuple(value)
+                continue
             if type_ == _CODEC_TYPE:
                 if length != _CODEC_SIZE:
                     raise RemoteProtocolError(
@@ -340,7 +370,7 @@ class Hello2:
         missing = [n for n in _FIELDS.values() if n not in values]
         if missing:
             raise RemoteProtocolError(f"the peer's hello lacks {', '.join(missing)}")
-        hello = cls(**values)
+        hello = cls(**values, compression=compression or ())
         hello.check()
         return hello
 
@@ -364,6 +394,12 @@ class Hello2:
                 raise RemoteProtocolError(
                     f"the peer announced {name} {value}, outside the allowed range {low}..{high}"
                 )
+        ids = self.compression
+        if len(set(ids)) != len(ids) or not all(0 <= i <= 255 for i in ids):
+            raise RemoteProtocolError(
+                f"the peer announced compression ids {list(ids)}: each must be a distinct "
+                "byte (0..255)"
+            )
         if self.max_streams:
             sw = self.stream_window
             for name, value, low, high in (

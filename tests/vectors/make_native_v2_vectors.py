@@ -48,6 +48,10 @@ CODEC_HELLOS = [wire.Hello2(codec=wire.Codec.MSGPACK), wire.Hello2(codec=0xFFFF)
 # Streams enabled (fields 10 to 12, sent only when max_streams > 0): small windows so the
 # examples below show a blocked sender and a window update.
 STREAM_HELLO = wire.Hello2(max_streams=8, stream_window=1024, data_window=4096)
+# The optional compression field (type 13): LZ4 then Zstandard; and Zstandard, LZ4 and an
+# id no implementation knows (kept, never used).
+COMPRESSION_HELLOS = [wire.Hello2(compression=(1, 2)), wire.Hello2(compression=(2, 1, 200))]
+FLAG_COMPRESSED = 0x08
 
 
 def derive(label: str) -> bytes:
@@ -248,6 +252,93 @@ def streams() -> dict[str, Any]:
     }
 
 
+def _lz4_length(n: int) -> bytes:
+    """LZ4's length extension for a length whose 4-bit field holds 15."""
+    n -= 15
+    return b"\xff" * (n // 255) + bytes([n % 255])
+
+
+def lz4_block(literals: bytes, offset: int, match: int, tail: bytes) -> bytes:
+    """An LZ4 block (the format ``lz4.block`` writes with ``store_size=False``) of two
+    sequences, built by hand so the vectors do not depend on a compressor's choices:
+    ``literals``, then ``match`` bytes copied from ``offset`` bytes back, then ``tail``
+    (the block's last literals, at least 5 bytes, as LZ4 requires)."""
+    lit, ml = len(literals), match - 4
+    out = bytearray([min(lit, 15) << 4 | min(ml, 15)])
+    out += _lz4_length(lit) if lit >= 15 else b""
+    out += literals + offset.to_bytes(2, "little")
+    out += _lz4_length(ml) if ml >= 15 else b""
+    out += bytes([min(len(tail), 15) << 4]) + (_lz4_length(len(tail)) if len(tail) >= 15 else b"")
+    return bytes(out + tail)
+
+
+def zstd_rle_frame(byte: int, size: int) -> bytes:
+    """A Zstandard frame by hand: single segment, a 2-byte content size (size - 256), no
+    checksum, one RLE block of ``size`` copies of ``byte``."""
+    assert 256 <= size < 65536 + 256
+    header = b"\x28\xb5\x2f\xfd" + b"\x60" + (size - 256).to_bytes(2, "little")
+    block = (1 | 1 << 1 | size << 3).to_bytes(3, "little") + bytes([byte])
+    return header + block
+
+
+def compression() -> dict[str, Any]:
+    """Compressed message bodies (flag 0x08, envelope ``u8 codec | u32 size | data``),
+    packed into <= 1,008-byte plaintexts as the reference packer lays out any body."""
+    word = b'"monte_trio", '
+    head = b'{"user": "alice", "tags": ['
+    small = head + word * 75 + b'"end"]}'
+    small_block = lz4_block(head + word, len(word), len(word) * 74, b'"end"]}')
+    seed = b"".join(hashlib.sha256(b"compression %d" % i).digest() for i in range(38))[:1200]
+    large = seed + seed * 2 + seed[:600] + b"--the end--\n"
+    large_block = lz4_block(seed, len(seed), 3000, b"--the end--\n")
+    cases = []
+    for what, kind, ident, codec, body, data in (
+        ("a 1,084-byte request, LZ4: REQUEST flagged COMPRESSED", wire.Kind.REQUEST, 1, 1,
+         small, small_block),
+        ("a 4,212-byte request, LZ4, fragmented: REQUEST flagged MORE and COMPRESSED "
+         "(u32 total = the envelope's length), then CONTINUATION (never flagged)",
+         wire.Kind.REQUEST, 3, 1, large, large_block),
+        ("a 1,000-byte one-way message, Zstandard (one RLE block): ONEWAY flagged "
+         "COMPRESSED", wire.Kind.ONEWAY, 0, 2, b"a" * 1000, zstd_rle_frame(ord("a"), 1000)),
+    ):  # fmt: skip
+        payload = struct.pack(">BI", codec, len(body)) + data
+        room = 1008 - 8 - 4
+        if len(payload) <= 1008 - 8:
+            plaintexts = [wire.HEADER.pack(kind, FLAG_COMPRESSED, len(payload), ident) + payload]
+        else:
+            first = len(payload).to_bytes(4, "big") + payload[:room]
+            flags = FLAG_COMPRESSED | wire.FLAG_MORE
+            plaintexts = [wire.HEADER.pack(kind, flags, len(first), ident) + first]
+            rest = payload[room:]
+            while rest:
+                take, rest = rest[:1000], rest[1000:]
+                more = wire.FLAG_MORE if rest else 0
+                plaintexts.append(
+                    wire.HEADER.pack(wire.Kind.CONTINUATION, more, len(take), ident) + take
+                )
+        cases.append(
+            {
+                "what": what,
+                "codec": codec,
+                "body": body.hex(),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "payload": payload.hex(),
+                "plaintexts": [p.hex() for p in plaintexts],
+                "frames": [frames_of(p) for p in plaintexts],
+            }
+        )
+    return {
+        "what": (
+            "compressed bodies: flag 0x08 on the message's first frame; body = u8 codec | "
+            "u32 decompressed size | codec data (1 = LZ4 block, 2 = one Zstandard frame with "
+            "its content size); the blocks and frames are built by hand"
+        ),
+        "flag": FLAG_COMPRESSED,
+        "hellos": [hello_json(h) for h in COMPRESSION_HELLOS],
+        "cases": cases,
+    }
+
+
 def transcript() -> dict[str, Any]:
     name = _native_hello.protocol_name(psk=False)
     i_pre = _native_hello.encode_preamble(0, version=wire.VERSION)
@@ -361,7 +452,14 @@ def build() -> dict[str, Any]:
             "12 END, 13 RESET, 14 STOP, 15 CALL_CREDIT). Records use version 1's layer."
         ),
         "hellos": [
-            hello_json(h) for h in [INITIATOR_HELLO, RESPONDER_HELLO, *CODEC_HELLOS, STREAM_HELLO]
+            hello_json(h)
+            for h in [
+                INITIATOR_HELLO,
+                RESPONDER_HELLO,
+                *CODEC_HELLOS,
+                STREAM_HELLO,
+                *COMPRESSION_HELLOS,
+            ]
         ],
         "headers": headers(),
         "batch": batch(),
@@ -369,6 +467,7 @@ def build() -> dict[str, Any]:
         "credit": credit(),
         "streams": streams(),
         "transcript": transcript(),
+        "compression": compression(),
     }
 
 
