@@ -23,7 +23,10 @@ MAIN_WORKLOADS = (
     "ParallelRequest",
 )
 EXTRA_WORKLOADS = ("Request1MiB", "Connect", "IdleConns")
-ALL_WORKLOADS = MAIN_WORKLOADS + EXTRA_WORKLOADS
+METHOD_WORKLOADS = {"ParallelMethod": "json", "ParallelMethodStruct": "msgpack"}
+"""Method calls (monte_trio's Router) as ParallelRequest runs them, and their codec; only
+the peers that serve methods run them (see ``peers.supports``)."""
+ALL_WORKLOADS = MAIN_WORKLOADS + tuple(METHOD_WORKLOADS) + EXTRA_WORKLOADS
 
 ALL_PEERS = ("monte-native", "monte-v1", "trio-plain", "trio-ssl", "grpc", "zmq")
 BASELINE_PEER = "monte-native"

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from . import ALL_WORKLOADS, BASELINE_PEER, MAIN_WORKLOADS, peers, report
+from . import ALL_WORKLOADS, BASELINE_PEER, MAIN_WORKLOADS, METHOD_WORKLOADS, peers, report
 from .common import make_self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,10 +38,13 @@ DEFAULT_N = {
     "ParallelSend": 100_000,
     "ParallelSendNoWait": 200_000,
     "ParallelRequest": 50_000,
+    "ParallelMethod": 50_000,
+    "ParallelMethodStruct": 50_000,
     "Request1MiB": 300,
     "Connect": 300,
 }
-QUICK_N = dict.fromkeys(MAIN_WORKLOADS, 2000) | {"Request1MiB": 10, "Connect": 20}
+TIMED_WORKLOADS = MAIN_WORKLOADS + tuple(METHOD_WORKLOADS)
+QUICK_N = dict.fromkeys(TIMED_WORKLOADS, 2000) | {"Request1MiB": 10, "Connect": 20}
 DEFAULT_IDLE = "1000,10000"
 QUICK_IDLE = "50,200"
 
@@ -153,8 +156,10 @@ def run_one(
     idle_levels: str,
     host: str,
 ) -> dict[str, Any]:
-    big = ["--big"] if workload == "Request1MiB" else []
-    common = ["--peer", peer, "--tls-dir", tls_dir, "--host", host, *big]
+    options = ["--big"] if workload == "Request1MiB" else []
+    if workload in METHOD_WORKLOADS:
+        options += ["--methods", METHOD_WORKLOADS[workload]]
+    common = ["--peer", peer, "--tls-dir", tls_dir, "--host", host, *options]
     with tempfile.TemporaryFile() as server_err, tempfile.TemporaryFile() as client_err:
         server = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.server", "--port", "0", *common],
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"unknown workload {w!r}; known: {', '.join(ALL_WORKLOADS)}")
     counts = dict(QUICK_N if args.quick else DEFAULT_N)
     if args.n is not None:
-        counts.update(dict.fromkeys(MAIN_WORKLOADS, args.n))
+        counts.update(dict.fromkeys(TIMED_WORKLOADS, args.n))
     if args.n_big is not None:
         counts["Request1MiB"] = args.n_big
     if args.n_connect is not None:
@@ -290,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             "SendNoWait": "one-way; the call enqueues and returns",
             "Request": "request / empty reply, one caller",
             "Parallel*": "64 concurrent callers sharing one client, up to 4 connections",
+            "ParallelMethod*": "as ParallelRequest, each a method call (json; msgpack Struct)",
             "Request1MiB": "1 MiB request, server echoes it; MB/s counts both directions",
             "Connect": "sequential connect + handshake + one request + close",
             "IdleConns": "server RSS growth per open idle connection",
@@ -302,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         make_self_signed(Path(tls_dir))
         for p in runnable:
             for w in workload_names:
+                if not peers.supports(p, w):
+                    continue  # a workload this peer has no counterpart of: no row
                 n = counts.get(w, 0)
-                if w in MAIN_WORKLOADS:
+                if w in TIMED_WORKLOADS:
                     warmup = max(1, min(n // 10, 5000))
                 elif w == "Request1MiB":
                     warmup = 3

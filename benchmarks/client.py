@@ -17,7 +17,7 @@ from .common import PeerOptions, Runtime, raise_nofile_limit
 
 async def run(args: argparse.Namespace, rt: Runtime, nofile: int) -> dict[str, Any]:
     peer = peers.load(args.peer)
-    opts = PeerOptions(host=args.host, tls_dir=args.tls_dir, big=args.big)
+    opts = PeerOptions(host=args.host, tls_dir=args.tls_dir, big=args.big, methods=args.methods)
     open_client = peer.open_client(args.peer)
     w = args.workload
     max_conns = MAX_CONNS if w.startswith("Parallel") else 1
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-levels", default="1000,10000")
     ap.add_argument("--tls-dir", default=None)
     ap.add_argument("--big", action="store_true")
+    ap.add_argument("--methods", default="", help="call methods with this codec")
     ap.add_argument("--timeout", type=float, default=300.0, help="hard limit for this run, s")
     args = ap.parse_args(argv)
 

@@ -203,6 +203,7 @@ class PeerOptions:
     host: str = "127.0.0.1"
     tls_dir: str | None = None
     big: bool = False  # configure for 1 MiB messages
+    methods: str = ""  # serve and call methods with this codec (the method workloads)
 
 
 class BenchClient(Protocol):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import MAIN_WORKLOADS
+from . import MAIN_WORKLOADS, METHOD_WORKLOADS
 from .peers import DESCRIPTIONS
 
 Result = dict[str, Any]
@@ -23,7 +23,7 @@ Row = dict[str, Any]
 
 DASH = "\u2013"  # en dash: no figure
 TIMES = "\u00d7"  # multiplication sign after a ratio
-THROUGHPUT_WORKLOADS = (*MAIN_WORKLOADS, "Request1MiB")
+THROUGHPUT_WORKLOADS = (*MAIN_WORKLOADS, *METHOD_WORKLOADS, "Request1MiB")
 
 
 def _fmt(v: float | None) -> str:
@@ -59,6 +59,16 @@ def _by_key(results: Sequence[Result]) -> dict[tuple[str, str], Result]:
 
 def _mib(kib: float | None) -> float | None:
     return None if kib is None else kib / 1024
+
+
+def _against_requests(r: Result, raw: Result | None) -> str:
+    """A method workload's figures against the same peer's ParallelRequest."""
+    if raw is None or "error" in raw or not raw.get("msgs_per_s"):
+        return ""
+    text = f"{r['msgs_per_s'] / raw['msgs_per_s']:.2f}{TIMES} ParallelRequest's calls/s"
+    if r.get("cpu_us_per_msg") and raw.get("cpu_us_per_msg"):
+        text += f", {r['cpu_us_per_msg'] / raw['cpu_us_per_msg']:.2f}{TIMES} its CPU/call"
+    return text
 
 
 def throughput_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -101,6 +111,10 @@ def throughput_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 b = base.get(key) if base is not None else None
                 return _cell(scale(v) if v is not None else None, scale(b) if b else None, True)
 
+            note = r.get("note", "")
+            if w in METHOD_WORKLOADS:
+                against = _against_requests(r, index.get(("ParallelRequest", p)))
+                note = f"{note}; {against}" if note and against else note or against
             rows.append(
                 [
                     w,
@@ -112,7 +126,7 @@ def throughput_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                     c("cpu_us_per_msg"),
                     c("client_peak_rss_kib", _mib),
                     c("server_peak_rss_kib", _mib),
-                    r.get("note", ""),
+                    note,
                 ]
             )
     return header, rows

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "::1"])
     ap.add_argument("--tls-dir", default=None, help="directory with cert.pem/key.pem")
     ap.add_argument("--big", action="store_true", help="configure for 1 MiB messages")
+    ap.add_argument("--methods", default="", help="serve methods with this codec")
     args = ap.parse_args(argv)
 
     reason = peers.unavailable_reason(args.peer)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile_limit()
     peer = peers.load(args.peer)
     state = ServerState()
-    opts = PeerOptions(host=args.host, tls_dir=args.tls_dir, big=args.big)
+    opts = PeerOptions(host=args.host, tls_dir=args.tls_dir, big=args.big, methods=args.methods)
 
     def ready(port: int) -> None:
         print(f"READY {port}", flush=True)

@@ -31,6 +31,8 @@ KIND = {
     "ParallelSend": "send",
     "ParallelSendNoWait": "nowait",
     "ParallelRequest": "request",
+    "ParallelMethod": "method",
+    "ParallelMethodStruct": "struct",
 }
 N_PAYLOADS = 64  # distinct random payloads, cycled
 CONNECT_TIMEOUT = 15.0  # seconds for one idle connection's connect + handshake + request
@@ -126,6 +128,30 @@ async def drive(
                 await send(payloads[i & mask])
                 lat.append(clock() - t)
 
+        async def method_loop() -> None:
+            # A Router method with the json codec: one str argument, a 1400-byte body.
+            call: Any = client.call  # type: ignore[attr-defined]  # monte_trio's Client
+            text = method_args[0]
+            clock = time.perf_counter_ns
+            for _ in range(count):
+                t = clock()
+                reply = await call("store", text)
+                lat.append(clock() - t)
+                if reply is not None:
+                    raise BenchError("expected None from the method")
+
+        async def struct_loop() -> None:
+            # Through a proxy with the msgpack codec: a Struct of 6 fields, validated.
+            store: Any = client.proxy(method_args[1])  # type: ignore[attr-defined]
+            items = method_args[2]
+            clock = time.perf_counter_ns
+            for i in range(offset, offset + count):
+                t = clock()
+                reply = await store.store(items[i & mask])
+                lat.append(clock() - t)
+                if reply is not None:
+                    raise BenchError("expected None from the method")
+
         async def nowait_loop() -> None:
             send_nowait = client.send_nowait
             for i in range(offset, offset + count):
@@ -135,8 +161,19 @@ async def drive(
                 except would_block:
                     await client.send(body)  # back-pressure: wait for room
 
-        return {"request": request_loop, "send": send_loop, "nowait": nowait_loop}[kind]
+        return {
+            "request": request_loop,
+            "send": send_loop,
+            "nowait": nowait_loop,
+            "method": method_loop,
+            "struct": struct_loop,
+        }[kind]
 
+    method_args: tuple[Any, ...] = ()
+    if kind in ("method", "struct"):
+        from .methods import Store, json_text, make_item
+
+        method_args = (json_text(), Store, [make_item(i) for i in range(len(payloads))])
     latencies_per_caller: list[list[int]] = []
     fns = [make(k, i * 7) for i, k in enumerate(_split(n, callers)) if k]
     if len(fns) == 1:

@@ -7,12 +7,10 @@ Run it (a server and a client in one process, on 127.0.0.1)::
 Each call makes two spans: the client's (``open_client(middleware=...)``) and the
 server's (``Router(middleware=...)``), each with the method as its name, the peer's key,
 the duration and the outcome. They share a trace id, and the server's span is a child of
-the client's. A call carries no headers of its own, so the context travels in an argument:
-the caller passes ``headers={}`` to every traced call, the traced methods take
-``headers`` as a keyword-only parameter, the client's middleware writes a W3C
-``traceparent`` into that dict before the call is encoded, and the server's middleware
-reads it. The spans are printed, one line each, as they end (an exporter would send them
-instead)::
+the client's: the context travels in the call's metadata, where the client's middleware
+writes a W3C ``traceparent`` before the call is encoded and the server's middleware reads
+it (``CallInfo.metadata``); the methods themselves take no tracing argument. The spans are
+printed, one line each, as they end (an exporter would send them instead)::
 
     span trace=4bf9... id=00f0... parent=5c6e... client price 11.1 ms peer=nLRLuqRA outcome=ok
 
@@ -26,7 +24,6 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import attrs
 import trio
@@ -103,9 +100,7 @@ async def traced(
         key = call.peer_public_key
         current.attributes["peer"] = str(key)[:8] if key is not None else "-"
         if kind == "client":  # pass this span on: the server's span is its child
-            headers = call.kwargs.get("headers")
-            if isinstance(headers, dict):
-                headers["traceparent"] = current.traceparent
+            call.metadata["traceparent"] = current.traceparent
         try:
             result = await next()
         except Exception as exc:
@@ -122,8 +117,7 @@ async def client_tracing(call: monte_trio.CallInfo, next: Next) -> object:
 
 async def server_tracing(call: monte_trio.CallInfo, next: Next) -> object:
     """Server middleware: a server span, child of the client span named on the wire."""
-    headers = call.kwargs.get("headers")
-    parent = parse_traceparent(headers.get("traceparent") if isinstance(headers, dict) else None)
+    parent = parse_traceparent(call.metadata.get("traceparent"))
     return await traced("server", parent, call, next)
 
 
@@ -139,7 +133,7 @@ def make_router() -> monte_trio.Router:
     router = monte_trio.Router(middleware=[server_tracing])
 
     @router.method
-    async def price(item: str, *, headers: dict[str, Any] | None = None) -> float:
+    async def price(item: str) -> float:
         await trio.sleep(0.01)  # the work the span measures
         if item not in PRICES:
             raise OutOfStock(f"no {item!r} here")
@@ -161,7 +155,7 @@ async def main() -> int:
                 total = 0.0
                 for item in ("tea", "cake", "pie"):
                     try:
-                        total += await client.call("price", item, headers={})
+                        total += await client.call("price", item)
                     except OutOfStock as exc:
                         print(f"skipped: {exc}", flush=True)
                 print(f"total: {total:.2f}", flush=True)

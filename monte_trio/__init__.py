@@ -48,6 +48,7 @@ from ._secure_stream import SecureStream as SecureStream
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve as serve
+from ._services._caller import call_metadata as call_metadata
 from ._services._errors import CodecError as CodecError
 from ._services._errors import InvalidArguments as InvalidArguments
 from ._services._errors import MethodErrorCode as MethodErrorCode
@@ -61,6 +62,7 @@ from ._services._router import Middleware as Middleware
 from ._services._router import Router as Router
 from ._services._router import current_call as current_call
 from ._services._router import idempotent as idempotent
+from ._services._router import oneway as oneway
 from ._trust import AcceptAnyKey as AcceptAnyKey
 from ._trust import PinnedKeys as PinnedKeys
 from ._trust import TrustPolicy as TrustPolicy
@@ -112,9 +114,11 @@ __all__ = [
     "Server",
     "ServerStatistics",
     "TrustPolicy",
+    "call_metadata",
     "current_call",
     "idempotent",
     "inline",
+    "oneway",
     "open_client",
     "remote_error",
     "retry",

@@ -42,7 +42,7 @@ from ._exceptions import (
 from ._handshake import Handshake
 from ._keys import Identity
 from ._native_handshake import resolve_handshake
-from ._services._caller import UNTYPED, call_on, make_proxy
+from ._services._caller import UNTYPED, call_on, make_proxy, notify_on
 from ._services._codecs import get_codec
 from ._services._retry import backoff
 from ._services._router import Middleware
@@ -224,7 +224,8 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         time of the enclosing cancel scopes' deadline goes with the call: the method is
         cancelled when it passes. A call refused before any of it was sent moves to
         another connection, as :meth:`request` does. Client middleware (``open_client``'s
-        ``middleware``) runs around it.
+        ``middleware``) runs around it. A call made inside a
+        :func:`~monte_trio.call_metadata` block carries its metadata.
 
         Raises:
             RemoteMethodError: the call failed at the server (a subclass:
@@ -233,7 +234,8 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
                 (:func:`~monte_trio.remote_error`).
             CodecError: the arguments do not encode (nothing was sent), or the reply
                 does not decode.
-            ValueError: the method name is longer than 65,535 bytes of UTF-8.
+            ValueError: the method name is longer than 65,535 bytes of UTF-8, or client
+                middleware made the metadata go over its limits (nothing was sent).
 
         See :meth:`request` for the errors of the call itself.
         """
@@ -264,8 +266,39 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         Raises:
             TypeError: ``protocol`` is not a class with public methods.
         """
-        proxy: _P = make_proxy(protocol, namespace, self._invoke)
+        proxy: _P = make_proxy(protocol, namespace, self._invoke, self._notify)
         return proxy
+
+    async def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
+        """Call the server's method ``method`` as a one-way message: no reply comes back.
+
+        The call is encoded as :meth:`call` encodes it and sent as :meth:`send` sends a
+        message: it returns once the call is written (a call refused before it was
+        queued moves to another connection). The server runs the method under the
+        call's deadline, if any, and discards its result; an error (an unknown method,
+        arguments that do not fit, an exception) is logged at the server, never sent
+        back. Client middleware runs around it (``CallInfo.oneway`` is ``True``, and
+        ``await next()`` returns ``None``). A Protocol's methods declared
+        :func:`~monte_trio.oneway` are sent this way by a proxy.
+
+        Raises:
+            CodecError: the arguments do not encode (nothing was sent).
+            ValueError: the method name is longer than 65,535 bytes of UTF-8, or client
+                middleware made the metadata go over its limits (nothing was sent).
+
+        See :meth:`send` for the errors of the message itself.
+        """
+        await self._notify(method, args, kwargs)
+
+    async def _notify(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        codec = get_codec(self._config.codec)
+        for attempt in range(_REASSIGNMENTS + 1):
+            conn = await self._pick()
+            try:
+                await notify_on(conn, codec, name, args, kwargs, self._middleware)
+                return
+            except RequestNotProcessed as exc:
+                self._reassigning(attempt, exc)
 
     async def _invoke(
         self,

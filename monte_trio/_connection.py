@@ -36,6 +36,7 @@ gets :class:`~monte_trio.ConnectionClosed` (or its retry-safe subclass
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 from collections import deque
@@ -75,6 +76,7 @@ from ._proto._session_v1 import MonteV1Session
 from ._proto._wire2 import RETRY_SAFE
 from ._reader import Reader
 from ._secure_stream import SecureStream
+from ._services import _caller as _methods
 from ._util import escape_peer_text
 from ._writer import CREDIT_DELAY, CREDIT_SHARE, WRITE_ERRORS, Writer
 
@@ -605,19 +607,24 @@ class Connection(trio.abc.AsyncResource):
         """Call the peer's method ``method`` (served by a :class:`~monte_trio.Router`)
         and return its result; as :meth:`Client.call <monte_trio.Client.call>`, on this
         connection (no client middleware, no moving to another connection)."""
-        from ._services._caller import UNTYPED, connection_invoke
+        return await _methods.connection_invoke(self, method, args, kwargs, False)
 
-        return await connection_invoke(self, method, args, kwargs, False, UNTYPED)
+    async def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
+        """Call the peer's method ``method`` as a one-way message: return once it is
+        written; as :meth:`Client.notify <monte_trio.Client.notify>`, on this connection
+        (no client middleware, no moving to another connection)."""
+        await _methods.connection_notify(self, method, args, kwargs)
 
     def proxy(self, protocol: Callable[..., _P], *, namespace: str = "") -> _P:
         """A typed proxy of the peer's methods, as :meth:`Client.proxy
         <monte_trio.Client.proxy>`, on this connection: a handler calls the peer back
         with ``request.connection.proxy(SomeProtocol)``."""
-        import functools
-
-        from ._services._caller import connection_invoke, make_proxy
-
-        proxy: _P = make_proxy(protocol, namespace, functools.partial(connection_invoke, self))
+        proxy: _P = _methods.make_proxy(
+            protocol,
+            namespace,
+            functools.partial(_methods.connection_invoke, self),
+            functools.partial(_methods.connection_notify, self),
+        )
         return proxy
 
     async def send(self, body: bytes) -> None:

@@ -8,6 +8,7 @@ import importlib.util
 import math
 import struct
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -599,3 +600,399 @@ async def test_middleware_on_both_sides_and_statistics(
     stats = router.statistics()["boom"]
     assert (stats.calls, stats.errors) == (1, 1)
     assert "nope" not in router.statistics()
+
+
+# -- metadata --------------------------------------------------------------------------------
+
+
+def metadata_field(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """A call's metadata field built from docs/services.rst, byte by byte."""
+    field = bytes([len(entries)])
+    for key, value in entries:
+        field += bytes([len(key)]) + key + struct.pack(">H", len(value)) + value
+    return field
+
+
+async def capture(seen: list[bytes], request: Request) -> bytes:
+    """A raw handler that keeps each body (less its remaining time: the test's own
+    deadline) and replies as a method returning ``None``."""
+    body = request.body
+    if body[2] & 0x02:
+        end = 5 + struct.unpack_from(">H", body, 3)[0]
+        assert struct.unpack_from(">Q", body, end)[0] > 0
+        body = body[:2] + bytes([body[2] & ~0x02]) + body[3:end] + body[end + 8 :]
+    seen.append(body)
+    return b"\xf5\x02null"
+
+
+async def test_metadata_on_the_wire_and_without_it_nothing_changes() -> None:
+    bodies: list[bytes] = []
+    with trio.fail_after(TIMEOUT):
+        async with open_connection_pair(
+            native(), server_handler=lambda request: capture(bodies, request)
+        ) as (client, _):
+            await client.call("m", 1)
+            with monte_trio.call_metadata({"traceparent": "00-ab-cd-01"}, tenant="blué"):
+                await client.call("m", 1)
+                with trio.move_on_after(1e6):
+                    await client.notify("m", b"raw")
+            with monte_trio.call_metadata({}):
+                await client.call("m", 1)  # empty: no metadata field at all
+    plain = call_envelope(b"m", b"[[1],{}]")
+    entries = metadata_field([(b"traceparent", b"00-ab-cd-01"), (b"tenant", "blué".encode())])
+    assert bodies[0] == bodies[3] == plain
+    assert bodies[1] == call_envelope(b"m", entries + b"[[1],{}]", flags=0x08)
+    # Flags 0x04 | 0x08 (and 0x02, taken out with the remaining time it adds): the
+    # metadata, then the raw bytes.
+    assert bodies[2] == call_envelope(b"m", entries + b"raw", flags=0x0C)
+
+
+async def test_metadata_reaches_methods_and_middleware_on_both_sides() -> None:
+    seen: list[tuple[str, dict[str, str], bool]] = []
+
+    def recorder(side: str, add: dict[str, str]) -> monte_trio.Middleware:
+        async def middleware(call: CallInfo, next: Callable[[], Awaitable[Any]]) -> Any:
+            seen.append((side, dict(call.metadata), call.oneway))
+            call.metadata.update(add)  # the client's changes go with the call
+            return await next()
+
+        return middleware
+
+    router = Router(middleware=[recorder("server", {})])
+    done = trio.Event()
+
+    @router.method
+    async def show() -> dict[str, str]:
+        return monte_trio.current_call().metadata
+
+    @router.method
+    async def note() -> None:
+        seen.append(("method", monte_trio.current_call().metadata, True))
+        done.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with (
+            running_server(router, trust=AcceptAnyKey()) as (_, port),
+            monte_trio.open_client(
+                "127.0.0.1",
+                port,
+                trust=AcceptAnyKey(),
+                middleware=[recorder("client", {"added": "by middleware"})],
+            ) as client,
+        ):
+            assert await client.call("show") == {"added": "by middleware"}
+            with monte_trio.call_metadata(a="1", b="2"):
+                with monte_trio.call_metadata({"b": "inner", "x-id": "3"}):
+                    shown = await client.call("show")
+                    conn = await client.connection()
+                    assert await conn.call("show") == {"a": "1", "b": "inner", "x-id": "3"}
+                assert await client.call("show") == {"a": "1", "b": "2", "added": "by middleware"}
+                await client.notify("note")
+                await done.wait()
+            assert await conn.call("show") == {}  # the block ended: nothing attached
+    assert shown == {"a": "1", "b": "inner", "x-id": "3", "added": "by middleware"}
+    assert seen[:2] == [("client", {}, False), ("server", {"added": "by middleware"}, False)]
+    assert ("client", {"a": "1", "b": "2"}, True) in seen
+    assert ("server", {"a": "1", "b": "2", "added": "by middleware"}, True) in seen
+    assert ("method", {"a": "1", "b": "2", "added": "by middleware"}, True) in seen
+
+
+async def test_metadata_limits_at_the_extremes_on_the_calling_side() -> None:
+    router = Router()
+
+    @router.method
+    async def size() -> int:
+        metadata = monte_trio.current_call().metadata
+        return len(metadata) + sum(len(k) + len(v) for k, v in metadata.items())
+
+    most = {f"k{index:02d}": "" for index in range(64)}
+    with trio.fail_after(TIMEOUT):
+        async with open_connection_pair(native(), server_handler=router) as (client, _):
+            with monte_trio.call_metadata(most):
+                assert await client.call("size") == 64 + 64 * 3
+                # 65 across two blocks: refused as well
+                with pytest.raises(ValueError, match="has 65"), monte_trio.call_metadata(k64=""):
+                    pass  # pragma: no cover
+            with (
+                pytest.raises(ValueError, match="at most 64 metadata entries; this one has 65"),
+                monte_trio.call_metadata(most, k64=""),
+            ):
+                pass  # pragma: no cover
+            with monte_trio.call_metadata({"k": "v" * 8191}):
+                assert await client.call("size") == 1 + 8192
+            with (
+                pytest.raises(
+                    ValueError, match="at most 8192 bytes of UTF-8; these add up to 8193"
+                ),
+                monte_trio.call_metadata(k="é" * 4096),
+            ):
+                pass  # pragma: no cover
+            with monte_trio.call_metadata({"k" * 255: ""}):
+                assert await client.call("size") == 1 + 255
+            for bad_key in ["k" * 256, "", "\udc80"]:
+                with (
+                    pytest.raises(ValueError, match="metadata"),
+                    monte_trio.call_metadata({bad_key: "v"}),
+                ):
+                    pass  # pragma: no cover
+            for bad in [{"k": 1}, {2: "v"}, {"k": b"v"}]:
+                with (
+                    pytest.raises(TypeError, match="metadata keys and values are str"),
+                    monte_trio.call_metadata(bad),  # type: ignore[arg-type]
+                ):
+                    pass  # pragma: no cover
+            assert client.statistics().requests_sent == 3  # nothing else was sent
+
+
+async def test_client_middleware_that_adds_too_much_metadata_sends_nothing() -> None:
+    async def bloat(call: CallInfo, next: Callable[[], Awaitable[Any]]) -> Any:
+        call.metadata.update({f"k{index}": "" for index in range(65)})
+        return await next()
+
+    with trio.fail_after(TIMEOUT):
+        async with (
+            running_server(make_router(), trust=AcceptAnyKey()) as (_, port),
+            monte_trio.open_client(
+                "127.0.0.1", port, trust=AcceptAnyKey(), middleware=[bloat]
+            ) as client,
+        ):
+            with pytest.raises(ValueError, match="has 65"):
+                await client.call("echo", 1)
+            conn = await client.connection()
+            assert conn.statistics().requests_sent == 0
+            assert await conn.call("echo", 1) == 1  # no client middleware on a connection
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        (metadata_field([(b"k%02d" % i, b"") for i in range(65)]), "has 65 entries"),
+        (metadata_field([(b"k", b"v" * 8192)]), "more than 8192 bytes"),
+        (metadata_field([(b"k", b"v" * 4000), (b"l", b"v" * 4191)]), "more than 8192 bytes"),
+        (metadata_field([(b"", b"v")]), "empty key"),
+        (metadata_field([(b"k", b"1"), (b"k", b"2")]), "'k' appears twice"),
+        (metadata_field([(b"\xff", b"v")]), "not UTF-8"),
+        (metadata_field([(b"k", b"\xc3")]), "not UTF-8"),
+        (b"", "truncated inside its metadata"),
+        (b"\x01", "truncated inside its metadata"),
+        (b"\x01\x05key", "truncated inside its metadata"),
+        (b"\x01\x03key\x00\x05abc", "truncated inside its metadata"),
+        (b"\x02" + metadata_field([(b"k", b"v")])[1:], "truncated inside its metadata"),
+    ],
+    ids=[
+        "65-entries",
+        "8193-bytes",
+        "8193-bytes-in-two",
+        "empty-key",
+        "duplicate",
+        "key-not-utf8",
+        "value-not-utf8",
+        "no-count",
+        "no-key-length",
+        "short-key",
+        "short-value",
+        "missing-entry",
+    ],
+)
+async def test_metadata_over_its_limits_or_malformed_is_refused_unrun(
+    field: bytes, message: str
+) -> None:
+    ran: list[str] = []
+    router = Router()
+
+    @router.method
+    async def m(*args: Any) -> None:
+        ran.append("m")
+
+    with trio.fail_after(TIMEOUT):
+        async with open_connection_pair(native(), server_handler=router) as (client, _):
+            # The same envelope with the most the limits allow is served.
+            most = metadata_field(
+                [(b"k%02d" % i, b"") for i in range(63)] + [(b"k63", b"v" * 8000)]
+            )
+            reply = await client.request(call_envelope(b"m", most + b"[[],{}]", flags=0x08))
+            assert reply == b"\xf5\x02null"
+            arguments = b"" if "truncated" in message else b"[[],{}]"
+            reply = await client.request(call_envelope(b"m", field + arguments, flags=0x08))
+            assert error_code(reply) == MethodErrorCode.INVALID_CALL
+            assert message in reply.decode("utf-8", errors="replace")
+            assert await client.call("m") is None  # the connection goes on
+    assert ran == ["m", "m"]
+
+
+# -- one-way calls ---------------------------------------------------------------------------
+
+
+class Events(Protocol):
+    @monte_trio.oneway
+    async def record(self, event: str, *, count: int = 1) -> None: ...
+
+    async def total(self) -> int: ...
+
+
+class EventLog:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.arrived = trio.Event()
+
+    async def record(self, event: str, *, count: int = 1) -> str:
+        self.events.append((event, count))
+        self.arrived.set()
+        return "this result is dropped"
+
+    async def total(self) -> int:
+        return sum(count for _, count in self.events)
+
+
+async def test_notify_runs_the_method_and_nothing_comes_back(
+    profile: monte_trio.Handshake,
+) -> None:
+    log = EventLog()
+    router = Router()
+    router.add_service(log, Events, namespace="events")
+    with trio.fail_after(TIMEOUT):
+        async with open_connection_pair(profile, server_handler=router) as (client, server):
+            await client.notify("events.record", "start", count=2)
+            await log.arrived.wait()
+            log.arrived = trio.Event()
+            events = client.proxy(Events, namespace="events")
+            await events.record("proxy")  # a one-way message too
+            await log.arrived.wait()
+            assert await events.total() == 3
+            stats = client.statistics()
+            assert (stats.messages_sent, stats.requests_sent) == (2, 1)
+            assert server.statistics().messages_received == 2
+    assert log.events == [("start", 2), ("proxy", 1)]
+    assert router.statistics()["events.record"].calls == 2
+
+
+async def test_notify_failures_are_logged_at_the_server_never_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    router = make_router()
+    with trio.fail_after(TIMEOUT):
+        async with open_connection_pair(native(), server_handler=router) as (client, server):
+            await client.notify("nope")
+            await client.notify("math.add")  # missing an argument
+            await client.notify("boom")
+            await client.notify("kv.get", "missing")
+            assert await client.call("math.add", 1) == 2  # served after the four
+            await trio.testing.wait_all_tasks_blocked()
+            assert client.statistics().replies_received == 1
+            assert server.statistics().messages_received == 4
+    failures = [
+        record.getMessage()
+        for record in caplog.records
+        if "a method called by a one-way message failed" in record.getMessage()
+    ]
+    assert len(failures) == 4, failures
+    assert "(NOT_FOUND): no method named 'nope'" in failures[0]
+    assert "(INVALID_ARGUMENTS)" in failures[1]
+    assert "(INTERNAL): ZeroDivisionError: the secret is 42" in failures[2]
+    assert "(APPLICATION): no key 'missing'" in failures[3]
+    with pytest.raises(CodecError, match="cannot encode as JSON"):
+        await client.notify("echo", object())
+
+
+async def test_a_one_way_call_runs_under_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    router = Router()
+    ended: list[float] = []
+
+    @router.method
+    async def slow() -> None:
+        try:
+            await trio.sleep(100)
+        finally:
+            ended.append(trio.current_time())
+
+    async with open_connection_pair(native(), server_handler=router) as (client, _):
+        start = trio.current_time()
+        with trio.move_on_after(2.0):
+            await client.notify("slow")  # returns once written
+            await trio.sleep(50)
+        await trio.testing.wait_all_tasks_blocked()
+        assert ended == [pytest.approx(start + 2.0, abs=1e-3)]
+        assert router.statistics()["slow"].errors == 1
+
+
+async def test_the_server_notifies_the_client_back_on_the_same_connection() -> None:
+    log = EventLog()
+    client_router = Router()
+    client_router.add_service(log, Events)
+    server_router = Router()
+
+    @server_router.method
+    async def work() -> str:
+        await monte_trio.current_call().connection.notify("record", "done")
+        return "ok"
+
+    with trio.fail_after(TIMEOUT):
+        async with open_connection_pair(
+            native(), server_handler=server_router, client_handler=client_router
+        ) as (client, _):
+            assert await client.call("work") == "ok"
+            await log.arrived.wait()
+    assert log.events == [("done", 1)]
+
+
+def test_oneway_is_for_methods_that_return_nothing() -> None:
+    with pytest.raises(TypeError, match="annotate it -> None instead of -> int"):
+
+        @monte_trio.oneway
+        async def count() -> int:  # pragma: no cover
+            return 1
+
+    async def unannotated():  # type: ignore[no-untyped-def]  # pragma: no cover
+        pass
+
+    assert monte_trio.oneway(unannotated) is unannotated
+
+
+def test_the_documented_metadata_example_is_the_layout() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "services.rst").read_text()
+    example = text.rsplit("::\n\n", 1)[1]
+    documented = bytes.fromhex(" ".join(example.split()))
+    entries = metadata_field([(b"tenant", b"blue")])
+    assert documented == call_envelope(b"math.add", entries + b'[[2],{"b":5}]', flags=0x08)
+
+
+class Blobs(Protocol):
+    async def size(self, data: bytes, extra: int) -> int: ...
+
+    async def encoded(self) -> bytes: ...
+
+
+class BlobService:
+    async def size(self, data: bytes, extra: int) -> int:
+        assert isinstance(data, bytes)
+        return len(data) + extra
+
+    async def encoded(self) -> bytes:
+        return "YWJj"  # type: ignore[return-value]  # base64 text, as a JSON peer would send
+
+
+async def test_msgpack_conversions_are_the_same_on_the_direct_way_and_the_general_one() -> None:
+    """Arguments and results are decoded straight to their annotations where msgspec can;
+    what that refuses still goes through msgspec.convert, which takes a little more (base64
+    text for bytes), keyword arguments included."""
+    if not HAVE_MSGSPEC:
+        pytest.skip("msgspec is not installed")
+    router = Router()
+    router.add_service(BlobService(), Blobs)
+    config = ConnectionConfig(codec="msgpack")
+    with trio.fail_after(TIMEOUT):
+        async with open_connection_pair(native(), server_handler=router, config=config) as (
+            client,
+            _,
+        ):
+            blobs = client.proxy(Blobs)
+            assert await blobs.size(b"abcd", 1) == 5
+            assert await client.call("size", "YWJj", 1) == 4  # base64 text: converted
+            assert await client.call("size", extra=2, data=b"ab") == 4
+            assert await blobs.encoded() == b"abc"  # the result converted the same way
+            with pytest.raises(InvalidArguments, match="argument 'extra'"):
+                await client.call("size", b"x", "not an int")
+            with pytest.raises(InvalidArguments, match="too many positional"):
+                await client.call("size", b"x", 1, 2)

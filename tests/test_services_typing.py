@@ -29,6 +29,22 @@ SAMPLE = textwrap.dedent(
         untyped = await client.call("kv.get", "key")
         reveal_type(untyped)  # line 18
         del value, wrong, untyped
+
+
+    class Log(Protocol):
+        @monte_trio.oneway
+        async def line(self, text: str) -> None: ...
+
+
+    async def notify(client: monte_trio.Client, conn: monte_trio.Connection) -> None:
+        log = client.proxy(Log)
+        await log.line("text")
+        await log.line(1)  # line 30: a wrong argument type
+        with monte_trio.call_metadata({"x-request-id": "1"}, tenant="blue"):
+            await client.notify("log.line", "text")
+            await conn.notify("log.line", text="text")
+        with monte_trio.call_metadata(tenant=2):  # line 34: metadata values are str
+            pass
     """
 )
 
@@ -41,7 +57,7 @@ async def test_mypy_checks_calls_through_a_proxy(tmp_path: Path) -> None:
         if ": error:" in line or ": note:" in line
     ]
     errors = [line for line in lines if ": error:" in line]
-    assert len(errors) == 3, out
+    assert len(errors) == 5, out
     assert errors[0].startswith(
         '13: error: Argument 1 to "get" of "KeyValue" has incompatible type "int"'
     ), out
@@ -49,5 +65,9 @@ async def test_mypy_checks_calls_through_a_proxy(tmp_path: Path) -> None:
         '14: error: Incompatible types in assignment (expression has type "bytes"'
     ), out
     assert errors[2].startswith('16: error: Too many arguments for "get" of "KeyValue"'), out
+    assert errors[3].startswith(
+        '30: error: Argument 1 to "line" of "Log" has incompatible type'
+    ), out
+    assert errors[4].startswith('34: error: Argument "tenant" to "call_metadata"'), out
     assert '18: note: Revealed type is "Any"' in lines, out
     assert returncode == 1

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
+from .. import METHOD_WORKLOADS
 from ..common import OpenClient, PeerOptions, ServerState
 
 # peer name -> (module, extra keyword for its functions)
@@ -54,6 +55,15 @@ def unavailable_reason(name: str) -> str | None:
         return f"cannot import: {exc}"
     reason: str | None = mod.unavailable_reason(name)
     return reason
+
+
+def supports(name: str, workload: str) -> bool:
+    """Whether peer ``name`` runs ``workload``: every peer runs monte's workloads; only
+    those whose module lists them in ``METHOD_PEERS`` run the method workloads."""
+    if workload not in METHOD_WORKLOADS:
+        return True
+    mod = importlib.import_module(f".{_MODULES[name]}", __name__)
+    return name in getattr(mod, "METHOD_PEERS", ())
 
 
 def load(name: str) -> Peer:

@@ -21,7 +21,14 @@ from ..common import BenchClient, OpenClient, PeerOptions, ServerState
 from ._trio_support import run_trio_server
 
 FRAMEWORK = "trio"
-NOTES: dict[str, dict[str, str]] = {}
+NOTES: dict[str, dict[str, str]] = {
+    "monte-native": {
+        "ParallelMethod": "Router method, json codec, one 1400 B str argument",
+        "ParallelMethodStruct": "Router method via a proxy, msgpack, a 6-field Struct",
+    }
+}
+METHOD_PEERS = ("monte-native",)
+"""The peers that run the method workloads (the others have no counterpart of them)."""
 
 _NEEDED = {
     "monte-v1": ("Server", "open_client", "ConnectionConfig", "MonteV1Handshake"),
@@ -61,10 +68,13 @@ def _handshake(name: str) -> Any:
     )
 
 
-def _config(name: str, big: bool) -> Any:
-    """A ConnectionConfig that admits 1 MiB messages (one record on monte-v1)."""
+def _config(name: str, big: bool, codec: str = "") -> Any:
+    """A ConnectionConfig that admits 1 MiB messages (one record on monte-v1), or that
+    uses ``codec`` for method calls."""
     import monte_trio
 
+    if codec:
+        return monte_trio.ConnectionConfig(codec=codec)
     if not big:
         return monte_trio.ConnectionConfig()
     if name == "monte-v1":
@@ -89,7 +99,9 @@ def run_server(
             return None
         return reply(req.body)
 
-    handler = monte_trio.inline(answer)
+    handler: Any = monte_trio.inline(answer)
+    if opts.methods:
+        handler = _method_router(state, handler)
 
     async def serve(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         kwargs: dict[str, Any] = {}
@@ -97,7 +109,10 @@ def run_server(
             # the default (1024, like Go monte) would refuse the 10,000 idle connections
             kwargs["max_conns"] = SERVER_MAX_CONNS
         server = monte_trio.Server(
-            handler, handshake=_handshake(name), config=_config(name, opts.big), **kwargs
+            handler,
+            handshake=_handshake(name),
+            config=_config(name, opts.big, opts.methods),
+            **kwargs,
         )
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, port, opts.host)
@@ -123,11 +138,22 @@ def client_opener(name: str) -> OpenClient:
             port,
             handshake=_handshake(name),
             max_conns=max_conns,
-            config=_config(name, opts.big),
+            config=_config(name, opts.big, opts.methods),
         ) as client:
             yield client
 
     return open_client
+
+
+def _method_router(state: ServerState, fallback: Any) -> Any:
+    """The method workloads' server: ``benchmarks.methods``' Router, whose ``store``
+    method counts the call; control requests (raw bodies) go to ``fallback``."""
+    from ..methods import make_router
+
+    def count() -> None:
+        state.requests += 1
+
+    return make_router(count, fallback)
 
 
 __all__ = ["client_opener", "run_server", "unavailable_reason"]

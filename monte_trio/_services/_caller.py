@@ -1,17 +1,24 @@
 """The calling side: a call's envelope, its reply turned into a result or an exception,
-and proxies that make a Protocol's methods calls.
+the metadata calls carry, and proxies that make a Protocol's methods calls.
 
 A proxy is an instance of a class made once per Protocol, whose methods call
-``invoke(full_name, args, kwargs, idempotent, result_type)``: a connection's or a client's
-(the client's moves a call to another connection when it may).
+``invoke(full_name, args, kwargs, idempotent, result_type)`` (or, for a one-way method,
+``notify(full_name, args, kwargs)``): a connection's or a client's (the client's moves a
+call to another connection when it may).
+
+A call without client middleware takes the shortest way: its envelope's first bytes are
+made once per method name and flags, the metadata once per :func:`call_metadata` block,
+and a reply of ``None`` is recognised without decoding.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -20,12 +27,28 @@ from .._util import escape_peer_text
 from . import _envelope as env
 from ._codecs import Codec, get_codec
 from ._errors import CodecError, error_class, library_error
-from ._router import CallInfo, Middleware, _is_idempotent, protocol_methods, run_middleware
+from ._router import (
+    CallInfo,
+    Middleware,
+    _is_idempotent,
+    _is_oneway,
+    protocol_methods,
+    run_middleware,
+)
 
 if TYPE_CHECKING:
     from .._connection import Connection
 
-__all__ = ["Invoke", "call_on", "connection_invoke", "make_proxy"]
+__all__ = [
+    "Invoke",
+    "Notify",
+    "call_metadata",
+    "call_on",
+    "connection_invoke",
+    "connection_notify",
+    "make_proxy",
+    "notify_on",
+]
 
 UNTYPED: Any = object()
 """The result type of an untyped call (``call``): the value as the codec decodes it."""
@@ -44,23 +67,104 @@ class Invoke(Protocol):
     ) -> Awaitable[Any]: ...
 
 
-_NAMES: dict[str, bytes] = {}
-_NAMES_CACHED = 4096
+class Notify(Protocol):
+    """What a proxy's one-way methods call."""
+
+    def __call__(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Awaitable[None]: ...
 
 
-def _name_bytes(name: str) -> bytes:
-    encoded = _NAMES.get(name)
-    if encoded is None:
+# -- metadata --------------------------------------------------------------------------------
+
+_metadata: contextvars.ContextVar[tuple[dict[str, str], bytes] | None] = contextvars.ContextVar(
+    "monte_trio_call_metadata", default=None
+)
+"""The metadata of :func:`call_metadata` blocks: the entries and their encoding."""
+
+
+@contextlib.contextmanager
+def call_metadata(metadata: Mapping[str, str] | None = None, /, **entries: str) -> Iterator[None]:
+    """Attach metadata to the method calls made inside the block.
+
+    Each ``call``, ``notify`` and proxy method call made in the block (on a
+    :class:`~monte_trio.Client` or a :class:`~monte_trio.Connection`), and in the tasks
+    started from it, carries these entries; the method reads them as
+    ``current_call().metadata``, middleware on both sides as ``CallInfo.metadata``.
+    Blocks nest: an inner block adds its entries to the outer ones, replacing those of
+    the same key::
+
+        with monte_trio.call_metadata({"traceparent": traceparent}, tenant="blue"):
+            await kv.put("key", "value")
+
+    Keys and values are text (the peer's text: treat it as untrusted). A call carries at
+    most 64 entries, keys of 1 to 255 bytes of UTF-8, keys and values adding up to at most
+    8,192 bytes (the server refuses more: :attr:`~monte_trio.MethodErrorCode.INVALID_CALL`).
+
+    Args:
+        metadata: entries whose keys are not Python identifiers (``"x-request-id"``).
+        entries: more entries, as keywords.
+
+    Raises:
+        TypeError: a key or value is not a ``str``.
+        ValueError: the entries (with those of the enclosing blocks) go over a limit.
+    """
+    outer = _metadata.get()
+    merged = dict(outer[0]) if outer is not None else {}
+    if metadata is not None:
+        merged.update(metadata)
+    merged.update(entries)
+    token = _metadata.set((merged, env.encode_metadata(merged)) if merged else None)
+    try:
+        yield
+    finally:
+        _metadata.reset(token)
+
+
+def _client_metadata() -> dict[str, str]:
+    """A fresh copy of the metadata in effect, for client middleware to change."""
+    current = _metadata.get()
+    return {} if current is None else dict(current[0])
+
+
+# -- the envelope ----------------------------------------------------------------------------
+
+_PREFIXES: dict[str, list[bytes]] = {}
+"""Per method name: the envelope's first bytes per flags, as made, then the name's UTF-8
+bytes (for up to 1,024 names of up to 200 characters: a few MiB at most)."""
+_NAMES_CACHED = 1024
+_LONGEST_CACHED = 200
+_FLAG_SETS = 16
+
+
+def _prefix(name: str, flags: int) -> bytes:
+    """The envelope's first bytes for method ``name`` with ``flags``.
+
+    Raises:
+        ValueError: the name is longer than 65,535 bytes.
+    """
+    prefixes = _PREFIXES.get(name)
+    if prefixes is None:
         encoded = env.encode_name(name)
-        if len(_NAMES) < _NAMES_CACHED:
-            _NAMES[name] = encoded
-    return encoded
+        prefixes = [b""] * _FLAG_SETS + [encoded]
+        if len(_PREFIXES) < _NAMES_CACHED and len(name) <= _LONGEST_CACHED:
+            _PREFIXES[name] = prefixes
+    prefix = prefixes[flags]
+    if not prefix:
+        prefix = prefixes[flags] = env.call_prefix(prefixes[_FLAG_SETS], flags)
+    return prefix
 
 
 def encode_call(
-    codec: Codec, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], idempotent: bool
+    codec: Codec,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    idempotent: bool,
+    metadata: bytes = b"",
 ) -> bytes:
-    """The call's envelope, with the remaining time of the caller's deadline.
+    """The call's envelope, with the remaining time of the caller's deadline and
+    ``metadata`` (:func:`~._envelope.encode_metadata`'s encoding; empty: none).
 
     Raises:
         CodecError: the arguments do not encode.
@@ -73,8 +177,14 @@ def encode_call(
     else:
         payload = codec.encode((args, kwargs))
     deadline = trio.current_effective_deadline()
-    remaining = None if deadline == math.inf else deadline - trio.current_time()
-    return env.encode_call(_name_bytes(name), flags, remaining, payload)
+    if deadline == math.inf:
+        if not metadata:
+            return _prefix(name, flags) + payload
+        return b"".join((_prefix(name, flags | env.FLAG_METADATA), metadata, payload))
+    remaining = env.remaining_field(deadline - trio.current_time())
+    if metadata:
+        flags |= env.FLAG_METADATA
+    return b"".join((_prefix(name, flags | env.FLAG_DEADLINE), remaining, metadata, payload))
 
 
 def decode_reply(codec: Codec, name: str, reply: bytes, result_type: Any) -> Any:
@@ -84,6 +194,23 @@ def decode_reply(codec: Codec, name: str, reply: bytes, result_type: Any) -> Any
         RemoteMethodError: (or a subclass, or the registered exception) an error reply.
         CodecError: the reply does not decode, or does not match ``result_type``.
     """
+    if reply[:2] == env.RESULT_PREFIX:
+        data = reply[2:]
+        if result_type is UNTYPED or not codec.typed:
+            return None if data == codec.null else codec.decode(data)
+        decoder = codec.typed_decoder(result_type)
+        if decoder is not None:
+            try:
+                return decoder(data)
+            except Exception:
+                pass  # the general way says why
+        value = codec.decode(data)
+        try:
+            return codec.convert(value, result_type)
+        except CodecError as exc:
+            raise CodecError(
+                f"the result of {name!r} does not match its annotation: {exc}"
+            ) from exc
     if len(reply) < 2 or reply[0] != env.MARK:
         raise CodecError(
             f"the reply to {name!r} is not a method reply; does the peer serve methods "
@@ -92,16 +219,6 @@ def decode_reply(codec: Codec, name: str, reply: bytes, result_type: Any) -> Any
     kind = reply[1]
     if kind == env.RAW_RESULT:
         return reply[2:]
-    if kind == env.RESULT:
-        value = codec.decode(reply[2:])
-        if result_type is UNTYPED or not codec.typed:
-            return value
-        try:
-            return codec.convert(value, result_type)
-        except CodecError as exc:
-            raise CodecError(
-                f"the result of {name!r} does not match its annotation: {exc}"
-            ) from exc
     if kind == env.ERROR:
         try:
             code, remote_name, message, details_bytes = env.decode_error(reply)
@@ -147,17 +264,64 @@ async def call_on(
     middleware: Sequence[Middleware] = (),
 ) -> Any:
     """Call method ``name`` over ``conn``, through ``middleware``."""
+    if not middleware:
+        current = _metadata.get()
+        body = encode_call(
+            codec, name, args, kwargs, idempotent, b"" if current is None else current[1]
+        )
+        return decode_reply(codec, name, await conn.request(body), result_type)
+    info = CallInfo(
+        name,
+        args,
+        kwargs,
+        conn,
+        "client",
+        idempotent,
+        trio.current_effective_deadline(),
+        _client_metadata(),
+    )
 
     async def last() -> Any:
-        body = encode_call(codec, name, args, kwargs, idempotent)
+        metadata = env.encode_metadata(info.metadata) if info.metadata else b""
+        body = encode_call(codec, name, args, kwargs, idempotent, metadata)
         return decode_reply(codec, name, await conn.request(body), result_type)
 
-    if not middleware:
-        return await last()
-    info = CallInfo(
-        name, args, kwargs, conn, "client", idempotent, trio.current_effective_deadline()
-    )
     return await run_middleware(middleware, info, last)
+
+
+async def notify_on(
+    conn: Connection,
+    codec: Codec,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    middleware: Sequence[Middleware] = (),
+) -> None:
+    """Call method ``name`` over ``conn`` as a one-way message, through ``middleware``."""
+    if not middleware:
+        current = _metadata.get()
+        body = encode_call(
+            codec, name, args, kwargs, False, b"" if current is None else current[1]
+        )
+        await conn.send(body)
+        return
+    info = CallInfo(
+        name,
+        args,
+        kwargs,
+        conn,
+        "client",
+        False,
+        trio.current_effective_deadline(),
+        _client_metadata(),
+        True,
+    )
+
+    async def last() -> None:
+        metadata = env.encode_metadata(info.metadata) if info.metadata else b""
+        await conn.send(encode_call(codec, name, args, kwargs, False, metadata))
+
+    await run_middleware(middleware, info, last)
 
 
 async def connection_invoke(
@@ -168,9 +332,20 @@ async def connection_invoke(
     idempotent: bool,
     result_type: Any = UNTYPED,
 ) -> Any:
-    """A call on one connection, with its codec."""
+    """A call on one connection, with its codec (no middleware)."""
     codec = get_codec(conn._config.codec)
-    return await call_on(conn, codec, name, args, kwargs, idempotent, result_type)
+    current = _metadata.get()
+    body = encode_call(
+        codec, name, args, kwargs, idempotent, b"" if current is None else current[1]
+    )
+    return decode_reply(codec, name, await conn.request(body), result_type)
+
+
+async def connection_notify(
+    conn: Connection, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """A one-way call on one connection, with its codec (no middleware)."""
+    await notify_on(conn, get_codec(conn._config.codec), name, args, kwargs)
 
 
 def _result_type(declared: Callable[..., Any]) -> Any:
@@ -181,14 +356,24 @@ def _result_type(declared: Callable[..., Any]) -> Any:
 
 
 class _ProxyBase:
-    __slots__ = ("_invoke", "_names")
+    __slots__ = ("_invoke", "_names", "_notify")
 
-    def __init__(self, invoke: Invoke, names: dict[str, str]) -> None:
+    def __init__(self, invoke: Invoke, notify: Notify, names: dict[str, str]) -> None:
         self._invoke = invoke
+        self._notify = notify
         self._names = names
 
 
 def _proxy_method(name: str, declared: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    if _is_oneway(declared):
+
+        async def notify(self: _ProxyBase, *args: Any, **kwargs: Any) -> None:
+            await self._notify(self._names[name], args, kwargs)
+
+        notify.__name__ = notify.__qualname__ = name
+        notify.__doc__ = declared.__doc__
+        return notify
+
     idempotent = _is_idempotent(declared)
     result_type: list[Any] = []
 
@@ -212,8 +397,9 @@ def _proxy_class(protocol: type) -> tuple[type[_ProxyBase], tuple[str, ...]]:
     return cls, tuple(methods)
 
 
-def make_proxy(protocol: Any, namespace: str, invoke: Invoke) -> Any:
-    """A proxy whose methods are ``protocol``'s, calling ``namespace.method``.
+def make_proxy(protocol: Any, namespace: str, invoke: Invoke, notify: Notify) -> Any:
+    """A proxy whose methods are ``protocol``'s, calling ``namespace.method`` (one-way
+    methods through ``notify``).
 
     Raises:
         TypeError: ``protocol`` is not a class with public methods.
@@ -222,4 +408,4 @@ def make_proxy(protocol: Any, namespace: str, invoke: Invoke) -> Any:
         raise TypeError(f"proxy() takes a Protocol class, not {protocol!r}")
     cls, names = _proxy_class(protocol)
     full = {name: f"{namespace}.{name}" if namespace else name for name in names}
-    return cls(invoke, full)
+    return cls(invoke, notify, full)

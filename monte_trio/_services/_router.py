@@ -8,10 +8,18 @@ signature (and, with a typed codec, converts them to its annotations), runs the 
 under the caller's deadline, through the middleware, and replies with the encoded result
 or an error reply. Nothing the caller sends can end the connection: every refusal is an
 error reply with a :class:`~monte_trio.MethodErrorCode`. Bodies that are not call
-envelopes go to the ``fallback`` handler, if any.
+envelopes go to the ``fallback`` handler, if any. A call that came as a one-way message
+runs the same way; its reply is not sent, and an error is logged instead. The call's
+metadata reaches the method through :func:`current_call` and the middleware through
+:class:`CallInfo`.
 
-It is one class of a little over 500 lines: registration, dispatch, argument checking,
-middleware and statistics all read the same method table.
+A call with no middleware takes the shortest way: no :class:`CallInfo` is made, no cancel
+scope without a deadline, ``None`` results are encoded once per codec, and a typed codec
+decodes positional arguments straight to the parameters' annotations with a decoder made
+once per method (what it refuses goes the general way, which says why).
+
+The module is about 700 lines, one class and its helpers: registration, dispatch,
+argument checking, middleware and statistics all read the same method table.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ __all__ = [
     "Router",
     "current_call",
     "idempotent",
+    "oneway",
     "protocol_methods",
     "run_middleware",
 ]
@@ -74,6 +83,41 @@ def _is_idempotent(func: object) -> bool:
     return bool(getattr(func, _IDEMPOTENT, False))
 
 
+_ONEWAY = "__monte_trio_oneway__"
+_NO_RESULT = (None, "None", type(None))
+
+
+def oneway(func: _F) -> _F:
+    """Declare a Protocol's method one-way: a proxy sends its calls as one-way messages.
+
+    The proxy's method then returns once the call is written, as
+    :meth:`Client.notify <monte_trio.Client.notify>` does: the peer runs the method and
+    discards its result; an error is logged at the peer, never sent back. It must be
+    declared to return ``None``::
+
+        class Log(Protocol):
+            @monte_trio.oneway
+            async def line(self, text: str) -> None: ...
+
+    On the serving side it changes nothing: any method can be called either way.
+
+    Raises:
+        TypeError: the method is annotated to return something other than ``None``.
+    """
+    returns = getattr(func, "__annotations__", {}).get("return", None)
+    if returns not in _NO_RESULT:
+        raise TypeError(
+            f"{getattr(func, '__qualname__', func)!r} is declared one-way, so nothing comes "
+            f"back; annotate it -> None instead of -> {returns}"
+        )
+    setattr(func, _ONEWAY, True)
+    return func
+
+
+def _is_oneway(func: object) -> bool:
+    return bool(getattr(func, _ONEWAY, False))
+
+
 @attrs.frozen(eq=False)
 class CallInfo:
     """One method call, as middleware sees it.
@@ -87,6 +131,11 @@ class CallInfo:
         idempotent: whether the call is marked idempotent.
         deadline: the call's deadline on this side's clock (:func:`trio.current_time`),
             :data:`math.inf` if none.
+        metadata: the call's metadata (text keys and values, for example a W3C
+            ``traceparent``): on the serving side, what the caller sent; on the calling
+            side, what :func:`~monte_trio.call_metadata` set, which client middleware may
+            change before it calls ``next()`` (the call carries the dict as it is then).
+        oneway: ``True`` for a one-way call (``notify``): no result comes back.
     """
 
     method: str
@@ -96,6 +145,8 @@ class CallInfo:
     side: str
     idempotent: bool
     deadline: float
+    metadata: dict[str, str] = attrs.Factory(dict)
+    oneway: bool = False
 
     @property
     def peer_public_key(self) -> PublicKey | None:
@@ -103,13 +154,24 @@ class CallInfo:
         return self.connection.peer_public_key
 
 
-_serving: contextvars.ContextVar[
-    tuple[str, tuple[Any, ...], Mapping[str, Any], Connection, int, float] | None
-] = contextvars.ContextVar("monte_trio_serving", default=None)
+_Serving = tuple[
+    str,
+    tuple[Any, ...],
+    Mapping[str, Any],
+    "Connection",
+    int,
+    float,
+    "dict[str, str] | None",
+    bool,
+]
+_serving: contextvars.ContextVar[_Serving | None] = contextvars.ContextVar(
+    "monte_trio_serving", default=None
+)
 
 
 def current_call() -> CallInfo:
-    """The call the running method serves: its name, arguments, deadline and connection.
+    """The call the running method serves: its name, arguments, deadline, metadata and
+    connection.
 
     Inside a :class:`Router` method (and the tasks it starts), this is how a method
     reaches its caller, for example to call it back over the same connection with
@@ -125,9 +187,17 @@ def current_call() -> CallInfo:
             "current_call() is only available inside a method a Router is serving "
             "(and the tasks it starts)"
         )
-    name, args, kwargs, conn, flags, deadline = serving
+    name, args, kwargs, conn, flags, deadline, metadata, oneway = serving
     return CallInfo(
-        name, args, kwargs, conn, "server", bool(flags & env.FLAG_IDEMPOTENT), deadline
+        name,
+        args,
+        kwargs,
+        conn,
+        "server",
+        bool(flags & env.FLAG_IDEMPOTENT),
+        deadline,
+        {} if metadata is None else metadata,
+        oneway,
     )
 
 
@@ -195,6 +265,7 @@ class _Method:
     signature: inspect.Signature | None = None
     arity: int | None = None  # the plain positional parameters, when that is all there is
     hints: dict[str, Any] | None = None
+    typed_arguments: dict[str, Callable[[bytes], Any] | None] = attrs.Factory(dict)
     calls: int = 0
     errors: int = 0
     total_time: float = 0.0
@@ -229,6 +300,27 @@ class _Method:
             hints.pop("return", None)
             self.hints = hints
         return self.hints
+
+    def arguments_decoder(self, codec: Codec) -> Callable[[bytes], Any] | None:
+        """A typed codec's decoder of positional arguments straight to the parameters'
+        annotations, when the method takes plain positional parameters only; else
+        ``None``. Whatever it refuses goes the general way, which says why."""
+        try:
+            return self.typed_arguments[codec.name]
+        except KeyError:
+            pass
+        decoder = None
+        if self.arity is not None and self.signature is not None:
+            try:
+                hints = self.annotations()
+            except _Refusal:
+                pass  # the general way refuses the call, saying why
+            else:
+                decoder = codec.arguments_decoder(
+                    tuple(hints.get(name, Any) for name in self.signature.parameters)
+                )
+        self.typed_arguments[codec.name] = decoder
+        return decoder
 
     def record(self, failed: bool, duration: float) -> None:
         self.calls += 1
@@ -394,79 +486,45 @@ class Router:
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def __call__(self, request: Request) -> bytes | None:
-        """Serve one request or one-way message (the handler's interface)."""
+    def __call__(self, request: Request) -> Awaitable[bytes | None]:
+        """Serve one request or one-way message (the handler's interface): return the
+        awaitable of the reply (a plain method, so a call costs one coroutine less)."""
         body = request.body
-        if not env.is_call(body):
-            fallback = self._fallback
-            if fallback is not None:
-                if isinstance(fallback, InlineHandler):
-                    return fallback.func(request)
-                return await fallback(request)
-            if request.oneway:
-                logger.warning(
-                    "%s: dropped a one-way message that is not a method call",
-                    request.connection.name,
-                )
-                return None
-            return _error(MethodErrorCode.INVALID_CALL, "this body is not a method call")
-        reply = await self._serve(body, request.connection)
+        if body[:2] != env.CALL_MARK:
+            return self._not_a_call(request)
         if request.oneway:
-            if reply[1] == env.ERROR:
-                code, _, message, _ = env.decode_error(reply)
-                logger.warning(
-                    "%s: a method called by a one-way message failed (%s): %s",
-                    request.connection.name,
-                    MethodErrorCode(code).name,
-                    message,
-                )
+            return self._serve_oneway(body, request.connection)
+        return self._serve(body, request.connection, False)
+
+    async def _not_a_call(self, request: Request) -> bytes | None:
+        fallback = self._fallback
+        if fallback is not None:
+            if isinstance(fallback, InlineHandler):
+                return fallback.func(request)
+            return await fallback(request)
+        if request.oneway:
+            logger.warning(
+                "%s: dropped a one-way message that is not a method call",
+                request.connection.name,
+            )
             return None
-        return reply
+        return _error(MethodErrorCode.INVALID_CALL, "this body is not a method call")
 
-    async def _run(
-        self,
-        method: _Method,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        conn: Connection,
-        flags: int,
-        deadline: float,
-    ) -> Any:
-        token = _serving.set((method.name, args, kwargs, conn, flags, deadline))
+    async def _serve_oneway(self, body: bytes, conn: Connection) -> None:
+        reply = await self._serve(body, conn, True)
+        if reply[1] == env.ERROR:
+            code, _, message, _ = env.decode_error(reply)
+            logger.warning(
+                "%s: a method called by a one-way message failed (%s): %s",
+                conn.name,
+                MethodErrorCode(code).name,
+                message,
+            )
+
+    async def _serve(self, body: bytes, conn: Connection, oneway: bool) -> bytes:
+        """The reply to one call envelope (for a one-way call, only its outcome)."""
         try:
-            return await self._run_method(method, args, kwargs, conn, flags, deadline)
-        finally:
-            _serving.reset(token)
-
-    async def _run_method(
-        self,
-        method: _Method,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        conn: Connection,
-        flags: int,
-        deadline: float,
-    ) -> Any:
-        if not self._middleware:
-            return await method.func(*args, **kwargs)
-        info = CallInfo(
-            method.name,
-            args,
-            kwargs,
-            conn,
-            "server",
-            bool(flags & env.FLAG_IDEMPOTENT),
-            deadline,
-        )
-
-        async def last() -> Any:
-            return await method.func(*args, **kwargs)
-
-        return await run_middleware(self._middleware, info, last)
-
-    async def _serve(self, body: bytes, conn: Connection) -> bytes:
-        try:
-            name, flags, remaining, payload = env.decode_call(body)
+            name, flags, remaining, metadata, payload = env.decode_call(body)
         except env.EnvelopeError as exc:
             return _error(MethodErrorCode.INVALID_CALL, str(exc))
         method = self._methods.get(name)
@@ -487,19 +545,29 @@ class Router:
                     MethodErrorCode.DEADLINE_EXCEEDED,
                     f"the caller's deadline had passed when {name!r} arrived; it was not run",
                 )
-            config = conn._config
-            codec = get_codec(config.codec)
+            codec = get_codec(conn._config.codec)
             try:
                 args, kwargs = _arguments(method, flags, payload, codec)
             except _Refusal as refusal:
                 return _error(refusal.code, refusal.message)
+            del payload
             deadline = math.inf if remaining is None else start + remaining
+            token = _serving.set(
+                (method.name, args, kwargs, conn, flags, deadline, metadata, oneway)
+            )
             try:
                 if remaining is None:  # no cancel scope to pay for
-                    result = await self._run(method, args, kwargs, conn, flags, deadline)
+                    if self._middleware:
+                        result = await self._through_middleware(
+                            method, args, kwargs, conn, flags, deadline, metadata, oneway
+                        )
+                    else:
+                        result = await method.func(*args, **kwargs)
                 else:
                     with trio.move_on_at(deadline) as scope:
-                        result = await self._run(method, args, kwargs, conn, flags, deadline)
+                        result = await self._through_middleware(
+                            method, args, kwargs, conn, flags, deadline, metadata, oneway
+                        )
                     if scope.cancelled_caught:
                         return _error(
                             MethodErrorCode.DEADLINE_EXCEEDED,
@@ -508,6 +576,11 @@ class Router:
                         )
             except Exception as exc:
                 return _exception_reply(exc, name, conn, codec)
+            finally:
+                _serving.reset(token)
+            if result is None:
+                failed = False
+                return env.RESULT_PREFIX + codec.null
             if isinstance(result, bytes | bytearray | memoryview):
                 failed = False
                 return env.RAW_PREFIX + bytes(result)
@@ -522,6 +595,37 @@ class Router:
         finally:
             method.record(failed, trio.current_time() - start)
 
+    async def _through_middleware(
+        self,
+        method: _Method,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        conn: Connection,
+        flags: int,
+        deadline: float,
+        metadata: dict[str, str] | None,
+        oneway: bool,
+    ) -> Any:
+        """Run the method through the middleware (if any)."""
+        if not self._middleware:
+            return await method.func(*args, **kwargs)
+        info = CallInfo(
+            method.name,
+            args,
+            kwargs,
+            conn,
+            "server",
+            bool(flags & env.FLAG_IDEMPOTENT),
+            deadline,
+            {} if metadata is None else metadata,
+            oneway,
+        )
+
+        async def last() -> Any:
+            return await method.func(*args, **kwargs)
+
+        return await run_middleware(self._middleware, info, last)
+
 
 def _error(code: MethodErrorCode, message: str, name: str = "", details: bytes = b"") -> bytes:
     return env.encode_error(code, name, message, details)
@@ -535,6 +639,15 @@ def _arguments(
         args: tuple[Any, ...] = (payload,)
         kwargs: dict[str, Any] = {}
     else:
+        if codec.typed:
+            decoder = method.arguments_decoder(codec)
+            if decoder is not None:
+                try:
+                    decoded_args, _ = decoder(payload)
+                except Exception:
+                    pass  # the general way below refuses it, saying why (or takes it)
+                else:
+                    return decoded_args, {}
         try:
             decoded = codec.decode(payload)
         except CodecError as exc:
@@ -544,7 +657,7 @@ def _arguments(
             or len(decoded) != 2
             or not isinstance(decoded[0], list | tuple)
             or not isinstance(decoded[1], dict)
-            or not all(isinstance(key, str) for key in decoded[1])
+            or (decoded[1] and not all(isinstance(key, str) for key in decoded[1]))
         ):
             raise _Refusal(
                 MethodErrorCode.INVALID_ARGUMENTS,
