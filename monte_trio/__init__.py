@@ -36,6 +36,7 @@ from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import RemoteError as RemoteError
 from ._exceptions import RemoteProtocolError as RemoteProtocolError
 from ._exceptions import RequestNotProcessed as RequestNotProcessed
+from ._exceptions import StreamReset as StreamReset
 from ._handlers import inline as inline
 from ._handshake import Handshake as Handshake
 from ._handshake import MonteV1Handshake as MonteV1Handshake
@@ -63,6 +64,8 @@ from ._services._router import Router as Router
 from ._services._router import current_call as current_call
 from ._services._router import idempotent as idempotent
 from ._services._router import oneway as oneway
+from ._streams import Stream as Stream
+from ._streams import StreamHandler as StreamHandler
 from ._trust import AcceptAnyKey as AcceptAnyKey
 from ._trust import PinnedKeys as PinnedKeys
 from ._trust import TrustPolicy as TrustPolicy
@@ -113,6 +116,9 @@ __all__ = [
     "SecureStream",
     "Server",
     "ServerStatistics",
+    "Stream",
+    "StreamHandler",
+    "StreamReset",
     "TrustPolicy",
     "call_metadata",
     "current_call",

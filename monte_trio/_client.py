@@ -46,6 +46,7 @@ from ._services._caller import UNTYPED, call_on, make_proxy, notify_on
 from ._services._codecs import get_codec
 from ._services._retry import backoff
 from ._services._router import Middleware
+from ._streams import Stream, StreamHandler
 from ._trust import TrustPolicy
 
 __all__ = ["Client", "ClientStatistics", "ConnectionState", "open_client"]
@@ -134,6 +135,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         dial_backoff: float = 0.0,
         max_dial_backoff: float = 10.0,
         middleware: Sequence[Middleware] = (),
+        stream_handler: StreamHandler | None = None,
     ) -> None:
         if max_conns < 1:
             raise ValueError("max_conns must be at least 1")
@@ -144,6 +146,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         self.peer = peer
         self._handshake = handshake
         self._handler = handler
+        self._stream_handler = stream_handler
         self._config = config
         self._max_conns = max_conns
         self._dial_attempts = dial_attempts
@@ -361,6 +364,23 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
                 return
         raise trio.WouldBlock
 
+    async def open_stream(self) -> Stream:
+        """Open a byte stream (a :class:`~monte_trio.Stream`) to the server's
+        ``stream_handler``, on a connection of the pool (dialing one if the rule says so).
+
+        See :meth:`Connection.open_stream <monte_trio.Connection.open_stream>`; an open
+        refused before anything was sent (its connection started closing) moves to another
+        connection, as :meth:`request` does. The stream belongs to its connection: if that
+        connection breaks, the stream does too (it is not moved).
+        """
+        for attempt in range(_REASSIGNMENTS + 1):
+            conn = await self._pick()
+            try:
+                return await conn.open_stream()
+            except RequestNotProcessed as exc:
+                self._reassigning(attempt, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def connection(self) -> Connection:
         """Return a connection of the pool, dialing one if the rule says so."""
         conn = await self._pick()
@@ -464,7 +484,13 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         from ._secure_stream import SecureStream
 
         assert isinstance(secure, SecureStream)
-        conn = Connection(secure, handler=self._handler, config=self._config, name=self.peer)
+        conn = Connection(
+            secure,
+            handler=self._handler,
+            config=self._config,
+            name=self.peer,
+            stream_handler=self._stream_handler,
+        )
         try:
             async with conn:
                 self._conns.append(conn)
@@ -519,6 +545,7 @@ async def open_client(
     dial_backoff: float = 0.0,
     max_dial_backoff: float = 10.0,
     middleware: Sequence[Middleware] = (),
+    stream_handler: StreamHandler | None = None,
 ) -> AsyncIterator[Client]:
     """Open a client for the server at ``host``:``port``.
 
@@ -557,6 +584,10 @@ async def open_client(
         middleware: run around each method call made with :meth:`Client.call` or a
             proxy, the first outermost (see :data:`~monte_trio.Middleware`; the call's
             ``side`` is ``"client"``).
+        stream_handler: runs for each :class:`~monte_trio.Stream` the server opens on a
+            connection of the pool (see :data:`~monte_trio.StreamHandler`); without it,
+            such streams are refused. The client opens streams with
+            :meth:`Client.open_stream` either way.
 
     Raises:
         ConnectError: the server could not be reached (name resolution, refused,
@@ -595,6 +626,7 @@ async def open_client(
             dial_backoff=dial_backoff,
             max_dial_backoff=max_dial_backoff,
             middleware=middleware,
+            stream_handler=stream_handler,
         )
         try:
             await client._dial()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import attrs
 
+from ._proto._wire2 import MAX_STREAM_WINDOW as _MAX_STREAM_WINDOW
 from ._proto._wire2 import MIN_MESSAGE_SIZE as _MIN_MESSAGE_SIZE
+from ._proto._wire2 import MIN_STREAM_WINDOW as _MIN_STREAM_WINDOW
 
 __all__ = ["ConnectionConfig"]
 
@@ -94,6 +96,24 @@ class ConnectionConfig:
             both sides must choose the same (else the handshake fails, naming both
             choices); monte-v1 has no hello, so it is a local choice both sides must make
             alike. Raw ``bytes`` arguments and results travel untouched with either.
+        max_streams: native only: byte streams (:class:`~monte_trio.Stream`) the peer may
+            have open at this side at once (0 to 2**31, default 100); one more waits at the
+            peer (credit, not refusal). Announced in the hello: streams exist on a
+            connection only when both sides announce more than 0, so 0 turns them off both
+            ways (neither side can open one). A side without a ``stream_handler`` still
+            announces it, so that it can open streams, and refuses the peer's.
+        stream_window: native only: the initial window of each stream, in bytes: what the
+            peer may send on one stream before this side's application reads it (1,024 to
+            2**30, default 256 KiB). Credit returns as the application reads, never on
+            receipt, so a stream nobody reads holds at most this much.
+        data_window: native only: the connection-level window of stream data, in bytes
+            (at least ``2 * stream_window``, default 16 MiB). It is returned as data enters
+            its stream's buffer: it bounds what is in flight, not what is held.
+        stream_window_max: native only: the largest a stream's window grows to (at least
+            ``stream_window``, at most 2**30, default 16 MiB). A window doubles when the
+            application reads faster than the window allows in a round trip (toward the
+            bandwidth-delay product); it grows only while the application reads, and it
+            bounds what one stream can hold (see docs/reliability.rst, "Memory budget").
     """
 
     max_record_size: int | None = attrs.field(
@@ -132,6 +152,24 @@ class ConnectionConfig:
     expose_errors: bool = True
     expose_tracebacks: bool = False
     codec: str = attrs.field(default="json", validator=_check_codec)
+    max_streams: int = attrs.field(
+        default=100, validator=[attrs.validators.ge(0), attrs.validators.le(2**31)]
+    )
+    stream_window: int = attrs.field(
+        default=256 * 1024,
+        validator=[
+            attrs.validators.ge(_MIN_STREAM_WINDOW),
+            attrs.validators.le(_MAX_STREAM_WINDOW),
+        ],
+    )
+    data_window: int = attrs.field(
+        default=16 * 1024 * 1024,
+        validator=[attrs.validators.gt(0), attrs.validators.le(2**62)],
+    )
+    stream_window_max: int = attrs.field(
+        default=16 * 1024 * 1024,
+        validator=[attrs.validators.gt(0), attrs.validators.le(_MAX_STREAM_WINDOW)],
+    )
 
     @property
     def effective_request_window(self) -> int:
@@ -167,3 +205,14 @@ class ConnectionConfig:
             and self.keepalive_tolerance <= self.keepalive_interval
         ):
             raise ValueError("keepalive_tolerance must be longer than keepalive_interval")
+        if self.data_window < 2 * self.stream_window:
+            raise ValueError(
+                f"data_window ({self.data_window}) must be at least 2 x stream_window = "
+                f"{2 * self.stream_window}, so that two streams can be in flight at once; "
+                "raise it or lower stream_window"
+            )
+        if self.stream_window_max < self.stream_window:
+            raise ValueError(
+                f"stream_window_max ({self.stream_window_max}) must be at least stream_window "
+                f"({self.stream_window}): windows start at stream_window and only grow"
+            )

@@ -77,6 +77,7 @@ from ._proto._wire2 import RETRY_SAFE
 from ._reader import Reader
 from ._secure_stream import SecureStream
 from ._services import _caller as _methods
+from ._streams import Stream, StreamHandler, Streams
 from ._util import escape_peer_text
 from ._writer import CREDIT_DELAY, CREDIT_SHARE, WRITE_ERRORS, Writer
 
@@ -117,6 +118,10 @@ class ConnectionStatistics:
         queued_bytes: message bytes queued for the writer now.
         running_handlers: handlers running now.
         rtt: the last keepalive round-trip time in seconds (native), else ``None``.
+        open_streams: streams (:class:`~monte_trio.Stream`) open now, either side's,
+            not yet closed by this side's application.
+        stream_bytes_buffered: bytes received on those streams and not yet read: at
+            most the streams' windows (see docs/reliability.rst, "Memory budget").
     """
 
     requests_sent: int
@@ -129,6 +134,8 @@ class ConnectionStatistics:
     queued_bytes: int
     running_handlers: int
     rtt: float | None
+    open_streams: int = 0
+    stream_bytes_buffered: int = 0
 
 
 class _State(enum.Enum):
@@ -158,6 +165,8 @@ class Connection(trio.abc.AsyncResource):
             :func:`~monte_trio.inline` in the reader); ``None`` refuses them.
         config: limits and timers; defaults to :class:`~monte_trio.ConnectionConfig`\\ ().
         name: a label for logs (for example the peer's address).
+        stream_handler: runs for each :class:`~monte_trio.Stream` the peer opens (see
+            :data:`~monte_trio.StreamHandler`); ``None`` refuses them.
     """
 
     def __init__(
@@ -167,6 +176,7 @@ class Connection(trio.abc.AsyncResource):
         handler: Handler | None = None,
         config: ConnectionConfig | None = None,
         name: str = "",
+        stream_handler: StreamHandler | None = None,
     ) -> None:
         self._stream = stream
         self.facts: SessionFacts = stream.facts
@@ -195,6 +205,7 @@ class Connection(trio.abc.AsyncResource):
         if local is not None:
             self._writer.credit_now = min(local.request_window, local.reply_window) // CREDIT_SHARE
         self._handlers = HandlerPool(self, handler, max_workers=config.max_concurrent_handlers)
+        self._streams = Streams(self, stream_handler)
         self._call_waiters = trio.lowlevel.ParkingLot()
         self._oneway_waiters = trio.lowlevel.ParkingLot()
         self._credit_seen = 0
@@ -263,6 +274,8 @@ class Connection(trio.abc.AsyncResource):
             queued_bytes=self._session.send_queue_bytes,
             running_handlers=handlers.busy,
             rtt=self._rtt,
+            open_streams=self._streams.open_count,
+            stream_bytes_buffered=self._streams.buffered,
         )
 
     def __repr__(self) -> str:
@@ -270,6 +283,26 @@ class Connection(trio.abc.AsyncResource):
 
     def _is_closed(self) -> bool:
         return self._state is _CLOSED
+
+    # -- streams ---------------------------------------------------------------------------
+
+    async def open_stream(self) -> Stream:
+        """Open a byte stream (a :class:`~monte_trio.Stream`) to the peer's
+        ``stream_handler``.
+
+        While the peer's ``max_streams`` streams of this side are open, it waits for one
+        to end: a limit given as credit, never a refusal. A peer without a
+        ``stream_handler`` refuses the stream: its first read or send raises
+        :exc:`~monte_trio.StreamReset` with code 4 (REFUSED).
+
+        Raises:
+            LocalProtocolError: streams cannot run on this connection: the monte-v1
+                profile, or a hello (ours or the peer's) with ``max_streams`` 0; the
+                message says which. Nothing was sent; the connection is still usable.
+            RequestNotProcessed: the connection is closing or closed: no stream was
+                opened, it is safe to open one on another connection.
+        """
+        return await self._streams.open()
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -375,6 +408,7 @@ class Connection(trio.abc.AsyncResource):
             self._writer.wake()
             self._call_waiters.unpark_all()
             self._oneway_waiters.unpark_all()
+            self._streams.refuse_openers()
 
     async def _close_gracefully(self, grace_period: float) -> None:
         self._start_closing()
@@ -385,6 +419,7 @@ class Connection(trio.abc.AsyncResource):
             while (
                 self._handlers.active
                 or len(self._dispatcher)
+                or self._streams.active
                 or (self._native and self._peer_last_processed is None and not self._peer_closed)
             ) and self._state is not _CLOSED:
                 self._progress = trio.Event()
@@ -398,6 +433,7 @@ class Connection(trio.abc.AsyncResource):
         self._state = _CLOSED
         self._close_reason = reason
         self._fail_pending(reason.reason)
+        self._streams.fail_all(reason)
         self._writer.fail_waiters(lambda: ConnectionClosed(reason.reason))
         self._call_waiters.unpark_all()
         self._oneway_waiters.unpark_all()

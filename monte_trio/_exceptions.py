@@ -19,11 +19,14 @@ translated once, at the boundary where they happen, with ``raise New(...) from e
     │   └── RemoteMethodError       a method call failed at the peer (code, name, details)
     │       ├── MethodNotFound      ... no such method
     │       └── InvalidArguments    ... the arguments did not fit or decode
+    ├── StreamReset                 the peer aborted a stream (also a trio.BrokenResourceError)
     ├── CodecError                  a value did not encode or decode with the codec
     └── KeyFileError                a key or known-keys file could not be read or written
 """
 
 from __future__ import annotations
+
+import trio
 
 __all__ = [
     "ConnectError",
@@ -39,6 +42,7 @@ __all__ = [
     "RemoteError",
     "RemoteProtocolError",
     "RequestNotProcessed",
+    "StreamReset",
 ]
 
 
@@ -161,3 +165,28 @@ class RemoteError(MonteError):
 
 class KeyFileError(MonteError):
     """A key file or known-keys file could not be read, parsed or written."""
+
+
+class StreamReset(MonteError, trio.BrokenResourceError):
+    """The peer aborted a :class:`~monte_trio.Stream`: its data may be incomplete.
+
+    Raised by :meth:`Stream.receive_some <monte_trio.Stream.receive_some>` when the peer
+    reset its sending half (what it sent may be truncated: the stream never reports a clean
+    end), and by :meth:`Stream.send_all <monte_trio.Stream.send_all>` (and the other sending
+    methods) when the peer stopped reading. The connection and its other streams are not
+    affected. It is also a :exc:`trio.BrokenResourceError`, which generic stream code
+    already handles.
+
+    Attributes:
+        code: the code the peer gave: 5 (CANCELLED) when it closed or cancelled its end
+            without reading everything, 6 (INTERNAL) when its stream handler raised, 4
+            (REFUSED) when it serves no streams (it has no ``stream_handler``) or was
+            shutting down (nothing was processed: it is safe to open the stream again);
+            other values are the peer application's own.
+        stream_id: the stream's id on its connection.
+    """
+
+    def __init__(self, message: str, code: int, stream_id: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.stream_id = stream_id

@@ -145,6 +145,9 @@ class NativeHandshake(Handshake):
             max_calls=config.max_calls,
             nested_allowance=config.nested_allowance,
             codec=Codec[config.codec.upper()],
+            stream_window=config.stream_window,
+            max_streams=config.max_streams,
+            data_window=config.data_window,
         )
 
     async def _handshake(

@@ -26,14 +26,17 @@ import trio
 
 from ._exceptions import RemoteProtocolError, RequestNotProcessed
 from ._proto._session import (
+    EV_CALL_CREDIT,
     EV_CANCEL,
     EV_CLOSED,
+    EV_DATA,
     EV_ERROR,
     EV_GOAWAY,
     EV_ONEWAY,
     EV_PONG,
     EV_REPLY,
     EV_REQUEST,
+    EV_STREAM_OPENED,
 )
 from ._writer import WRITE_ERRORS
 
@@ -63,12 +66,15 @@ class Reader:
         deliver = conn._dispatcher.deliver
         handlers = conn._handlers
         take = handlers.take
+        streams = conn._streams
+        on_data = streams.on_data
         writer = conn._writer
         native = conn._native
         limit = conn._config.max_concurrent_handlers
         idle_timeout = conn._config.idle_timeout
         next_service = 0.0
         idle_at = math.inf
+        streamed = False
         try:
             while True:
                 # One cancel scope per timer expiry, not per receive: its deadline is only
@@ -108,6 +114,9 @@ class Reader:
                                             session.delivered(ident)
                                     elif kind in (EV_REQUEST, EV_ONEWAY):
                                         take(event[1], event[2], event[3])  # type: ignore[arg-type]
+                                    elif kind == EV_DATA:
+                                        on_data(event[1], event[2])  # type: ignore[arg-type]
+                                        streamed = True
                                     else:
                                         self._on_events((event,))
                         else:
@@ -130,6 +139,13 @@ class Reader:
                         conn.reply_queued = False
                         if session.credit_changed != conn._credit_seen:
                             conn._credit_moved()
+                            streams.credit_moved()
+                        if streamed:
+                            # Stream data arrived: a data-window update may be due (the
+                            # sender may be blocked on it), so it does not wait for a flush.
+                            streamed = False
+                            if session.wants_write:
+                                writer.wake()
                         if not native:
                             while len(handlers.inbox) >= limit:
                                 await self._pause_reading()
@@ -203,7 +219,10 @@ class Reader:
             elif kind == EV_GOAWAY:
                 self._on_goaway(ident, a, b)
             elif kind == EV_PONG:
-                conn._rtt = max(0.0, trio.current_time() - a)
+                conn._rtt = rtt = max(0.0, trio.current_time() - a)
+                conn._session.observe_rtt(rtt)  # type: ignore[union-attr]
+            elif EV_STREAM_OPENED <= kind <= EV_CALL_CREDIT:
+                conn._streams.on_event(kind, ident, a)
             elif kind == EV_CLOSED:
                 conn._fail(
                     "the peer was silent for longer than keepalive_tolerance "
@@ -226,6 +245,7 @@ class Reader:
         conn._stop_accepting()
         conn._call_waiters.unpark_all()
         conn._oneway_waiters.unpark_all()
+        conn._streams.goaway(last, failed)
         conn._writer.wake()
         conn._progress.set()
 
@@ -260,6 +280,7 @@ class Reader:
         conn._fail_pending(reason)
         conn._call_waiters.unpark_all()
         conn._oneway_waiters.unpark_all()
+        conn._streams.refuse_openers()
         conn._progress.set()
         with trio.move_on_after(conn._config.grace_period):
             while conn._handlers.active and not conn._is_closed():

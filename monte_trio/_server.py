@@ -59,6 +59,7 @@ from ._handshake import Handshake
 from ._keys import Identity
 from ._native_handshake import resolve_handshake
 from ._secure_stream import SecureStream
+from ._streams import StreamHandler
 from ._trust import TrustPolicy
 
 __all__ = ["Server", "ServerStatistics", "serve"]
@@ -122,7 +123,12 @@ class Server:
         handler: serves each request and one-way message (see
             :data:`~monte_trio.Handler`: an async handler, or a plain function wrapped
             with :func:`~monte_trio.inline`); its ``request.connection`` can also call
-            the client back.
+            the client back. ``None`` refuses them (a server of streams only).
+        stream_handler: serves each byte stream a client opens (see
+            :data:`~monte_trio.StreamHandler`), like :func:`trio.serve_tcp`'s handler: it
+            runs in a task of the connection, at most ``max_streams``
+            (:class:`~monte_trio.ConnectionConfig`) at once per connection, and the
+            stream is closed when it returns. Without it, streams are refused.
         handshake: the handshake; by default the native profile built from ``identity``,
             ``trust`` and ``psk`` (see :func:`~monte_trio.open_client`).
         identity: the server's static key; a fresh one is generated if not given (clients
@@ -152,8 +158,9 @@ class Server:
 
     def __init__(
         self,
-        handler: Handler,
+        handler: Handler | None,
         *,
+        stream_handler: StreamHandler | None = None,
         handshake: Handshake | None = None,
         identity: Identity | None = None,
         trust: TrustPolicy | None = None,
@@ -170,10 +177,16 @@ class Server:
         if max_handshakes < 1:
             raise ValueError("max_handshakes must be at least 1")
         self._handler = handler
+        self._stream_handler = stream_handler
         self.handshake: Handshake = resolve_handshake(
             handshake, identity=identity, trust=trust, psk=psk
         )
         self.config: ConnectionConfig = config or ConnectionConfig()
+        if stream_handler is not None and not self.config.max_streams:
+            raise ValueError(
+                "a stream_handler needs ConnectionConfig max_streams above 0 (streams are "
+                "turned off at 0)"
+            )
         self.max_conns = max_conns
         self.max_handshakes = max_handshakes
         self._conn_wait_timeout = conn_wait_timeout
@@ -394,7 +407,13 @@ class Server:
                 self._admitting.pop(admission, None)
             if secure is None or self._is_shutting_down():
                 return
-            conn = Connection(secure, handler=self._handler, config=self.config, name=peer)
+            conn = Connection(
+                secure,
+                handler=self._handler,
+                config=self.config,
+                name=peer,
+                stream_handler=self._stream_handler,
+            )
             async with conn:
                 self._connections.add(conn)
                 if self._hook is not None:
@@ -471,10 +490,11 @@ def _peer_name(stream: trio.abc.Stream) -> str:
 
 
 async def serve(
-    handler: Handler,
+    handler: Handler | None,
     port: int,
     host: str | bytes | None = None,
     *,
+    stream_handler: StreamHandler | None = None,
     handshake: Handshake | None = None,
     identity: Identity | None = None,
     trust: TrustPolicy | None = None,
@@ -495,6 +515,7 @@ async def serve(
     """
     server = Server(
         handler,
+        stream_handler=stream_handler,
         handshake=handshake,
         identity=identity,
         trust=trust,

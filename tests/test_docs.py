@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PACKAGE = ROOT / "monte_trio"
 # The pages whose programs and names this file checks.
-PAGES = ("quickstart.rst", "recipes.rst", "logging.rst")
+PAGES = ("quickstart.rst", "recipes.rst", "logging.rst", "streams.rst")
 TIMEOUT = 20
 WIDTH = 90  # the widest line a code block or table may have and still fit the page
 

@@ -17,6 +17,7 @@ from .._config import ConnectionConfig
 from .._connection import Connection, Handler
 from .._handshake import Handshake
 from .._secure_stream import SecureStream
+from .._streams import StreamHandler
 
 __all__ = ["open_connection_pair", "secure_stream_pair"]
 
@@ -72,6 +73,8 @@ async def open_connection_pair(
     server_handshake: Handshake | None = None,
     client_handler: Handler | None = None,
     server_handler: Handler | None = None,
+    client_stream_handler: StreamHandler | None = None,
+    server_stream_handler: StreamHandler | None = None,
     config: ConnectionConfig | None = None,
     client_config: ConnectionConfig | None = None,
     server_config: ConnectionConfig | None = None,
@@ -87,6 +90,9 @@ async def open_connection_pair(
         server_handshake: a different handshake for the server side.
         client_handler: serves requests the server sends.
         server_handler: serves requests the client sends.
+        client_stream_handler: serves streams the server opens (see
+            :data:`~monte_trio.StreamHandler`).
+        server_stream_handler: serves streams the client opens.
         config: limits for both sides, unless overridden per side.
         client_config: the client's limits.
         server_config: the server's limits.
@@ -104,10 +110,18 @@ async def open_connection_pair(
     )
     async with (
         Connection(
-            client_stream, handler=client_handler, config=client_config, name="client"
+            client_stream,
+            handler=client_handler,
+            config=client_config,
+            name="client",
+            stream_handler=client_stream_handler,
         ) as client,
         Connection(
-            server_stream, handler=server_handler, config=server_config, name="server"
+            server_stream,
+            handler=server_handler,
+            config=server_config,
+            name="server",
+            stream_handler=server_stream_handler,
         ) as server,
     ):
         yield client, server
