@@ -184,7 +184,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
 
     # -- calls -----------------------------------------------------------------------------
 
-    async def request(self, body: bytes) -> bytes:
+    async def request(self, body: bytes, *, compress: bool = True) -> bytes:
         """Send a request on a pooled connection and return the reply.
 
         A call that its connection refuses before any of it was sent (the connection
@@ -192,28 +192,31 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         is moved to another connection, or to a new one, up to three times; so is a call
         the peer declared it did not process.
 
-        See :meth:`Connection.request <monte_trio.Connection.request>` for the errors;
+        See :meth:`Connection.request <monte_trio.Connection.request>` for the errors
+        and for ``compress`` (``False``: send the body uncompressed);
         additionally :class:`~monte_trio.ConnectError` if no connection could be opened,
         and :class:`~monte_trio.HandshakeError` if the handshake failed.
         """
         for attempt in range(_REASSIGNMENTS + 1):
             conn = await self._pick()
             try:
-                return await conn.request(body)
+                return await conn.request(body, compress=compress)
             except RequestNotProcessed as exc:
                 self._reassigning(attempt, exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def send(self, body: bytes) -> None:
+    async def send(self, body: bytes, *, compress: bool = True) -> None:
         """Send a one-way message on a pooled connection; return once it is written.
 
         A message refused before it was queued (its connection started closing) is moved
-        to another connection, as :meth:`request` does.
+        to another connection, as :meth:`request` does. ``compress=False`` sends the
+        body uncompressed (see :meth:`Connection.request
+        <monte_trio.Connection.request>`).
         """
         for attempt in range(_REASSIGNMENTS + 1):
             conn = await self._pick()
             try:
-                await conn.send(body)
+                await conn.send(body, compress=compress)
                 return
             except RequestNotProcessed as exc:
                 self._reassigning(attempt, exc)
@@ -332,8 +335,9 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
             raise exc
         logger.debug("%s: moving a call to another connection: %s", self.peer, exc)
 
-    def send_nowait(self, body: bytes) -> None:
-        """Queue a one-way message on an open connection and return at once.
+    def send_nowait(self, body: bytes, *, compress: bool = True) -> None:
+        """Queue a one-way message on an open connection and return at once
+        (``compress=False``: uncompressed, as for :meth:`send`).
 
         The connection used last is kept while it has room, so a burst of messages is
         batched into few large writes; when its queue is full, the least loaded other
@@ -348,7 +352,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         conn = self._nowait_conn
         if conn is not None and not conn.closed:
             try:
-                conn.send_nowait(body)
+                conn.send_nowait(body, compress=compress)
                 return
             except (trio.WouldBlock, RequestNotProcessed):
                 pass
@@ -357,7 +361,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         for candidate in sorted(self.connections, key=_load):
             if candidate is not conn:
                 try:
-                    candidate.send_nowait(body)
+                    candidate.send_nowait(body, compress=compress)
                 except (trio.WouldBlock, RequestNotProcessed):
                     continue
                 self._nowait_conn = candidate

@@ -6,8 +6,11 @@ Timeouts on individual calls are not configuration: wrap the call in a cancel sc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
+from ._proto import _compression
 from ._proto._wire2 import MAX_STREAM_WINDOW as _MAX_STREAM_WINDOW
 from ._proto._wire2 import MIN_MESSAGE_SIZE as _MIN_MESSAGE_SIZE
 from ._proto._wire2 import MIN_STREAM_WINDOW as _MIN_STREAM_WINDOW
@@ -31,6 +34,18 @@ def _check_codec(_instance: object, _attribute: object, value: str) -> None:
             raise ValueError(
                 "codec 'msgpack' needs msgspec: pip install monte_trio[msgspec]"
             ) from None
+
+
+def _codec_names(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise TypeError(
+            f"compression takes a sequence of codec names, such as ({value!r},), not a string"
+        )
+    return tuple(value)
+
+
+def _check_compression(_instance: object, _attribute: object, value: tuple[str, ...]) -> None:
+    _compression.resolve(value)  # a ValueError names the problem and the pip extra
 
 
 @attrs.frozen(kw_only=True)
@@ -114,6 +129,24 @@ class ConnectionConfig:
             application reads faster than the window allows in a round trip (toward the
             bandwidth-delay product); it grows only while the application reads, and it
             bounds what one stream can hold (see docs/reliability.rst, "Memory budget").
+        compression: native only: the codecs that compress message bodies, by name in this
+            side's order of preference: ``"lz4"``, ``"zstd"`` (their packages come with
+            ``pip install monte_trio[compression]``; naming one that is not installed is
+            a :exc:`ValueError`). Default: ``()``, off: a compressed message's length
+            depends on its content, which can leak a secret sent next to data an attacker
+            chooses (docs/security.rst, "Compression"); ``("lz4", "zstd")`` turns it on
+            where that cannot happen. Announced in the hello as what this side
+            decompresses; each side compresses with the first codec of the peer's list
+            that its own list holds too, so ``()`` on either side turns compression off
+            both ways. Bodies of requests, replies and one-way messages and the messages
+            of streaming calls are compressed one by one (never byte streams, errors or
+            control frames); a call opts out with ``compress=False``, a handler's reply
+            with ``request.compress_reply = False`` (see docs/security.rst,
+            "Compression").
+        compression_threshold: native only: bodies shorter than this many bytes are sent
+            as they are (default 1,024: below it compression saves little and costs more
+            time than it saves on fast links); a body is also sent as it is when it does
+            not shrink.
     """
 
     max_record_size: int | None = attrs.field(
@@ -169,6 +202,13 @@ class ConnectionConfig:
     stream_window_max: int = attrs.field(
         default=16 * 1024 * 1024,
         validator=[attrs.validators.gt(0), attrs.validators.le(_MAX_STREAM_WINDOW)],
+    )
+    compression: tuple[str, ...] = attrs.field(
+        default=(), converter=_codec_names, validator=_check_compression
+    )
+    compression_threshold: int = attrs.field(
+        default=_compression.DEFAULT_THRESHOLD,
+        validator=[attrs.validators.ge(0), attrs.validators.lt(2**32)],
     )
 
     @property

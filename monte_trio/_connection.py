@@ -521,7 +521,7 @@ class Connection(trio.abc.AsyncResource):
             return current[1]
         return 0
 
-    async def _open_call(self, body: bytes) -> int:
+    async def _open_call(self, body: bytes, compress: bool = True) -> int:
         """Take credit for a call carrying ``body`` and put it into the session."""
         session = self._session
         parent = self._parent() if self._native else 0
@@ -537,7 +537,7 @@ class Connection(trio.abc.AsyncResource):
                 # for our own calls' replies could deadlock the call tree.
                 if (not waiters or queued) and (parent or len(dispatcher) < max_pending):
                     try:
-                        ident = session.send_request(body, parent=parent)
+                        ident = session.send_request(body, parent=parent, compress=compress)
                     except LocalProtocolError:
                         if session.state >= SESSION_CLOSED or not parent:
                             raise self._refused() from None  # closing: nothing was sent
@@ -564,7 +564,7 @@ class Connection(trio.abc.AsyncResource):
             self._pending_full = False
             self._call_waiters.unpark()
 
-    async def request(self, body: bytes) -> bytes:
+    async def request(self, body: bytes, *, compress: bool = True) -> bytes:
         """Send a request and return the peer's reply.
 
         Cancel it with a cancel scope (for example ``trio.fail_after``); its reply, if it
@@ -572,6 +572,11 @@ class Connection(trio.abc.AsyncResource):
         A call that waits, for credit (the peer's call slots or request window), for room
         in the send queue (``max_send_queue``) or for room among the pending requests
         (``max_pending_requests``), waits in order of arrival.
+
+        The body is compressed when both sides allow it (``ConnectionConfig.compression``)
+        and it is at least ``compression_threshold`` bytes long; ``compress=False`` sends
+        it as it is: do that for a body that holds a secret next to data an attacker may
+        choose (see :ref:`Security: Compression <security-compression>`).
 
         Raises:
             ConnectionClosed: the connection ended before the reply arrived; the peer may
@@ -605,11 +610,11 @@ class Connection(trio.abc.AsyncResource):
         ):
             # Credit at once (the common case): no waiting loop, no extra coroutine.
             try:
-                ident = session.send_request(body, parent=self._parent())
+                ident = session.send_request(body, parent=self._parent(), compress=compress)
             except LocalProtocolError:
                 ident = None  # a nested call whose parent has ended: the loop decides
         if ident is None:
-            ident = await self._open_call(body)
+            ident = await self._open_call(body, compress)
         channel = dispatcher.add(ident)
         self._requests_sent += 1
         try:
@@ -663,12 +668,13 @@ class Connection(trio.abc.AsyncResource):
         )
         return proxy
 
-    async def send(self, body: bytes) -> None:
+    async def send(self, body: bytes, *, compress: bool = True) -> None:
         """Send a one-way message and return once it has been written to the socket.
 
         It waits for credit (the peer's request window) and for room in the send queue,
         in order of arrival. Once it has credit the message is in the send queue and goes
         out whole even if the caller is cancelled while waiting for the write.
+        ``compress=False`` sends the body uncompressed, as for :meth:`request`.
 
         Raises:
             ConnectionClosed: the connection ended before the message was written.
@@ -688,7 +694,7 @@ class Connection(trio.abc.AsyncResource):
         if (
             not self._oneway_waiters
             and session.state < SESSION_CLOSED
-            and session.send_oneway(body)
+            and session.send_oneway(body, compress=compress)
         ):
             self._messages_sent += 1  # credit at once (the common case): no wait, no task
             if writer.quiet:
@@ -696,13 +702,13 @@ class Connection(trio.abc.AsyncResource):
                 return
         else:
             direct = writer.quiet
-            await self._queue_oneway(body)
+            await self._queue_oneway(body, compress)
             if direct and writer.quiet:
                 await self._write_directly()
                 return
         await writer.wait_written()
 
-    async def _queue_oneway(self, body: bytes) -> None:
+    async def _queue_oneway(self, body: bytes, compress: bool = True) -> None:
         session = self._session
         waiters = self._oneway_waiters
         queued = False
@@ -710,7 +716,7 @@ class Connection(trio.abc.AsyncResource):
             while True:
                 if self._state is not _OPEN or session.state >= SESSION_CLOSED:
                     raise self._refused()
-                if (not waiters or queued) and session.send_oneway(body):
+                if (not waiters or queued) and session.send_oneway(body, compress=compress):
                     self._messages_sent += 1
                     if queued and waiters:
                         waiters.unpark()
@@ -722,8 +728,9 @@ class Connection(trio.abc.AsyncResource):
                 waiters.unpark()
             raise
 
-    def send_nowait(self, body: bytes) -> None:
-        """Queue a one-way message for the writer and return at once.
+    def send_nowait(self, body: bytes, *, compress: bool = True) -> None:
+        """Queue a one-way message for the writer and return at once (``compress`` as
+        for :meth:`request`).
 
         Raises:
             trio.WouldBlock: no credit (the peer's request window is spent), the send
@@ -740,7 +747,7 @@ class Connection(trio.abc.AsyncResource):
             session.send_queue_bytes >= self._writer.max_send_queue
             or self._oneway_waiters
             or len(body) > self._max_send
-            or not session.send_oneway(body)
+            or not session.send_oneway(body, compress=compress)
         ):
             if len(body) > self._max_send:
                 self._check_size(body)

@@ -69,20 +69,26 @@ class Request:
     """An incoming request or one-way message, as given to a handler.
 
     A slotted attrs class, made once per message: it is not frozen, because a frozen
-    class costs a few hundred nanoseconds more to create, but nothing reads it back
-    after the handler, so changing its attributes has no effect.
+    class costs a few hundred nanoseconds more to create. After the handler only
+    :attr:`compress_reply` is read back; changing the other attributes has no effect.
 
     Attributes:
         body: the message body.
         call_id: the call's id, which its reply carries (0 for a one-way message).
         oneway: ``True`` for a one-way message: the handler's return value is ignored.
         connection: the connection it arrived on; the handler may call the peer back on it.
+        compress_reply: whether the reply may be compressed (native profile, when both
+            sides allow compression: ``ConnectionConfig.compression``). A handler sets it
+            to ``False`` before it returns a reply that holds a secret next to data the
+            caller chose (see docs/security.rst, "Compression"); the reply then travels
+            as it is.
     """
 
     body: bytes
     call_id: int
     oneway: bool
     connection: Connection = attrs.field(repr=False)
+    compress_reply: bool = True
 
     @property
     def peer_public_key(self) -> PublicKey | None:
@@ -383,10 +389,11 @@ class HandlerPool:
             return
         finally:
             current_call.reset(token)
+        compress = request.compress_reply
         del request
         session.consumed(ident)
         conn._writer.owed += size + 64
-        await self._answer(ident, reply)
+        await self._answer(ident, reply, compress)
 
     def _awaitable(self, result: object) -> Awaitable[bytes | None]:
         """What an async handler returned, checked: a plain function passed unwrapped
@@ -422,17 +429,17 @@ class HandlerPool:
         session.consumed(ident, len(body))
         self._conn._writer.owed += len(body) + 64
         if ident:
-            self._queue_reply(ident, reply)
+            self._queue_reply(ident, reply, request.compress_reply)
             self._conn.reply_queued = True  # the reader wakes the writer after the batch
 
-    async def _answer(self, ident: int, reply: bytes) -> None:
+    async def _answer(self, ident: int, reply: bytes, compress: bool = True) -> None:
         """Queue a worker's reply once the send queue has room; write it directly when
         this is the only handler and the connection is quiet."""
         conn = self._conn
         writer = conn._writer
         if self._session.send_queue_bytes >= writer.max_send_queue:
             await writer.wait_for_space(conn._is_closed)
-        if not self._queue_reply(ident, reply):
+        if not self._queue_reply(ident, reply, compress):
             return
         if self.busy == 1 and not self.inbox and writer.quiet:
             try:
@@ -442,13 +449,13 @@ class HandlerPool:
         else:
             writer.wake()
 
-    def _queue_reply(self, ident: int, reply: bytes) -> bool:
+    def _queue_reply(self, ident: int, reply: bytes, compress: bool = True) -> bool:
         """Put a reply into the session; ``False`` if there is nobody to send it to."""
         conn = self._conn
         if conn._is_closed() or conn._peer_closed:
             return False
         try:
-            self._session.send_reply(ident, reply)
+            self._session.send_reply(ident, reply, compress=compress)
         except LocalProtocolError as exc:
             if not conn._native:
                 conn._fail(f"a handler's reply could not be sent: {exc}", exc)

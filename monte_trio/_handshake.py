@@ -79,6 +79,7 @@ class SessionFacts:
             keepalive_tolerance=config.keepalive_tolerance,
             grace_period=config.grace_period,
             stream_window_cap=config.stream_window_max,
+            compression_threshold=config.compression_threshold,
             # Credit below 1/64 of the smaller window waits for more (or for the
             # driver's flush timer) instead of riding on every record.
             credit_floor=min(self.local_hello.request_window, self.local_hello.reply_window) // 64,

@@ -20,6 +20,7 @@ from ._exceptions import HandshakeError, MonteError, PeerRejected, RemoteProtoco
 from ._handshake import Handshake, SessionFacts
 from ._keys import Identity, PublicKey
 from ._proto import _native_hello as wire
+from ._proto._compression import resolve as resolve_compression
 from ._proto._noise import HandshakeState
 from ._proto._records import RecordOpener, RecordSealer
 from ._proto._wire2 import MAX_RECORD, MIN_RECORD_SIZE, VERSION, Codec, Hello2, prologue
@@ -148,6 +149,7 @@ class NativeHandshake(Handshake):
             stream_window=config.stream_window,
             max_streams=config.max_streams,
             data_window=config.data_window,
+            compression=resolve_compression(config.compression),
         )
 
     async def _handshake(

@@ -27,7 +27,8 @@ from monte_trio import (
 from monte_trio.testing import FaultyNetwork
 
 BIG = 3000  # bytes: more than the link buffer, less than a monte-v1 record
-CONFIG = ConnectionConfig(keepalive_interval=None, grace_period=1)
+# Without compression: the bodies must fill the link as they are.
+CONFIG = ConnectionConfig(keepalive_interval=None, grace_period=1, compression=())
 
 
 def faulty_pair(

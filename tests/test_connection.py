@@ -249,7 +249,8 @@ async def test_send_cancelled_while_queued_is_sent_whole(
         async with network_connection_pair(profile, net, server_handler=handler) as (client, _):
             net.stall("client", "server")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(client.send, big)  # fills the link, writer blocks
+                # uncompressed: it fills the link, the writer blocks
+                nursery.start_soon(lambda: client.send(big, compress=False))
                 await trio.testing.wait_all_tasks_blocked()
                 assert client.statistics().queued_bytes == 0  # the writer took it
                 queued = trio.CancelScope()
@@ -286,7 +287,8 @@ async def test_send_cancelled_after_the_writer_took_it_is_sent_whole(
         async with network_connection_pair(profile, net, server_handler=handler) as (client, _):
             net.stall("client", "server")
             with trio.move_on_after(1) as scope:
-                await client.send(big)  # taken by the writer, which blocks on the link
+                # taken by the writer (whole: uncompressed), which blocks on the link
+                await client.send(big, compress=False)
             assert scope.cancelled_caught
             net.heal()
             assert await client.request(b"req") == b"ok"
@@ -598,7 +600,8 @@ async def test_dying_connection_fails_every_waiter(
 
     async def sender(conn: Connection) -> None:
         try:
-            await conn.send(b"x" * 3000)  # waits for its write: fails with the link
+            # waits for its write (3,000 bytes, uncompressed): fails with the link
+            await conn.send(b"x" * 3000, compress=False)
         except ConnectionClosed as exc:
             outcomes.append(exc)
 

@@ -481,6 +481,7 @@ def config(data: dict[str, Any]) -> ConnectionConfig:
         max_record_size=data["max_record_size"],
         max_message_size=size,
         max_streams=0,  # the vectors' hellos offer no streams (no fields 10 to 12)
+        compression=(),  # nor compression (no field 13), whatever codecs are installed
     )
 
 

@@ -95,6 +95,7 @@ class Channel:
         "r_messages",
         "r_read",
         "r_recv",
+        "r_size",
         "r_window",
         "ready",
         "recv_many",
@@ -125,8 +126,8 @@ class Channel:
         self.recv_many = not self.messages or bool(shape & (SHAPE_DOWN if ours else SHAPE_UP))
         self.wire_open = not ours  # our opening frame is packed (theirs: already received)
         self.ready = False  # in the session's round-robin of channels with data to pack
-        # Sending half: accepted chunks [data, offset] not yet packed (a call: one whole
-        # message per chunk).
+        # Sending half: accepted chunks [data, offset, flags] not yet packed (a call: one
+        # whole message per chunk; flags: FLAG_COMPRESSED for its first frame, or 0).
         self.send_state = HALF_OPEN
         self.send_buf: deque[list[Any]] = deque()
         self.send_messages = 0
@@ -149,12 +150,13 @@ class Channel:
         self.r_dirty = False
         self.r_last_at: float | None = None
         self.r_message: bytearray | None = None
+        self.r_size = 0  # the message being received is compressed: its size once decompressed
         self.r_messages = 0
 
     @property
     def unsent(self) -> int:
         """Bytes accepted on the sending half and not yet packed."""
-        return sum(len(data) - offset for data, offset in self.send_buf)
+        return sum(len(item[0]) - item[1] for item in self.send_buf)
 
     @property
     def unsent_messages(self) -> int:

@@ -84,6 +84,17 @@ from ._calls import (
     Channel,
     update_due,
 )
+from ._compression import (
+    DEFAULT_THRESHOLD,
+    ENVELOPE_SIZE,
+    FLAG_COMPRESSED,
+    CompressionError,
+    Compressor,
+    agree,
+    compress,
+    decompress_body,
+    read_envelope,
+)
 from ._wire2 import (
     CONTROL_BURST,
     CONTROL_RATE,
@@ -189,6 +200,11 @@ _CALL: Final = 0x07
 _DATA: Final = 0x08
 _FIRST_CONTROL: Final = 0x10
 _PING_PAYLOAD_SIZE: Final = 8
+_SAMPLE_FROM: Final = 64 * 1024
+"""Bodies from this size are compressed only if a sample of them shrinks: compressing
+1 MiB of random bytes costs LZ4 about 1 ms for nothing, its sample about 10 us."""
+_SAMPLE_PIECE: Final = 4096
+_SAMPLE_PIECES: Final = 4
 
 
 class _Violation(Exception):
@@ -199,6 +215,27 @@ class _Violation(Exception):
 
 def _violation(code: ErrorCode, message: str) -> _Violation:
     return _Violation(code, message)
+
+
+def _item_cost(item: list[Any]) -> int:
+    """What a queued message holds of its window: its body's length + 64, the length
+    before compression (from the envelope) if it was compressed."""
+    body = item[3]
+    size = int.from_bytes(body[1:ENVELOPE_SIZE], "big") if item[5] else len(body)
+    return size + MESSAGE_COST
+
+
+def _sample_shrinks(compressor: Compressor, body: bytes) -> bool:
+    """Whether four 4 KiB pieces spread over a large body compress by at least 1/16
+    (already compressed or encrypted data does not: it is sent as it is, unread)."""
+    step = (len(body) - _SAMPLE_PIECE) // (_SAMPLE_PIECES - 1)
+    sample = b"".join(body[i * step : i * step + _SAMPLE_PIECE] for i in range(_SAMPLE_PIECES))
+    out = compress(compressor.codec, sample, compressor.level)
+    return out is not None and len(out) <= len(sample) - len(sample) // 16
+
+
+def _compression_violation(exc: CompressionError) -> _Violation:
+    return _Violation(ErrorCode(exc.code), str(exc))
 
 
 class Session:
@@ -223,12 +260,16 @@ class Session:
             next record.
         abort_burst: streams the peer may open and then abort (RESET, STOP) at once ...
         abort_rate: ... and per second after that.
+        compression_threshold: bodies shorter than this are sent as they are; longer ones
+            are compressed with the codec both hellos list (docs/wire-native.rst,
+            "Compression"), unless the call opts out.
     """
 
     __slots__ = (
         "_abort_burst",
         "_abort_rate",
         "_aborts",
+        "_accepted",
         "_blocked_replies",
         "_budget",
         "_budget_at",
@@ -237,11 +278,14 @@ class Session:
         "_call_max_out",
         "_cancels",
         "_cap",
+        "_cflag",
         "_ch_in",
         "_ch_out",
         "_channels",
+        "_compressor",
         "_credit_dirty",
         "_credit_floor",
+        "_cthreshold",
         "_d_blocked",
         "_d_blocked_at",
         "_d_blocked_out",
@@ -338,6 +382,7 @@ class Session:
         abort_burst: int = STREAM_ABORT_BURST,
         abort_rate: float = STREAM_ABORT_RATE,
         credit_floor: int = 0,
+        compression_threshold: int = DEFAULT_THRESHOLD,
     ) -> None:
         own_parity = 1 if initiator else 0
         if first_id is None:
@@ -383,11 +428,13 @@ class Session:
         self._in_plain = 0
         self._in_held: dict[int, int] = {}
         self._r_held: dict[int, int] = {}
-        # Messages being reassembled: id -> [kind, parent, total, cost, drop, buffer]
+        # Messages being reassembled: id -> [kind, parent, total, cost, drop, buffer,
+        # compressed] (a compressed one's cost: its declared size + 64)
         self._partial: dict[int, list[Any]] = {}
-        # Send queue: [kind, id, prefix, body, offset]; replies waiting for W_r.
+        # Send queue: [kind, id, prefix, body, offset, flags] (flags: FLAG_COMPRESSED or
+        # 0, for the first frame); replies waiting for W_r.
         self._queue: deque[list[Any]] = deque()
-        self._blocked_replies: deque[tuple[int, int, bytes, int]] = deque()
+        self._blocked_replies: deque[tuple[int, int, bytes, int, int]] = deque()
         # Control lane (state, not a queue).
         self._pong: tuple[int, bytes] | None = None
         self._ping: tuple[int, bytes] | None = None
@@ -443,6 +490,16 @@ class Session:
         self._abort_rate = abort_rate
         self._aborts = float(abort_burst)
         self.rtt: float | None = None
+        # Compression: what we decompress (our hello), and what we compress with (the
+        # first codec of the peer's list that ours holds too). A body shorter than
+        # _cthreshold is never looked at: with no codec agreed, none is.
+        self._accepted = local.compression
+        self._cflag = FLAG_COMPRESSED if local.compression else 0
+        codec = agree(local.compression, peer.compression)
+        self._compressor = (
+            None if codec is None else Compressor(codec, threshold=compression_threshold)
+        )
+        self._cthreshold = 1 << 62 if codec is None else compression_threshold
 
     # ------------------------------------------------------------------ queries
     @property
@@ -554,11 +611,13 @@ class Session:
             )
 
     # ------------------------------------------------------------------ acting
-    def send_request(self, body: bytes, *, parent: int = 0) -> int | None:
+    def send_request(self, body: bytes, *, parent: int = 0, compress: bool = True) -> int | None:
         """Open a call carrying ``body`` if credit allows; return its id, or ``None``.
 
         ``None`` means no credit now (slots, window or nested allowance): wait in FIFO
-        order and retry after :attr:`credit_changed` moves.
+        order and retry after :attr:`credit_changed` moves. ``compress=False`` sends the
+        body as it is even when compression was agreed (a body holding a secret next to
+        data an attacker chose: docs/security.rst, "Compression").
 
         Raises:
             LocalProtocolError: the session is closed or closing (check :attr:`can_open`;
@@ -596,14 +655,18 @@ class Session:
             self._out_plain += 1
         self._out[ident] = [parent, 0, 0, 0]
         prefix = parent.to_bytes(4, "big") if parent else b""
-        self._queue.append([_REQUEST, ident, prefix, body, 0])
+        flags = 0
+        if compress and len(body) >= self._cthreshold:
+            flags, body = self._squeeze(body)
+        self._queue.append([_REQUEST, ident, prefix, body, 0, flags])
         self.send_queue_bytes += len(body)
         if self._next_id > ID_LIMIT and self._goaway_out is None:
             self.start_close(ErrorCode.ID_EXHAUSTED)
         return ident
 
-    def send_oneway(self, body: bytes) -> bool:
-        """Queue a one-way message if the request window allows (``False``: wait).
+    def send_oneway(self, body: bytes, *, compress: bool = True) -> bool:
+        """Queue a one-way message if the request window allows (``False``: wait);
+        ``compress`` as for :meth:`send_request`.
 
         Raises:
             LocalProtocolError: closed, or the body exceeds the peer's maximum.
@@ -616,18 +679,23 @@ class Session:
         if used > self._w_limit_out - self._reserve:
             return False
         self._w_used_out = used
-        self._queue.append([_ONEWAY, 0, b"", body, 0])
+        flags = 0
+        if compress and size >= self._cthreshold:
+            flags, body = self._squeeze(body)
+            size = len(body)
+        self._queue.append([_ONEWAY, 0, b"", body, 0, flags])
         self.send_queue_bytes += size
         return True
 
-    def send_reply(self, call_id: int, body: bytes) -> None:
-        """Answer call ``call_id`` (terminal). Held in the session while W_r is short.
+    def send_reply(self, call_id: int, body: bytes, *, compress: bool = True) -> None:
+        """Answer call ``call_id`` (terminal). Held in the session while W_r is short;
+        ``compress`` as for :meth:`send_request`.
 
         Raises:
             LocalProtocolError: not a call we are handling (or already answered), closed,
                 or the body exceeds the peer's maximum (answer with an error instead).
         """
-        self._terminal(call_id, _REPLY, body)
+        self._terminal(call_id, _REPLY, body, compress)
 
     def send_error(self, call_id: int, code: int, text: str) -> None:
         """Fail call ``call_id`` (terminal) with ``code`` and ``text`` (cut to 998 bytes).
@@ -643,7 +711,7 @@ class Session:
             data = data[:cut]
         self._terminal(call_id, _ERROR, int(code).to_bytes(2, "big") + data)
 
-    def _terminal(self, call_id: int, kind: int, body: bytes) -> None:
+    def _terminal(self, call_id: int, kind: int, body: bytes, compress: bool = False) -> None:
         self._check_sendable()
         entry = self._in.get(call_id)
         if entry is None or entry[3]:
@@ -655,24 +723,41 @@ class Session:
         if kind == _REPLY:
             self._check_size(body)
         entry[3] = 1
-        self._queue_terminal(call_id, kind, body)
+        self._queue_terminal(call_id, kind, body, compress)
 
-    def _queue_terminal(self, call_id: int, kind: int, body: bytes) -> None:
+    def _queue_terminal(
+        self, call_id: int, kind: int, body: bytes, compress: bool = False
+    ) -> None:
         cost = len(body) + MESSAGE_COST
+        flags = 0
+        if compress and len(body) >= self._cthreshold:
+            # Now rather than when W_r allows: the reply goes out either way, and a held
+            # reply holds fewer bytes. It costs what it would uncompressed.
+            flags, body = self._squeeze(body)
         if self._blocked_replies or self._r_used_out + cost > self._r_limit_out:
-            self._blocked_replies.append((kind, call_id, body, cost))
+            self._blocked_replies.append((kind, call_id, body, cost, flags))
             return
         self._r_used_out += cost
-        self._queue.append([kind, call_id, b"", body, 0])
+        self._queue.append([kind, call_id, b"", body, 0, flags])
         self.send_queue_bytes += len(body)
 
     def _unblock_replies(self) -> None:
         blocked = self._blocked_replies
         while blocked and self._r_used_out + blocked[0][3] <= self._r_limit_out:
-            kind, call_id, body, cost = blocked.popleft()
+            kind, call_id, body, cost, flags = blocked.popleft()
             self._r_used_out += cost
-            self._queue.append([kind, call_id, b"", body, 0])
+            self._queue.append([kind, call_id, b"", body, 0, flags])
             self.send_queue_bytes += len(body)
+
+    def _squeeze(self, body: bytes) -> tuple[int, bytes]:
+        """``(FLAG_COMPRESSED, envelope)`` or ``(0, body)`` (no codec agreed, or the body
+        does not shrink): callers check the threshold first."""
+        compressor = self._compressor
+        if compressor is None:
+            return 0, body
+        if len(body) >= _SAMPLE_FROM and not _sample_shrinks(compressor, body):
+            return 0, body
+        return compressor.compress(body)
 
     def cancel(self, call_id: int) -> None:
         """Give up on our call ``call_id``: no event for it follows. A call not yet on the
@@ -692,16 +777,16 @@ class Session:
             if item[1] == call_id and item[0] == _REQUEST:
                 if item[4] == 0:  # nothing of it is on the wire yet: withdraw it
                     self._queue.remove(item)
-                    self._withdraw(call_id, len(item[3]))
+                    self._withdraw(call_id, item)
                     return
                 break
         entry[1] = 1
         self._cancels[call_id] = None
 
-    def _withdraw(self, call_id: int, size: int) -> None:
+    def _withdraw(self, call_id: int, item: list[Any]) -> None:
         entry = self._out.pop(call_id)
-        self._w_used_out -= size + MESSAGE_COST
-        self.send_queue_bytes -= size
+        self._w_used_out -= _item_cost(item)
+        self.send_queue_bytes -= len(item[3])
         self._end_out(entry)
 
     def _end_out(self, entry: list[int]) -> None:
@@ -754,7 +839,7 @@ class Session:
             # A barrier: it goes in the message queue, after everything queued before it.
             self._goaway_out = (self._last_accepted, int(code))
             self._queue.append(
-                [Kind.GOAWAY, self._last_accepted, b"", int(code).to_bytes(2, "big"), 0]
+                [Kind.GOAWAY, self._last_accepted, b"", int(code).to_bytes(2, "big"), 0, 0]
             )
             self.send_queue_bytes += 2
             self.state = CLOSING
@@ -804,7 +889,7 @@ class Session:
         self._channels[ident] = Channel(
             ident, ours=True, shape=shape, send_limit=self._peer_sw, recv_window=self._own_sw
         )
-        self._queue.append([kind, ident, b"", bytes([shape]) if shape else b"", 0])
+        self._queue.append([kind, ident, b"", bytes([shape]) if shape else b"", 0, 0])
         if self._next_id > ID_LIMIT and self._goaway_out is None:
             self.start_close(ErrorCode.ID_EXHAUSTED)
         return ident
@@ -840,7 +925,7 @@ class Session:
         if take:
             ch.s_used += take
             self._d_used_out += take
-            ch.send_buf.append([data if take == n else data[:take], 0])
+            ch.send_buf.append([data if take == n else data[:take], 0, 0])
             self.send_queue_bytes += take
         if take < n:
             self._note_blocked(ch)
@@ -850,10 +935,15 @@ class Session:
             self._mark_ready(ch)
         return take
 
-    def send_message(self, ident: int, body: bytes, end: bool = False) -> bool:
+    def send_message(
+        self, ident: int, body: bytes, end: bool = False, *, compress: bool = True
+    ) -> bool:
         """Queue one message on streaming call ``ident`` if both windows hold its cost
         (body + 64); ``False``: wait for EV_CALL_CREDIT and retry (BLOCKED is queued).
         ``end`` half-closes after it; the one message of a one-message half always does.
+        ``compress`` as for :meth:`send_request`: a compressed message still costs its
+        uncompressed size + 64 of the stream window, and its bytes on the wire of the
+        connection's data window.
 
         Raises:
             LocalProtocolError: not a call, its sending half is ended, a one-message half
@@ -875,10 +965,14 @@ class Session:
         if ch.s_limit - ch.s_used < cost or self._d_limit_out - self._d_used_out < size:
             self._note_blocked(ch, cost, size)
             return False
+        flags = 0
+        if compress and size >= self._cthreshold:
+            flags, body = self._squeeze(body)
+            size = len(body)
         ch.s_used += cost
         self._d_used_out += size
         ch.send_messages += 1
-        ch.send_buf.append([body, 0])
+        ch.send_buf.append([body, 0, flags])
         self.send_queue_bytes += size
         if end:
             ch.send_state = HALF_ENDING
@@ -978,7 +1072,7 @@ class Session:
         ch.send_state = HALF_RESETTING  # the ERROR, in the message queue, closes both halves
         ch.stopping = True
         ch.r_message = None
-        self._queue.append([_ERROR, ch.ident, b"", body, 0])
+        self._queue.append([_ERROR, ch.ident, b"", body, 0, 0])
         self.send_queue_bytes += len(body)
 
     def _discard_unsent(self, ch: Channel) -> None:
@@ -1099,7 +1193,7 @@ class Session:
         ):
             # The common case of a quiet connection: one whole unary message (or one-way,
             # or error), no control frame.
-            kind, ident, prefix, body, offset = queue[0]
+            kind, ident, prefix, body, offset, flags = queue[0]
             n = len(body)
             if (
                 kind < _CONT
@@ -1113,7 +1207,7 @@ class Session:
                     self.send_queue_bytes -= n
                 else:
                     self._sent(kind, ident, n)
-                return [_pack(kind, 0, n, ident) + body]
+                return [_pack(kind, flags, n, ident) + body]
         out: list[bytes] = []
         parts: list[bytes] = []
         size = 0
@@ -1155,7 +1249,7 @@ class Session:
         turn = 0
         while queue and produced < limit and turn < turn_cap:
             item = queue[0]
-            kind, ident, prefix, body, offset = item
+            kind, ident, prefix, body, offset, cflags = item
             blen = len(body)
             if offset == 0:
                 n = len(prefix) + blen
@@ -1166,9 +1260,9 @@ class Session:
                         parts.clear()
                         size = 0
                     if prefix:
-                        parts.append(_pack(kind, FLAG_NESTED, n, ident) + prefix)
+                        parts.append(_pack(kind, FLAG_NESTED | cflags, n, ident) + prefix)
                     else:
-                        parts.append(_pack(kind, 0, n, ident))
+                        parts.append(_pack(kind, cflags, n, ident))
                     parts.append(body)
                     size += 8 + n
                     turn += n
@@ -1178,7 +1272,8 @@ class Session:
                     else:
                         self._sent(kind, ident, blen)
                     continue
-                # Fragmented: the first frame carries [parent] | u32 total | data.
+                # Fragmented: the first frame carries [parent] | u32 total | data (at least
+                # 256 bytes of it: a compressed body's 5-byte envelope header whole).
                 room = max_plaintext - size - 8 - len(prefix) - 4
                 if room < 256:
                     out.append(b"".join(parts))
@@ -1187,7 +1282,7 @@ class Session:
                     size = 0
                     room = max_plaintext - 8 - len(prefix) - 4
                 room = min(room, chunk_cap - len(prefix) - 4)
-                flags = FLAG_MORE | (FLAG_NESTED if prefix else 0)
+                flags = FLAG_MORE | (FLAG_NESTED if prefix else 0) | cflags
                 parts.append(
                     _pack(kind, flags, len(prefix) + 4 + room, ident)
                     + prefix
@@ -1257,7 +1352,9 @@ class Session:
         max_plaintext: int,
     ) -> tuple[int, int]:
         """One turn of one stream: DATA frames of at most SLICE payload bytes in all (a
-        call's message continues with MORE; END rides on the last frame)."""
+        call's message continues with MORE; END rides on the last frame; a compressed
+        message's first frame carries its envelope header whole, or waits for the next
+        turn)."""
         ident = ch.ident
         buf = ch.send_buf
         turn = 0
@@ -1279,19 +1376,25 @@ class Session:
                 pieces: list[bytes] = []
             elif ch.messages:
                 item = buf[0]
-                data, offset = item
+                data = item[0]
+                offset = item[1]
                 take = min(remaining, room)
+                if not offset:
+                    flags = item[2]
+                    if flags and take < ENVELOPE_SIZE:
+                        break
                 if take == remaining:
                     buf.popleft()
                 else:
                     item[1] = offset + take
-                    flags = FLAG_MORE
+                    flags |= FLAG_MORE
                 pieces = [data[offset : offset + take] if take != len(data) else data]
             else:
                 pieces = []
                 while buf and take < room:
                     item = buf[0]
-                    data, offset = item
+                    data = item[0]
+                    offset = item[1]
                     t = min(len(data) - offset, room - take)
                     pieces.append(data if t == len(data) else data[offset : offset + t])
                     if offset + t == len(data):
@@ -1299,7 +1402,7 @@ class Session:
                     else:
                         item[1] = offset + t
                     take += t
-            if not buf and not flags and ch.send_state == HALF_ENDING:
+            if not buf and not flags & FLAG_MORE and ch.send_state == HALF_ENDING:
                 flags |= FLAG_END
                 ch.send_state = HALF_CLOSED
             parts.append(_pack(_DATA, flags, take, ident))
@@ -1597,7 +1700,7 @@ class Session:
             return
         if kind not in (_ONEWAY, _REQUEST, _REPLY, _ERROR):
             raise _violation(ErrorCode.PROTOCOL, f"unknown frame kind {kind}")
-        allowed = FLAG_MORE | (FLAG_NESTED if kind == _REQUEST else 0)
+        allowed = FLAG_MORE | (FLAG_NESTED if kind == _REQUEST else 0) | self._cflag
         if kind == _ERROR:
             allowed = 0
         if flags & ~allowed:
@@ -1619,6 +1722,15 @@ class Session:
                 raise _violation(ErrorCode.FRAME_SIZE, f"a message of {size} bytes exceeds M")
             if kind == _ERROR and size > MAX_ERROR_TEXT + 2:
                 raise _violation(ErrorCode.FRAME_SIZE, "an ERROR frame over 1,000 bytes")
+            if flags & FLAG_COMPRESSED:
+                # Charged by its size once decompressed, before it is decompressed.
+                body = pt[pos:end]
+                cost = self._envelope(body, self._own_m, size) + MESSAGE_COST
+                drop = self._admit(kind, ident, parent, cost)
+                if not drop:
+                    body = self._inflate(body, self._own_m)
+                self._complete(kind, ident, parent, body, cost, drop, events, True)
+                return
             self._complete(kind, ident, parent, pt[pos:end], size + MESSAGE_COST, False, events)
             return
         # First frame of a fragmented message: total length, then data.
@@ -1632,21 +1744,49 @@ class Session:
             raise _violation(ErrorCode.FRAME_SIZE, f"a message of {total} bytes exceeds M")
         if end - pos >= total:
             raise _violation(ErrorCode.PROTOCOL, "a fragmented message's first frame is all of it")
-        cost = total + MESSAGE_COST
-        drop = False
+        compressed = flags & FLAG_COMPRESSED
+        if compressed:
+            cost = self._envelope(pt[pos : pos + ENVELOPE_SIZE], self._own_m, total)
+            cost += MESSAGE_COST
+        else:
+            cost = total + MESSAGE_COST
+        drop = self._admit(kind, ident, parent, cost)
+        buffer = bytearray(pt[pos:end])
+        self._partial[ident] = [kind, parent, total, cost, drop, buffer, compressed]
+
+    def _admit(self, kind: int, ident: int, parent: int, cost: int) -> bool:
+        """Charge a message's first frame (ONEWAY, REQUEST, REPLY) to its window;
+        ``True``: the message is dropped when complete (not delivered)."""
         if kind == _ONEWAY:
             if self._w_recv + cost > self._w_limit_in:
                 raise _violation(ErrorCode.FLOW_CONTROL, "a one-way message beyond the window")
             self._w_recv += cost
-        elif kind == _REQUEST:
-            drop = not self._open_in(ident, parent, cost)
-        else:
-            self._check_terminal_id(ident, cost)
-            drop = ident not in self._out
-            if drop:
-                self._charge("answer to a closed call")
-        buffer = bytearray(pt[pos:end])
-        self._partial[ident] = [kind, parent, total, cost, drop, buffer]
+            return False
+        if kind == _REQUEST:
+            return not self._open_in(ident, parent, cost)
+        self._check_terminal_id(ident, cost)
+        drop = ident not in self._out
+        if drop:
+            if ident in self._channels:
+                raise _violation(ErrorCode.PROTOCOL, f"a unary answer on stream {ident}")
+            self._charge("answer to a closed call")
+        return drop
+
+    def _envelope(self, head: bytes, max_size: int, wire_size: int) -> int:
+        """A compressed body's size once decompressed, from its envelope header."""
+        try:
+            return read_envelope(
+                head, accepted=self._accepted, max_size=max_size, wire_size=wire_size
+            )[1]
+        except CompressionError as exc:
+            raise _compression_violation(exc) from None
+
+    def _inflate(self, payload: bytes, max_size: int) -> bytes:
+        """A complete compressed body, decompressed (exactly its declared size)."""
+        try:
+            return decompress_body(payload, accepted=self._accepted, max_size=max_size)
+        except CompressionError as exc:
+            raise _compression_violation(exc) from None
 
     def _continuation(
         self,
@@ -1663,7 +1803,7 @@ class Session:
             raise _violation(ErrorCode.PROTOCOL, f"a continuation for id {ident} with no message")
         if flags & ~FLAG_MORE:
             raise _violation(ErrorCode.PROTOCOL, f"flags {flags:#x} not allowed on CONTINUATION")
-        kind, parent, total, cost, drop, buffer = partial
+        kind, parent, total, cost, drop, buffer, compressed = partial
         if length == 0 and flags & FLAG_MORE:
             raise _violation(ErrorCode.PROTOCOL, "an empty fragment flagged MORE")
         if len(buffer) + length > total:
@@ -1676,7 +1816,10 @@ class Session:
         if len(buffer) != total:
             raise _violation(ErrorCode.FRAME_SIZE, f"message {ident} ended short of its total")
         del self._partial[ident]
-        self._complete(kind, ident, parent, bytes(buffer), cost, drop, events, True)
+        body = bytes(buffer)
+        if compressed and not drop:
+            body = self._inflate(body, self._own_m)
+        self._complete(kind, ident, parent, body, cost, drop, events, True)
 
     def _complete(
         self,
@@ -1896,7 +2039,7 @@ class Session:
         end: int,
         events: list[Event],
     ) -> None:
-        if flags & ~(FLAG_MORE | FLAG_END):
+        if flags & ~(FLAG_MORE | FLAG_END | self._cflag):
             raise _violation(ErrorCode.PROTOCOL, f"flags {flags:#x} not allowed on DATA")
         # The connection-level window: checked, then returned at once (the data enters
         # its stream's buffer, bounded by the stream's own window).
@@ -1924,6 +2067,8 @@ class Session:
         ending = flags & FLAG_END
         if more and ending:
             raise _violation(ErrorCode.PROTOCOL, "END on a DATA frame flagged MORE")
+        if flags & FLAG_COMPRESSED and not ch.messages:
+            raise _violation(ErrorCode.PROTOCOL, f"a compressed DATA frame on byte stream {ident}")
         if ch.stopping:
             pass  # we sent STOP: discard until the peer's RESET (or an END that crossed it)
         elif not ch.messages:
@@ -1937,7 +2082,7 @@ class Session:
             elif not ending:
                 self._charge("empty DATA")
         else:
-            self._message_in(ch, more, ending, length, pt, start, end, events)
+            self._message_in(ch, flags, length, pt, start, end, events)
         if ending:
             if not ch.stopping:
                 events.append((EV_END, ident, 0, 0))
@@ -1946,8 +2091,7 @@ class Session:
     def _message_in(
         self,
         ch: Channel,
-        more: int,
-        ending: int,
+        flags: int,
         length: int,
         pt: bytes,
         start: int,
@@ -1957,7 +2101,9 @@ class Session:
         """A DATA frame of a streaming call: a message, or part of one."""
         ident = ch.ident
         message = ch.r_message
-        if message is None and not more and not length and ending:
+        more = flags & FLAG_MORE
+        ending = flags & FLAG_END
+        if message is None and not flags & (FLAG_MORE | FLAG_COMPRESSED) and not length and ending:
             # END alone: no message.
             if not ch.recv_many and not ch.r_messages:
                 raise _violation(ErrorCode.PROTOCOL, f"call {ident} ended without its message")
@@ -1968,15 +2114,35 @@ class Session:
                     ErrorCode.PROTOCOL, f"a second message on one-message call {ident}"
                 )
             message = bytearray()
+            # Compressed: the bytes so far must stay shorter than the size it declares.
+            ch.r_size = (
+                self._envelope(pt[start : start + ENVELOPE_SIZE], self._call_max_in, length)
+                if flags & FLAG_COMPRESSED
+                else 0
+            )
+        elif flags & FLAG_COMPRESSED:
+            raise _violation(ErrorCode.PROTOCOL, f"COMPRESSED on a later frame of call {ident}")
         if more and not length:
             raise _violation(ErrorCode.PROTOCOL, "an empty DATA frame flagged MORE")
-        cost = length if more else length + MESSAGE_COST
+        size = ch.r_size
+        if more:
+            cost = length
+        elif size:
+            # The frame that ends a compressed message brings the rest of its cost: its
+            # size once decompressed + 64, less the bytes charged as they came.
+            cost = size + MESSAGE_COST - len(message)
+        else:
+            cost = length + MESSAGE_COST
         if ch.r_recv + cost > ch.r_limit:
             raise _violation(ErrorCode.FLOW_CONTROL, f"call {ident} beyond its window")
         ch.r_recv += cost
         message += pt[start:end]
         if len(message) > self._call_max_in:
             raise _violation(ErrorCode.FRAME_SIZE, f"a message on call {ident} over its maximum")
+        if size and len(message) >= size:
+            raise _violation(
+                ErrorCode.PROTOCOL, f"a compressed message on call {ident} is not smaller"
+            )
         if more:
             ch.r_message = message
             return
@@ -1986,7 +2152,8 @@ class Session:
             raise _violation(
                 ErrorCode.PROTOCOL, f"one-message call {ident}: its message lacks END"
             )
-        events.append((EV_MESSAGE, ident, bytes(message), len(message) + MESSAGE_COST))
+        body = self._inflate(bytes(message), self._call_max_in) if size else bytes(message)
+        events.append((EV_MESSAGE, ident, body, len(body) + MESSAGE_COST))
 
     def _recv_closed(self, ch: Channel) -> None:
         ch.recv_state = HALF_CLOSED
@@ -2105,9 +2272,8 @@ class Session:
         keep: deque[list[Any]] = deque()
         for item in self._queue:
             if item[0] == _REQUEST and item[1] in gone and item[4] == 0:
-                body = item[3]
-                self._w_used_out -= len(body) + MESSAGE_COST
-                self.send_queue_bytes -= len(body)
+                self._w_used_out -= _item_cost(item)
+                self.send_queue_bytes -= len(item[3])
             else:
                 keep.append(item)
         self._queue = keep

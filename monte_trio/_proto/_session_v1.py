@@ -72,8 +72,9 @@ class MonteV1Session:
         self._queue.append(out[0])  # type: ignore[arg-type]
         self.send_queue_bytes += len(body)
 
-    def send_request(self, body: bytes, *, parent: int = 0) -> int | None:
-        """Queue a request; return its id (monte-v1 has no credit).
+    def send_request(self, body: bytes, *, parent: int = 0, compress: bool = True) -> int | None:
+        """Queue a request; return its id (monte-v1 has no credit, and no compression:
+        ``compress`` is ignored).
 
         Raises:
             LocalProtocolError: closed, or the body does not fit one record.
@@ -88,15 +89,15 @@ class MonteV1Session:
         self._out.add(ident)
         return ident
 
-    def send_oneway(self, body: bytes) -> bool:
-        """Queue a one-way message (seq 0); always True."""
+    def send_oneway(self, body: bytes, *, compress: bool = True) -> bool:
+        """Queue a one-way message (seq 0); always True (``compress`` is ignored)."""
         if self.state >= CLOSED:
             raise LocalProtocolError("the connection is closed; open a new one")
         self._enqueue(0, body)
         return True
 
-    def send_reply(self, call_id: int, body: bytes) -> None:
-        """Answer the peer's request ``call_id``."""
+    def send_reply(self, call_id: int, body: bytes, *, compress: bool = True) -> None:
+        """Answer the peer's request ``call_id`` (``compress`` is ignored)."""
         if self.state >= CLOSED:
             raise LocalProtocolError("the connection is closed; open a new one")
         self._enqueue(call_id, body)
