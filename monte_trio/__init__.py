@@ -12,6 +12,12 @@ The public API is re-exported here; everything else is private.
 
 from __future__ import annotations
 
+from ._calls_api import Call as Call
+from ._calls_api import CallHandler as CallHandler
+from ._calls_api import CallShape as CallShape
+from ._calls_api import DownloadCall as DownloadCall
+from ._calls_api import IncomingCall as IncomingCall
+from ._calls_api import UploadCall as UploadCall
 from ._client import Client as Client
 from ._client import ClientStatistics as ClientStatistics
 from ._client import ConnectionState as ConnectionState
@@ -23,6 +29,7 @@ from ._connection import ConnectionStatistics as ConnectionStatistics
 from ._connection import Handler as Handler
 from ._connection import InlineHandler as InlineHandler
 from ._connection import Request as Request
+from ._exceptions import CallCancelled as CallCancelled
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed
 from ._exceptions import DecryptionError as DecryptionError
@@ -74,7 +81,11 @@ from ._version import __version__ as __version__
 __all__ = [
     "AcceptAnyKey",
     "AsyncHandler",
+    "Call",
+    "CallCancelled",
+    "CallHandler",
     "CallInfo",
+    "CallShape",
     "Client",
     "ClientStatistics",
     "CodecError",
@@ -85,11 +96,13 @@ __all__ = [
     "ConnectionState",
     "ConnectionStatistics",
     "DecryptionError",
+    "DownloadCall",
     "Handler",
     "Handshake",
     "HandshakeError",
     "HandshakeTimeout",
     "Identity",
+    "IncomingCall",
     "InlineHandler",
     "InvalidArguments",
     "KeyFileError",
@@ -120,6 +133,7 @@ __all__ = [
     "StreamHandler",
     "StreamReset",
     "TrustPolicy",
+    "UploadCall",
     "call_metadata",
     "current_call",
     "idempotent",

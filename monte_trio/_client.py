@@ -24,12 +24,20 @@ import logging
 import math
 from abc import ABCMeta
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 
 import attrs
 import trio
 
+from ._calls_api import (
+    Call,
+    CallHandler,
+    CallShape,
+    DownloadCall,
+    UploadCall,
+    client_opening,
+)
 from ._config import ConnectionConfig
 from ._connection import Connection, Handler
 from ._exceptions import (
@@ -136,6 +144,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         max_dial_backoff: float = 10.0,
         middleware: Sequence[Middleware] = (),
         stream_handler: StreamHandler | None = None,
+        call_handler: CallHandler | None = None,
     ) -> None:
         if max_conns < 1:
             raise ValueError("max_conns must be at least 1")
@@ -147,6 +156,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         self._handshake = handshake
         self._handler = handler
         self._stream_handler = stream_handler
+        self._call_handler = call_handler
         self._config = config
         self._max_conns = max_conns
         self._dial_attempts = dial_attempts
@@ -385,6 +395,28 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
                 self._reassigning(attempt, exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def open_call(
+        self, first: bytes | None = None, *, compress: bool = True
+    ) -> AbstractAsyncContextManager[Call]:
+        """Open a bidirectional streaming call on a pooled connection (see
+        :meth:`Connection.open_call <monte_trio.Connection.open_call>`). An open refused
+        before anything was sent (its connection started closing) moves to another
+        connection, as :meth:`request` does; once open, the call belongs to its
+        connection."""
+        return client_opening(self, CallShape.BIDIRECTIONAL, first, compress)
+
+    def upload(self, *, compress: bool = True) -> AbstractAsyncContextManager[UploadCall]:
+        """Open an upload on a pooled connection (see :meth:`Connection.upload
+        <monte_trio.Connection.upload>` and :meth:`open_call`)."""
+        return client_opening(self, CallShape.UPLOAD, None, compress)
+
+    def download(
+        self, body: bytes, *, compress: bool = True
+    ) -> AbstractAsyncContextManager[DownloadCall]:
+        """Open a download on a pooled connection (see :meth:`Connection.download
+        <monte_trio.Connection.download>` and :meth:`open_call`)."""
+        return client_opening(self, CallShape.DOWNLOAD, body, compress)
+
     async def connection(self) -> Connection:
         """Return a connection of the pool, dialing one if the rule says so."""
         conn = await self._pick()
@@ -494,6 +526,7 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
             config=self._config,
             name=self.peer,
             stream_handler=self._stream_handler,
+            call_handler=self._call_handler,
         )
         try:
             async with conn:
@@ -550,6 +583,7 @@ async def open_client(
     max_dial_backoff: float = 10.0,
     middleware: Sequence[Middleware] = (),
     stream_handler: StreamHandler | None = None,
+    call_handler: CallHandler | None = None,
 ) -> AsyncIterator[Client]:
     """Open a client for the server at ``host``:``port``.
 
@@ -592,6 +626,9 @@ async def open_client(
             connection of the pool (see :data:`~monte_trio.StreamHandler`); without it,
             such streams are refused. The client opens streams with
             :meth:`Client.open_stream` either way.
+        call_handler: runs for each streaming call the server opens on a connection of
+            the pool (see :data:`~monte_trio.CallHandler`); without it, such calls are
+            refused.
 
     Raises:
         ConnectError: the server could not be reached (name resolution, refused,
@@ -631,6 +668,7 @@ async def open_client(
             max_dial_backoff=max_dial_backoff,
             middleware=middleware,
             stream_handler=stream_handler,
+            call_handler=call_handler,
         )
         try:
             await client._dial()

@@ -49,6 +49,14 @@ import attrs
 import outcome
 import trio
 
+from ._calls_api import (
+    Call,
+    CallHandler,
+    CallShape,
+    DownloadCall,
+    UploadCall,
+    connection_opening,
+)
 from ._config import ConnectionConfig
 from ._dispatcher import Dispatcher
 from ._exceptions import (
@@ -167,6 +175,9 @@ class Connection(trio.abc.AsyncResource):
         name: a label for logs (for example the peer's address).
         stream_handler: runs for each :class:`~monte_trio.Stream` the peer opens (see
             :data:`~monte_trio.StreamHandler`); ``None`` refuses them.
+        call_handler: runs for each streaming call the peer opens (see
+            :data:`~monte_trio.CallHandler`); ``None`` refuses them (the caller gets
+            :exc:`~monte_trio.RequestNotProcessed`).
     """
 
     def __init__(
@@ -177,6 +188,7 @@ class Connection(trio.abc.AsyncResource):
         config: ConnectionConfig | None = None,
         name: str = "",
         stream_handler: StreamHandler | None = None,
+        call_handler: CallHandler | None = None,
     ) -> None:
         self._stream = stream
         self.facts: SessionFacts = stream.facts
@@ -205,7 +217,7 @@ class Connection(trio.abc.AsyncResource):
         if local is not None:
             self._writer.credit_now = min(local.request_window, local.reply_window) // CREDIT_SHARE
         self._handlers = HandlerPool(self, handler, max_workers=config.max_concurrent_handlers)
-        self._streams = Streams(self, stream_handler)
+        self._streams = Streams(self, stream_handler, call_handler)
         self._call_waiters = trio.lowlevel.ParkingLot()
         self._oneway_waiters = trio.lowlevel.ParkingLot()
         self._credit_seen = 0
@@ -303,6 +315,40 @@ class Connection(trio.abc.AsyncResource):
                 opened, it is safe to open one on another connection.
         """
         return await self._streams.open()
+
+    # -- streaming calls -------------------------------------------------------------------
+
+    def open_call(
+        self, first: bytes | None = None, *, compress: bool = True
+    ) -> AbstractAsyncContextManager[Call]:
+        """Open a bidirectional streaming call to the peer's ``call_handler``:
+        ``async with connection.open_call() as call:`` (a :class:`~monte_trio.Call`).
+
+        ``first``, if given, is sent as the first message. Entering waits while the
+        peer's ``max_streams`` are all in use (credit, not refusal); leaving the block
+        cancels the call at the peer if it is not finished. See
+        :class:`~monte_trio.Call` for sending, receiving and the errors.
+
+        Raises:
+            LocalProtocolError: calls cannot run on this connection (monte-v1, or
+                ``max_streams`` 0 on either side), or ``first`` is too large.
+            RequestNotProcessed: the connection is closing or closed: nothing was sent.
+        """
+        return connection_opening(self, CallShape.BIDIRECTIONAL, first, compress)
+
+    def upload(self, *, compress: bool = True) -> AbstractAsyncContextManager[UploadCall]:
+        """Open an upload (many messages, one reply): ``async with connection.upload()
+        as call:`` then ``await call.send(part)`` and ``reply = await call.finish()``
+        (an :class:`~monte_trio.UploadCall`; as :meth:`open_call` otherwise)."""
+        return connection_opening(self, CallShape.UPLOAD, None, compress)
+
+    def download(
+        self, body: bytes, *, compress: bool = True
+    ) -> AbstractAsyncContextManager[DownloadCall]:
+        """Open a download (one request, many replies): ``async with
+        connection.download(body) as replies: async for part in replies:`` (a
+        :class:`~monte_trio.DownloadCall`; as :meth:`open_call` otherwise)."""
+        return connection_opening(self, CallShape.DOWNLOAD, body, compress)
 
     # -- lifetime --------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ translated once, at the boundary where they happen, with ``raise New(...) from e
     │       ├── MethodNotFound      ... no such method
     │       └── InvalidArguments    ... the arguments did not fit or decode
     ├── StreamReset                 the peer aborted a stream (also a trio.BrokenResourceError)
+    ├── CallCancelled               the peer cancelled a streaming call before its end
     ├── CodecError                  a value did not encode or decode with the codec
     └── KeyFileError                a key or known-keys file could not be read or written
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import trio
 
 __all__ = [
+    "CallCancelled",
     "ConnectError",
     "ConnectionClosed",
     "DecryptionError",
@@ -190,3 +192,16 @@ class StreamReset(MonteError, trio.BrokenResourceError):
         super().__init__(message)
         self.code = code
         self.stream_id = stream_id
+
+
+class CallCancelled(MonteError):
+    """The peer cancelled a streaming call before its end.
+
+    On the caller's side: the peer's handler was cancelled (its server shutting down, or
+    its application gave up) before it finished; what it sent before is still received
+    first, and whether the messages sent to it were processed is unknown. On the
+    handler's side (:class:`~monte_trio.IncomingCall`): the caller cancelled the call or
+    closed it early; the handler's cancel scope is cancelled at the same time, so a
+    handler normally sees :exc:`trio.Cancelled` instead. The connection and its other
+    calls are not affected.
+    """

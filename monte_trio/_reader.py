@@ -32,6 +32,7 @@ from ._proto._session import (
     EV_DATA,
     EV_ERROR,
     EV_GOAWAY,
+    EV_MESSAGE,
     EV_ONEWAY,
     EV_PONG,
     EV_REPLY,
@@ -68,6 +69,7 @@ class Reader:
         take = handlers.take
         streams = conn._streams
         on_data = streams.on_data
+        on_message = streams.on_message
         writer = conn._writer
         native = conn._native
         limit = conn._config.max_concurrent_handlers
@@ -116,6 +118,9 @@ class Reader:
                                         take(event[1], event[2], event[3])  # type: ignore[arg-type]
                                     elif kind == EV_DATA:
                                         on_data(event[1], event[2])  # type: ignore[arg-type]
+                                        streamed = True
+                                    elif kind == EV_MESSAGE:
+                                        on_message(event[1], event[2], event[3])  # type: ignore[arg-type]
                                         streamed = True
                                     else:
                                         self._on_events((event,))
@@ -213,7 +218,7 @@ class Reader:
             kind, ident, a, b = event
             if kind == EV_ERROR:
                 if not conn._dispatcher.deliver(ident, (EV_ERROR, b.encode(), a)):
-                    pass
+                    conn._streams.on_call_error(ident, a, b)  # a streaming call's
             elif kind == EV_CANCEL:
                 conn._handlers.cancel(ident)
             elif kind == EV_GOAWAY:

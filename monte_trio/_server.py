@@ -51,6 +51,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from ._calls_api import CallHandler
 from ._client import ConnectionState, ConnectionStateHook
 from ._config import ConnectionConfig
 from ._connection import Connection, Handler
@@ -129,6 +130,11 @@ class Server:
             runs in a task of the connection, at most ``max_streams``
             (:class:`~monte_trio.ConnectionConfig`) at once per connection, and the
             stream is closed when it returns. Without it, streams are refused.
+        call_handler: serves each streaming call a client opens (see
+            :data:`~monte_trio.CallHandler`), in a task of the connection, at most
+            ``max_streams`` at once per connection (shared with streams). Without it,
+            streaming calls are refused (the caller gets
+            :exc:`~monte_trio.RequestNotProcessed`).
         handshake: the handshake; by default the native profile built from ``identity``,
             ``trust`` and ``psk`` (see :func:`~monte_trio.open_client`).
         identity: the server's static key; a fresh one is generated if not given (clients
@@ -161,6 +167,7 @@ class Server:
         handler: Handler | None,
         *,
         stream_handler: StreamHandler | None = None,
+        call_handler: CallHandler | None = None,
         handshake: Handshake | None = None,
         identity: Identity | None = None,
         trust: TrustPolicy | None = None,
@@ -178,6 +185,7 @@ class Server:
             raise ValueError("max_handshakes must be at least 1")
         self._handler = handler
         self._stream_handler = stream_handler
+        self._call_handler = call_handler
         self.handshake: Handshake = resolve_handshake(
             handshake, identity=identity, trust=trust, psk=psk
         )
@@ -186,6 +194,11 @@ class Server:
             raise ValueError(
                 "a stream_handler needs ConnectionConfig max_streams above 0 (streams are "
                 "turned off at 0)"
+            )
+        if call_handler is not None and not self.config.max_streams:
+            raise ValueError(
+                "a call_handler needs ConnectionConfig max_streams above 0 (streams and "
+                "streaming calls are turned off at 0)"
             )
         self.max_conns = max_conns
         self.max_handshakes = max_handshakes
@@ -413,6 +426,7 @@ class Server:
                 config=self.config,
                 name=peer,
                 stream_handler=self._stream_handler,
+                call_handler=self._call_handler,
             )
             async with conn:
                 self._connections.add(conn)
@@ -495,6 +509,7 @@ async def serve(
     host: str | bytes | None = None,
     *,
     stream_handler: StreamHandler | None = None,
+    call_handler: CallHandler | None = None,
     handshake: Handshake | None = None,
     identity: Identity | None = None,
     trust: TrustPolicy | None = None,
@@ -516,6 +531,7 @@ async def serve(
     server = Server(
         handler,
         stream_handler=stream_handler,
+        call_handler=call_handler,
         handshake=handshake,
         identity=identity,
         trust=trust,

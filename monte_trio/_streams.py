@@ -40,16 +40,21 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast, final
 
 import trio
 
+from ._calls_api import CallHandler, CallShape, _Core, serve_call
+from ._calls_api import _error_failure as _call_error_failure
+from ._calls_api import _lost_failure as _call_lost_failure
+from ._calls_api import _not_processed_failure as _call_not_processed
 from ._exceptions import ConnectionClosed, LocalProtocolError, StreamReset
 from ._proto._session import (
     EV_CALL_CREDIT,
     EV_DATA,
     EV_END,
+    EV_MESSAGE,
     EV_RESET,
     EV_STOP,
     EV_STREAM_OPENED,
 )
-from ._proto._wire2 import ErrorCode
+from ._proto._wire2 import MESSAGE_COST, ErrorCode
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -579,9 +584,13 @@ class Streams:
         connection: the connection (its session, writer and service nursery).
         handler: runs for each stream the peer opens; ``None`` refuses them (RESET and
             STOP with code 4, REFUSED).
+        call_handler: runs for each streaming call the peer opens; ``None`` refuses them
+            (ERROR with code 4, REFUSED).
     """
 
     __slots__ = (
+        "_call_handler",
+        "_calls",
         "_conn",
         "_handler",
         "_live",
@@ -599,10 +608,16 @@ class Streams:
         "session",
     )
 
-    def __init__(self, connection: Connection, handler: StreamHandler | None) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        handler: StreamHandler | None,
+        call_handler: CallHandler | None = None,
+    ) -> None:
         self.connection = connection
         self._conn = connection
         self._handler = handler
+        self._call_handler = call_handler
         # Streams exist on native connections only (open() checks; monte-v1 has no events).
         self.session = self._session = cast("Session", connection._session)
         self._writer = connection._writer
@@ -612,11 +627,17 @@ class Streams:
                 "a stream_handler needs ConnectionConfig max_streams above 0 (streams are "
                 "turned off at 0)"
             )
+        if call_handler is not None and not config.max_streams:
+            raise ValueError(
+                "a call_handler needs ConnectionConfig max_streams above 0 (streams and "
+                "streaming calls are turned off at 0)"
+            )
         self._live: dict[int, Stream] = {}
+        self._calls: dict[int, _Core] = {}
         self._openers = trio.lowlevel.ParkingLot()
         self._slot_on_pack = False  # a slot of ours frees when the writer packs a frame
         self._running = 0
-        self._waiting: deque[Stream] = deque()
+        self._waiting: deque[Stream | _Core] = deque()
         self._max_handlers = max(1, config.max_streams)
         self._next_probe = -math.inf
         self.alive = True
@@ -626,8 +647,9 @@ class Streams:
 
     @property
     def active(self) -> bool:
-        """Whether streams are open (not closed by the application) or handlers run."""
-        return bool(self._live) or self._running > 0
+        """Whether streams or calls are open (not closed by the application) or
+        handlers run."""
+        return bool(self._live) or bool(self._calls) or self._running > 0
 
     @property
     def open_count(self) -> int:
@@ -663,6 +685,24 @@ class Streams:
 
     async def open(self) -> Stream:
         """Open a stream, waiting while the peer's ``max_streams`` are all in use."""
+        return await self._open(0, self._new_stream)
+
+    def _new_stream(self, ident: int) -> Stream:
+        stream: Stream = Stream._create(self, ident, ours=True)
+        self._live[ident] = stream
+        return stream
+
+    async def open_call(self, shape: CallShape) -> _Core:
+        """Open a streaming call, waiting while the peer's ``max_streams`` are in use."""
+
+        def new_call(ident: int) -> _Core:
+            core = _Core(self, ident, shape, ours=True)
+            self._calls[ident] = core
+            return core
+
+        return await self._open(int(shape), new_call)
+
+    async def _open(self, shape: int, register: Callable[[int], _T]) -> _T:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_enabled()
         conn = self._conn
@@ -675,17 +715,16 @@ class Streams:
                     raise conn._refused()
                 if not lot or queued:
                     try:
-                        ident = session.open_stream()
+                        ident = session.open_call(shape) if shape else session.open_stream()
                     except LocalProtocolError:
                         raise conn._refused() from None  # closing: nothing was sent
                     if ident is not None:
-                        stream: Stream = Stream._create(self, ident, ours=True)
-                        self._live[ident] = stream
+                        opened = register(ident)
                         self._writer.wake()
                         if queued and lot:
                             lot.unpark()  # a slot may be left for the next one
                         await trio.lowlevel.cancel_shielded_checkpoint()
-                        return stream
+                        return opened
                 queued = True
                 if self._slot_on_pack:
                     # One of our streams ended its last half locally: its slot frees
@@ -713,15 +752,25 @@ class Streams:
     def half_closed(self, stream: Stream) -> None:
         """``stream`` queued the frame ending its sending half."""
         if stream._ours and stream._ended_by_peer:
-            self._slot_on_pack = True
-            if self._openers:
-                self._openers.unpark()
+            self.slot_frees_on_pack()
+
+    def slot_frees_on_pack(self) -> None:
+        """A stream or call of ours ended its last half locally: its slot frees once the
+        writer has packed that frame (wake an opener to wait for that)."""
+        self._slot_on_pack = True
+        if self._openers:
+            self._openers.unpark()
 
     def forget(self, stream: Stream) -> None:
         """``stream`` was closed by the application."""
         if self._live.pop(stream._id, None) is not None:
             if stream._ended_by_peer:
                 self.half_closed(stream)
+            self._conn._progress.set()
+
+    def forget_call(self, core: _Core) -> None:
+        """Call ``core`` was closed (by the application or its handler's end)."""
+        if self._calls.pop(core.ident, None) is not None:
             self._conn._progress.set()
 
     # -- reading ---------------------------------------------------------------------------
@@ -750,6 +799,21 @@ class Streams:
         else:  # nobody will read it (cannot happen: a closed stream is stopped)
             self._session.read_done(ident, len(data))
 
+    def on_message(self, ident: int, body: bytes, cost: int) -> None:
+        """EV_MESSAGE: one message of a streaming call (the reader's fast path)."""
+        core = self._calls.get(ident)
+        if core is not None:
+            core.on_message(body, cost)
+        else:  # nobody will read it (cannot happen: a closed call is stopped)
+            self._session.read_done(ident, cost)
+
+    def on_call_error(self, ident: int, code: int, text: str) -> None:
+        """The peer's ERROR on one of our streaming calls (terminal both ways)."""
+        core = self._calls.get(ident)
+        if core is not None:
+            core.fail(_call_error_failure(ident, code, text))
+            self.credit_moved()  # its slot is free
+
     def on_event(self, kind: int, ident: int, value: Any) -> None:
         """The session's other stream events (see ``_proto._session``)."""
         if kind == EV_STREAM_OPENED:
@@ -760,6 +824,14 @@ class Streams:
                 for each in self._live.values():
                     if each._send_lot:
                         each._send_lot.unpark_all()
+                for each_call in self._calls.values():
+                    if each_call.send_lot:
+                        each_call.send_lot.unpark_all()
+                return
+            credited_call = self._calls.get(ident)
+            if credited_call is not None:
+                if credited_call.send_lot:
+                    credited_call.send_lot.unpark_all()
                 return
             credited = self._live.get(ident)
             if credited is not None and credited._send_lot:
@@ -767,6 +839,19 @@ class Streams:
             return
         if kind == EV_DATA:
             self.on_data(ident, value)
+            return
+        if kind == EV_MESSAGE:  # the reader's fast path takes these
+            self.on_message(ident, value, len(value) + MESSAGE_COST)
+            return
+        core = self._calls.get(ident)
+        if core is not None:
+            if kind == EV_STOP:
+                self._writer.wake()  # the session queued RESET in answer
+                core.on_stop(value)
+            elif kind == EV_END:
+                core.on_end()
+            elif kind == EV_RESET:
+                core.on_reset(value)
             return
         stream = self._live.get(ident)
         if kind == EV_STOP:
@@ -784,8 +869,18 @@ class Streams:
     def _on_opened(self, ident: int, shape: int) -> None:
         session = self._session
         if shape:
-            session.send_error(ident, _REFUSED, "this side serves no streaming calls")
-            self._writer.wake()
+            if self._call_handler is None:
+                session.send_error(
+                    ident, _REFUSED, "this side serves no streaming calls (no call_handler)"
+                )
+                self._writer.wake()
+                return
+            core = _Core(self, ident, CallShape(shape), ours=False)
+            self._calls[ident] = core
+            if self._running < self._max_handlers:
+                self._start(core)
+            else:
+                self._waiting.append(core)
             return
         if self._handler is None:
             # Refused: the peer's reads and sends raise StreamReset(REFUSED) at once.
@@ -811,6 +906,14 @@ class Streams:
                     "open the stream again on another connection"
                 )
                 stream._fail(_refused_failure(message, ident))
+            core = self._calls.get(ident)
+            if core is not None:
+                text = (
+                    f"the peer is shutting down and did not accept streaming call {ident} "
+                    f"(it accepted ids up to {last}); nothing was processed, so it is safe "
+                    "to make the call again on another connection"
+                )
+                core.fail(_call_not_processed(text))
         self._openers.unpark_all()
 
     def refuse_openers(self) -> None:
@@ -824,18 +927,35 @@ class Streams:
         live, self._live = self._live, {}
         for stream in live.values():
             stream._fail(failure)
+        calls, self._calls = self._calls, {}
+        call_failure = _call_lost_failure(reason)
+        for core in calls.values():
+            core.fail(call_failure)
         self._waiting.clear()
         self._openers.unpark_all()
 
     # -- handlers --------------------------------------------------------------------------
 
-    def _start(self, stream: Stream) -> None:
+    def _start(self, stream: Stream | _Core) -> None:
         nursery = self._conn._services
         assert nursery is not None  # events come from the reader, a service task
         self._running += 1
+        if isinstance(stream, _Core):
+            nursery.start_soon(
+                self._serve_call, stream, name=f"{self._conn.name} call {stream.ident} handler"
+            )
+            return
         nursery.start_soon(
             self._serve, stream, name=f"{self._conn.name} stream {stream._id} handler"
         )
+
+    async def _serve_call(self, core: _Core) -> None:
+        handler = self._call_handler
+        assert handler is not None
+        try:
+            await serve_call(core, handler)
+        finally:
+            self._handler_done()
 
     async def _serve(self, stream: Stream) -> None:
         handler = self._handler
@@ -852,10 +972,14 @@ class Streams:
             stream._close(_INTERNAL, abort=True)
         finally:
             stream._close(_CANCELLED, abort=False)
-            self._running -= 1
-            self._conn._progress.set()
-            while self._waiting and self._running < self._max_handlers and self.alive:
-                waiting = self._waiting.popleft()
-                if waiting.closed:
-                    continue
-                self._start(waiting)
+            self._handler_done()
+
+    def _handler_done(self) -> None:
+        """A stream or call handler ended: start a waiting one."""
+        self._running -= 1
+        self._conn._progress.set()
+        while self._waiting and self._running < self._max_handlers and self.alive:
+            waiting = self._waiting.popleft()
+            if waiting.closed:
+                continue
+            self._start(waiting)

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 import trio
 import trio.testing
 
+from .._calls_api import CallHandler
 from .._config import ConnectionConfig
 from .._connection import Connection, Handler
 from .._handshake import Handshake
@@ -75,6 +76,8 @@ async def open_connection_pair(
     server_handler: Handler | None = None,
     client_stream_handler: StreamHandler | None = None,
     server_stream_handler: StreamHandler | None = None,
+    client_call_handler: CallHandler | None = None,
+    server_call_handler: CallHandler | None = None,
     config: ConnectionConfig | None = None,
     client_config: ConnectionConfig | None = None,
     server_config: ConnectionConfig | None = None,
@@ -93,6 +96,9 @@ async def open_connection_pair(
         client_stream_handler: serves streams the server opens (see
             :data:`~monte_trio.StreamHandler`).
         server_stream_handler: serves streams the client opens.
+        client_call_handler: serves streaming calls the server opens (see
+            :data:`~monte_trio.CallHandler`).
+        server_call_handler: serves streaming calls the client opens.
         config: limits for both sides, unless overridden per side.
         client_config: the client's limits.
         server_config: the server's limits.
@@ -115,6 +121,7 @@ async def open_connection_pair(
             config=client_config,
             name="client",
             stream_handler=client_stream_handler,
+            call_handler=client_call_handler,
         ) as client,
         Connection(
             server_stream,
@@ -122,6 +129,7 @@ async def open_connection_pair(
             config=server_config,
             name="server",
             stream_handler=server_stream_handler,
+            call_handler=server_call_handler,
         ) as server,
     ):
         yield client, server
