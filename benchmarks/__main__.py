@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import select
 import shlex
 import signal
@@ -22,7 +23,17 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from . import ALL_WORKLOADS, BASELINE_PEER, MAIN_WORKLOADS, METHOD_WORKLOADS, peers, report
+from . import (
+    ALL_WORKLOADS,
+    BASELINE_PEER,
+    BULK_SIZE,
+    MAIN_WORKLOADS,
+    METHOD_WORKLOADS,
+    STREAM_SIZE,
+    STREAM_WORKLOADS,
+    peers,
+    report,
+)
 from .common import make_self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,11 +53,33 @@ DEFAULT_N = {
     "ParallelMethodStruct": 50_000,
     "Request1MiB": 300,
     "Connect": 300,
+    "ShortStreams": 10_000,
+    "StreamEcho": 1,  # one stream of --stream-size bytes
+    "LatencyUnderBulk": 1,  # one bulk stream of --bulk-size bytes
 }
 TIMED_WORKLOADS = MAIN_WORKLOADS + tuple(METHOD_WORKLOADS)
-QUICK_N = dict.fromkeys(TIMED_WORKLOADS, 2000) | {"Request1MiB": 10, "Connect": 20}
+QUICK_N = dict.fromkeys(TIMED_WORKLOADS, 2000) | {
+    "Request1MiB": 10,
+    "Connect": 20,
+    "ShortStreams": 200,
+    "StreamEcho": 1,
+    "LatencyUnderBulk": 1,
+}
 DEFAULT_IDLE = "1000,10000"
 QUICK_IDLE = "50,200"
+QUICK_STREAM_SIZE = 4 << 20
+QUICK_BULK_SIZE = 8 << 20
+STREAM_WARMUP_MAX = 16 << 20  # StreamEcho's warm-up stream: a quarter of it, at most this
+_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+_UNITS |= {"g": 1 << 30, "gib": 1 << 30}
+
+
+def byte_count(text: str) -> int:
+    """``--stream-size`` and ``--bulk-size``: bytes, with an optional KiB, MiB or GiB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 262144, 256MiB, 1GiB)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 class RunError(Exception):
@@ -155,14 +188,20 @@ def run_one(
     timeout: float,
     idle_levels: str,
     host: str,
+    sizes: tuple[int, int] = (STREAM_SIZE, BULK_SIZE),
 ) -> dict[str, Any]:
     options = ["--big"] if workload == "Request1MiB" else []
     if workload in METHOD_WORKLOADS:
         options += ["--methods", METHOD_WORKLOADS[workload]]
     common = ["--peer", peer, "--tls-dir", tls_dir, "--host", host, *options]
+    server_options: list[str] = []
+    client_options: list[str] = []
+    if workload in STREAM_WORKLOADS:
+        server_options = ["--streams"]
+        client_options = ["--stream-size", str(sizes[0]), "--bulk-size", str(sizes[1])]
     with tempfile.TemporaryFile() as server_err, tempfile.TemporaryFile() as client_err:
         server = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.server", "--port", "0", *common],
+            [sys.executable, "-m", "benchmarks.server", "--port", "0", *common, *server_options],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=server_err,
@@ -179,6 +218,7 @@ def run_one(
                 sys.executable, "-m", "benchmarks.client", "--port", str(port),
                 "--workload", workload, "-n", str(n), "--warmup", str(warmup),
                 "--timeout", str(timeout), "--idle-levels", idle_levels, *common,
+                *client_options,
             ]  # fmt: skip
             client = subprocess.Popen(
                 cmd,
@@ -242,6 +282,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n-big", type=int, default=None, help="count of 1 MiB requests")
     ap.add_argument("--n-connect", type=int, default=None, help="count of new connections")
     ap.add_argument("--idle-levels", default=None, help=f"default {DEFAULT_IDLE}")
+    ap.add_argument(
+        "--stream-size", type=byte_count, default=None,
+        help="StreamEcho: bytes over the stream, each way (default 256MiB; --quick 4MiB)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--bulk-size", type=byte_count, default=None,
+        help="LatencyUnderBulk: bytes of the bulk stream, each way (default 1GiB; --quick 8MiB)",
+    )  # fmt: skip
+    ap.add_argument("--n-streams", type=int, default=None, help="count of ShortStreams")
     ap.add_argument("--quick", action="store_true", help="smoke run: small counts, seconds")
     ap.add_argument("--baseline", default=BASELINE_PEER, help="peer the ratios refer to")
     ap.add_argument("--timeout", type=float, default=240.0, help="per-run limit, seconds")
@@ -270,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         counts["Request1MiB"] = args.n_big
     if args.n_connect is not None:
         counts["Connect"] = args.n_connect
+    if args.n_streams is not None:
+        counts["ShortStreams"] = args.n_streams
+    stream_size = args.stream_size or (QUICK_STREAM_SIZE if args.quick else STREAM_SIZE)
+    bulk_size = args.bulk_size or (QUICK_BULK_SIZE if args.quick else BULK_SIZE)
     idle_levels = args.idle_levels or (QUICK_IDLE if args.quick else DEFAULT_IDLE)
 
     skipped: dict[str, str] = {}
@@ -289,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "peers": runnable,
         "skipped": skipped,
         "counts": counts,
+        "stream_sizes": {"StreamEcho": stream_size, "LatencyUnderBulk": bulk_size},
         "idle_levels": [int(x) for x in idle_levels.split(",") if x],
         "workload_semantics": {
             "Send": "one-way; the call returns once the message is written",
@@ -299,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             "Request1MiB": "1 MiB request, server echoes it; MB/s counts both directions",
             "Connect": "sequential connect + handshake + one request + close",
             "IdleConns": "server RSS growth per open idle connection",
+            "StreamEcho": "bytes over one stream, echoed back; MB/s counts both directions",
+            "ShortStreams": "1,000 concurrent tasks: open a stream, 1 KiB each way, close",
+            "LatencyUnderBulk": "64-byte requests beside a bulk stream on the same connection",
         },
         "results": [],
     }
@@ -313,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                 n = counts.get(w, 0)
                 if w in TIMED_WORKLOADS:
                     warmup = max(1, min(n // 10, 5000))
+                elif w == "ShortStreams":
+                    warmup = min(n // 10, 1000)
+                elif w == "StreamEcho":
+                    warmup = min(stream_size // 4, STREAM_WARMUP_MAX)  # bytes
                 elif w == "Request1MiB":
                     warmup = 3
                 elif w == "Connect":
@@ -322,15 +383,15 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.monotonic()
                 print(f"{p:>13} {w:<19}", end=" ", file=sys.stderr, flush=True)
                 try:
-                    r = run_one(p, w, n, warmup, tls_dir, args.timeout, idle_levels, args.host)
+                    r = run_one(
+                        p, w, n, warmup, tls_dir, args.timeout, idle_levels, args.host,
+                        (stream_size, bulk_size),
+                    )  # fmt: skip
                 except (RunError, OSError, ValueError) as exc:
                     r = {"peer": p, "workload": w, "n": n, "error": str(exc)}
                     print(f"ERROR {str(exc)[:300]}", file=sys.stderr)
                 else:
-                    fig = (
-                        f"{r['msgs_per_s']:,.0f} msgs/s" if "msgs_per_s" in r
-                        else f"{len(r.get('levels', []))} levels"
-                    )  # fmt: skip
+                    fig = report.progress_figure(r)
                     print(f"{fig}  ({time.monotonic() - t0:.1f} s)", file=sys.stderr)
                 data["results"].append(r)
     data["total_s"] = time.monotonic() - started

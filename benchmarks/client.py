@@ -11,17 +11,42 @@ import signal
 import sys
 from typing import Any
 
-from . import ALL_WORKLOADS, MAX_CONNS, PARALLEL_CALLERS, peers, workloads
+from . import (
+    ALL_WORKLOADS,
+    BULK_SIZE,
+    MAX_CONNS,
+    PARALLEL_CALLERS,
+    STREAM_SIZE,
+    STREAM_WORKLOADS,
+    peers,
+    workloads,
+)
 from .common import PeerOptions, Runtime, raise_nofile_limit
 
 
 async def run(args: argparse.Namespace, rt: Runtime, nofile: int) -> dict[str, Any]:
     peer = peers.load(args.peer)
-    opts = PeerOptions(host=args.host, tls_dir=args.tls_dir, big=args.big, methods=args.methods)
-    open_client = peer.open_client(args.peer)
     w = args.workload
+    opts = PeerOptions(
+        host=args.host,
+        tls_dir=args.tls_dir,
+        big=args.big,
+        methods=args.methods,
+        streams=w in STREAM_WORKLOADS,
+    )
+    open_client = peer.open_client(args.peer)
     max_conns = MAX_CONNS if w.startswith("Parallel") else 1
     async with open_client(args.port, opts, max_conns) as client:
+        if w in STREAM_WORKLOADS:
+            from . import streams  # trio only: the asyncio peers never load it
+
+            if w == "StreamEcho":
+                return await streams.run_stream_echo(
+                    client, peer.open_echo_stream, args.port, opts, args.stream_size, args.warmup
+                )
+            if w == "ShortStreams":
+                return await streams.run_short_streams(client, args.n, args.warmup)
+            return await streams.run_latency_under_bulk(client, args.bulk_size)
         if w == "Request1MiB":
             return await workloads.run_big(client, rt, args.n, args.warmup, args.timeout)
         if w == "Connect":
@@ -48,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-dir", default=None)
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--methods", default="", help="call methods with this codec")
+    ap.add_argument("--stream-size", type=int, default=STREAM_SIZE, help="StreamEcho bytes")
+    ap.add_argument(
+        "--bulk-size", type=int, default=BULK_SIZE, help="LatencyUnderBulk's stream bytes"
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="hard limit for this run, s")
     args = ap.parse_args(argv)
 

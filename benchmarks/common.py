@@ -204,6 +204,7 @@ class PeerOptions:
     tls_dir: str | None = None
     big: bool = False  # configure for 1 MiB messages
     methods: str = ""  # serve and call methods with this codec (the method workloads)
+    streams: bool = False  # also echo byte streams (the stream workloads)
 
 
 class BenchClient(Protocol):

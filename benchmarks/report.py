@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import MAIN_WORKLOADS, METHOD_WORKLOADS
+from . import MAIN_WORKLOADS, METHOD_WORKLOADS, STREAM_WORKLOADS
 from .peers import DESCRIPTIONS
 
 Result = dict[str, Any]
@@ -126,6 +126,97 @@ def throughput_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                     c("cpu_us_per_msg"),
                     c("client_peak_rss_kib", _mib),
                     c("server_peak_rss_kib", _mib),
+                    note,
+                ]
+            )
+    return header, rows
+
+
+def _size(nbytes: int | None) -> str:
+    if not nbytes:
+        return "?"
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= factor and nbytes % factor == 0:
+            return f"{nbytes // factor} {unit}"
+    return f"{nbytes:,} B"
+
+
+def progress_figure(r: Result) -> str:
+    """The one figure the harness prints as a run ends."""
+    w = r.get("workload")
+    if w == "StreamEcho":
+        return f"{r['mb_per_s']:,.0f} MB/s"
+    if w == "LatencyUnderBulk":
+        return f"p99 {r['lat_p99_us']:,.0f} µs beside {r['mb_per_s']:,.0f} MB/s"
+    if w == "ShortStreams":
+        return f"{r['msgs_per_s']:,.0f} streams/s"
+    if "msgs_per_s" in r:
+        return f"{r['msgs_per_s']:,.0f} msgs/s"
+    return f"{len(r.get('levels', []))} levels"
+
+
+def stream_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The stream workloads: one row per (workload, peer)."""
+    baseline = data.get("baseline", "monte-native")
+    index = _by_key(data["results"])
+    header = [
+        "workload",
+        "peer",
+        "MB/s",
+        "streams/s",
+        "p50 µs",
+        "p99 µs",
+        "CPU s/GB",
+        "RSS MiB client",
+        "RSS MiB server",
+        "notes",
+    ]
+    rows: list[list[str]] = []
+    for w in STREAM_WORKLOADS:
+        base = index.get((w, baseline))
+        if base is not None and "error" in base:
+            base = None
+        b: Result = base or {}
+        for p in data["peers"]:
+            r = index.get((w, p))
+            if r is None:
+                continue
+            if "error" in r:
+                rows.append([w, p, "error", "", "", "", "", "", "", str(r["error"])[:120]])
+                continue
+            note = ""
+            streams = DASH
+            if w == "StreamEcho":
+                note = f"{_size(r.get('stream_size'))} each way over one stream"
+                if p != baseline and p.startswith("trio"):
+                    note += "; the same bytes echoed raw over a connection of its own"
+                ssl = index.get((w, "trio-ssl"))
+                if p == baseline and ssl and "error" not in ssl and ssl.get("mb_per_s"):
+                    note += f"; {r['mb_per_s'] / ssl['mb_per_s']:.2f}{TIMES} trio-ssl"
+            elif w == "ShortStreams":
+                streams = _cell(r.get("msgs_per_s"), b.get("msgs_per_s"), True)
+                note = (
+                    f"{r.get('callers', '?')} tasks, 1 KiB each way per stream; "
+                    f"{_fmt(r.get('cpu_us_per_msg'))} CPU µs/stream"
+                )
+            elif w == "LatencyUnderBulk":
+                bulk = _size(r.get("bulk_size"))
+                note = (
+                    f"{r.get('requests', 0):,} requests of 64 B beside {bulk} each way (MB/s: "
+                    f"the bulk stream's); idle: p50 {_fmt(r.get('idle_p50_us'))}, "
+                    f"p99 {_fmt(r.get('idle_p99_us'))} µs"
+                )
+            rows.append(
+                [
+                    w,
+                    p,
+                    _cell(r.get("mb_per_s"), b.get("mb_per_s"), True),
+                    streams,
+                    _fmt(r.get("lat_p50_us")),
+                    _fmt(r.get("lat_p99_us")),
+                    _fmt(r.get("cpu_s_per_gb")) if w != "ShortStreams" else DASH,
+                    _fmt(_mib(r.get("client_peak_rss_kib"))),
+                    _fmt(_mib(r.get("server_peak_rss_kib"))),
                     note,
                 ]
             )
@@ -254,8 +345,11 @@ def render_text(data: dict[str, Any]) -> str:
         "",
         _text_table(*connection_rows(data)),
         "",
-        _ratio_legend(data),
     ]
+    streams = stream_rows(data)
+    if streams[1]:
+        parts += [_text_table(*streams), ""]
+    parts += [_ratio_legend(data)]
     for peer, reason in data.get("skipped", {}).items():
         parts.append(f"skipped {peer}: {reason}")
     return "\n".join(parts)
@@ -280,6 +374,15 @@ INTRO = (
     "The machine is shared and noisy: trust ratios more than absolute figures."
 )
 MIB_NOTE = " Request1MiB: the server echoes 1 MiB; MB/s counts request + reply bytes."
+STREAM_NOTE = (
+    "Byte streams (monte_trio's native profile): StreamEcho writes its bytes over one stream "
+    "while another task reads the echo (MB/s counts both directions, as Request1MiB does; "
+    "every byte is checked); trio-plain and trio-ssl move the same bytes over a TCP or TLS "
+    "connection that their server echoes raw. ShortStreams: 1,000 tasks open streams one "
+    "after another (1 KiB each way, then closed); with the default max_streams (100) the "
+    "other openers wait for a slot. LatencyUnderBulk: 64-byte requests, one after another, "
+    "on the connection of a bulk stream echo."
+)
 IDLE_NOTE = (
     "Idle connections: connected, handshaken, one request done, then held open; "
     "server RSS growth divided by the number opened."
@@ -311,6 +414,9 @@ def render_markdown(data: dict[str, Any], plot_path: str | None, page_path: str 
         _md_table(*throughput_rows(data)), "",
         "## Connections", "", IDLE_NOTE, "", _md_table(*connection_rows(data)), "",
     ]  # fmt: skip
+    streams = stream_rows(data)
+    if streams[1]:
+        lines += ["## Streams", "", STREAM_NOTE, "", _md_table(*streams), ""]
     if plot_path:
         lines += ["## Plot", "", f"![benchmark plot]({_relative(plot_path, page_path)})", ""]
     return "\n".join(lines)
@@ -342,6 +448,9 @@ def render_rst(data: dict[str, Any], plot_path: str | None, page_path: str | Non
         *_rst_heading("Connections", "-"), IDLE_NOTE, "",
         _rst_table(*connection_rows(data)), "",
     ]  # fmt: skip
+    streams = stream_rows(data)
+    if streams[1]:
+        lines += [*_rst_heading("Streams", "-"), STREAM_NOTE, "", _rst_table(*streams), ""]
     if plot_path:
         lines += [
             *_rst_heading("Plot", "-"),

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-dir", default=None, help="directory with cert.pem/key.pem")
     ap.add_argument("--big", action="store_true", help="configure for 1 MiB messages")
     ap.add_argument("--methods", default="", help="serve methods with this codec")
+    ap.add_argument("--streams", action="store_true", help="also echo byte streams")
     args = ap.parse_args(argv)
 
     reason = peers.unavailable_reason(args.peer)
@@ -32,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile_limit()
     peer = peers.load(args.peer)
     state = ServerState()
-    opts = PeerOptions(host=args.host, tls_dir=args.tls_dir, big=args.big, methods=args.methods)
+    opts = PeerOptions(
+        host=args.host,
+        tls_dir=args.tls_dir,
+        big=args.big,
+        methods=args.methods,
+        streams=args.streams,
+    )
 
     def ready(port: int) -> None:
         print(f"READY {port}", flush=True)

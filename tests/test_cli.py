@@ -396,6 +396,182 @@ async def test_bench_stops_promptly_on_sigint() -> None:
     assert int(summary.group(2)) > 0  # the interrupted benches' requests were served
 
 
+# -- bench --mode stream and serve's stream echo ---------------------------------------------
+
+STREAM_FIGURES = re.compile(
+    r"^stream: 8 MiB each way in [0-9.]+ s: [0-9,.]+ MB/s \(both directions counted\)$", re.M
+)
+
+
+async def test_bench_stream_mode_against_serve() -> None:
+    # Both programs as subprocesses, as an operator runs them.
+    async with spawn("serve", "--trust", "any") as server:
+        port = await listening_port(server)
+        result = await run_cli(
+            "bench", f"127.0.0.1:{port}", "--trust", "any", "--mode", "stream", "--size", "8MiB"
+        )
+        assert result.returncode == 0, (out(result), err(result))
+        lines = out(result)
+        assert lines.startswith(
+            f"bench stream: 8 MiB (8,388,608 bytes) over one stream to 127.0.0.1:{port} and back"
+        ), lines
+        assert STREAM_FIGURES.search(lines), lines
+        match = re.search(r"^bench stream ok: SHA-256 of the echo matches what was sent "
+                          r"\(([0-9a-f]{64})\)$", lines, re.M)  # fmt: skip
+        assert match is not None, lines
+        assert "Traceback" not in err(result)
+        rest, stderr = await stop(server, signal.SIGTERM)
+    assert "server stopped: 1 connections, 0 requests, 0 one-way messages, 0 failed " \
+        "handshakes, 1 streams echoed" in rest, (rest, stderr)  # fmt: skip
+
+
+@pytest.mark.parametrize("moment", ["digest", "transfer"])
+async def test_bench_stream_stops_promptly_on_sigint(moment: str) -> None:
+    # The digest of what will be sent comes first (in a worker thread), then the transfer:
+    # Ctrl-C stops either. This server takes the stream and never reads it, so the
+    # transfer waits for credit until interrupted.
+    arrived = trio.Event()
+    ended = trio.Event()
+
+    async def never_read(stream: monte_trio.Stream) -> None:
+        arrived.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            ended.set()
+
+    server = monte_trio.Server(None, stream_handler=never_read, trust=monte_trio.AcceptAnyKey())
+    size = "100GiB" if moment == "digest" else "8MiB"  # 100 GiB takes minutes to digest
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(server.serve, 0, "127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        async with spawn(
+            "bench", f"127.0.0.1:{port}", "--trust", "any", "--mode", "stream", "--size", size
+        ) as bench:
+            with trio.fail_after(10):
+                assert (await bench.readline()).startswith("bench stream: ")
+                if moment == "transfer":
+                    await arrived.wait()
+                bench.process.send_signal(signal.SIGINT)
+                rest = await bench.read_rest()
+                stderr = await bench.read_stderr()
+                assert await bench.process.wait() == 130, (rest, stderr)
+                if moment == "transfer":
+                    await ended.wait()  # the bench closed its connection: the handler ended
+        nursery.cancel_scope.cancel()
+    assert "monte-trio: SIGINT: interrupted" in stderr
+    assert "Traceback" not in stderr
+    assert "MB/s" not in rest
+    assert arrived.is_set() == (moment == "transfer")
+
+
+async def test_bench_sizes_take_units(terminal: Terminal) -> None:
+    async with serve(terminal, "--trust", "any") as server:
+        messages = await terminal.run(
+            "bench", server.address, "--trust", "any", "--size", "2KiB", "-n", "20"
+        )
+        assert messages.returncode == 0, (out(messages), err(messages))
+        assert "20 messages of 2048 bytes" in out(messages)
+        stream = await terminal.run(
+            "bench", server.address, "--trust", "any", "--mode", "stream", "--size", "3kB"
+        )
+        assert stream.returncode == 0, (out(stream), err(stream))
+        assert "bench stream: 3,000 bytes over one stream" in out(stream)
+        assert "bench stream ok" in out(stream)
+        await server.stop(signal.SIGTERM)
+
+
+def tampering_server(
+    tamper: str,
+) -> monte_trio.Server:
+    """A server whose stream echo changes what it sends back: ``flip`` one bit of the first
+    byte, ``drop`` the last byte, ``reorder`` two halves of the first chunk it reads."""
+
+    async def bad_echo(stream: monte_trio.Stream) -> None:
+        first = True
+        held = b""
+        while data := await stream.receive_some():
+            if first and tamper == "flip":
+                data = bytes([data[0] ^ 1]) + data[1:]
+            elif first and tamper == "reorder":
+                half = len(data) // 2
+                data = data[half:] + data[:half]
+            elif tamper == "drop":
+                data, held = held + data[:-1], data[-1:]
+            first = False
+            await stream.send_all(data)
+        await stream.send_eof()
+
+    return monte_trio.Server(None, stream_handler=bad_echo, trust=monte_trio.AcceptAnyKey())
+
+
+@pytest.mark.parametrize("tamper", ["flip", "drop", "reorder"])
+async def test_bench_stream_fails_when_the_echo_differs(terminal: Terminal, tamper: str) -> None:
+    server = tampering_server(tamper)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(server.serve, 0, "127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        result = await terminal.run(
+            "bench", f"127.0.0.1:{port}", "--trust", "any", "--mode", "stream",
+            "--size", "1MiB",
+        )  # fmt: skip
+        nursery.cancel_scope.cancel()
+    assert_clean_error(result, "the echo differs from what was sent", "SHA-256")
+    assert "bench stream ok" not in out(result)
+    back = "1048575 bytes back" if tamper == "drop" else "1048576 bytes back"
+    assert back in err(result)
+
+
+async def test_bench_stream_against_a_server_without_streams(terminal: Terminal) -> None:
+    server = monte_trio.Server(
+        monte_trio.inline(lambda request: request.body), trust=monte_trio.AcceptAnyKey()
+    )
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(server.serve, 0, "127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        result = await terminal.run(
+            "bench", f"127.0.0.1:{port}", "--trust", "any", "--mode", "stream", "--size", "1MiB"
+        )
+        nursery.cancel_scope.cancel()
+    assert_clean_error(result, "the stream failed", "serves no streams")
+
+
+async def test_serve_echoes_streams_and_ends_a_reset_one_quietly(
+    terminal: Terminal, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serve(terminal, "--trust", "any") as server:
+        async with monte_trio.open_client(
+            "127.0.0.1", int(server.port), trust=monte_trio.AcceptAnyKey()
+        ) as client:
+            with trio.fail_after(10):
+                # A client that half-closes first: everything comes back, then the end.
+                async with await client.open_stream() as stream:
+                    payload = os.urandom(100_000)
+                    await stream.send_all(payload)
+                    await stream.send_eof()
+                    echoed = b""
+                    while data := await stream.receive_some():
+                        echoed += data
+                    assert echoed == payload
+                # A client that gives up part-way: the echo ends without an error.
+                stream = await client.open_stream()
+                await stream.send_all(b"partial")
+                assert await stream.receive_some() == b"partial"
+                await stream.reset()
+                # The connection still serves streams and calls.
+                async with await client.open_stream() as again:
+                    await again.send_all(b"still here")
+                    await again.send_eof()
+                    assert await again.receive_some() == b"still here"
+                    assert await again.receive_some() == b""
+                assert await client.request(b"and calls") == b"and calls"
+        rest, stderr = await server.stop(signal.SIGTERM)
+    assert "2 streams echoed" in rest, rest
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert errors == [], [record.getMessage() for record in errors]
+    assert "stream handler raised" not in stderr
+
+
 @pytest.mark.parametrize("wire", ["monte-v1", "native"])
 async def test_demo(terminal: Terminal, wire: str) -> None:
     result = await terminal.run("demo", "--profile", wire)
@@ -498,6 +674,8 @@ async def test_version() -> None:
                 "(default: request)",
                 "(default: 10000)",
                 "(default: 1400)",
+                "(default: 256MiB)",
+                "MB/s counts both directions",
                 "(default: 16)",
                 "(default: 4)",
                 "(default: any, with a warning)",
@@ -635,6 +813,10 @@ async def test_peer_supplied_text_is_printed_escaped(terminal: Terminal) -> None
         (["serve", "--trust", "maybe"], "unknown trust policy"),
         (["bench", "localhost"], "expected HOST:PORT"),
         (["bench", "127.0.0.1:1", "--mode", "fast"], "invalid choice"),
+        (["bench", "127.0.0.1:1", "--mode", "stream", "--profile", "monte-v1"], "has no streams"),
+        (["bench", "127.0.0.1:1", "--size", "5MiB"], "at most 4194304 bytes per message"),
+        (["bench", "127.0.0.1:1", "--mode", "stream", "--size", "1.5GiB"], "not a size"),
+        (["bench", "127.0.0.1:1", "--size", "-1"], "not a size"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -5,6 +5,9 @@ Every subprocess is bounded by ``trio.fail_after`` and killed (and reaped) on th
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
 import re
 import signal
 import socket
@@ -343,3 +346,179 @@ async def test_readme_methods_run_as_written(capsys: pytest.CaptureFixture[str])
             await namespace["client_side"]()
             nursery.cancel_scope.cancel()
     assert capsys.readouterr().out == "hello, world\n"
+
+
+def load_example(name: str) -> Any:
+    """An example program as a module (its ``main`` not run)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- file_transfer.py ------------------------------------------------------------------------
+
+
+async def test_file_transfer_demo_resumes_and_verifies() -> None:
+    with trio.fail_after(30):
+        async with spawn("file_transfer.py") as program:
+            await program.close_stdin()
+            code, rest, stderr = await program.finish()
+    assert code == 0, (rest, stderr)
+    assert "Traceback" not in stderr
+    lines = rest.splitlines()
+    assert lines[:5] == [
+        "client: sending example.bin (3,158,073 bytes)",
+        "client: stopping after 1,048,576 bytes",
+        "server: example.bin: incomplete, kept 1,048,576 of 3,158,073 bytes",
+        "client: the server already has 1,048,576 bytes; sending the remaining 2,109,497",
+        "server: example.bin: complete, 3,158,073 bytes, SHA-256 verified",
+    ]
+    assert re.fullmatch(
+        r"client: example\.bin: the server holds it, SHA-256 [0-9a-f]{64}", lines[5]
+    )
+    assert lines[6:] == ["demo: the received file is identical"]
+
+
+async def test_file_transfer_serve_and_send_resume_across_processes(tmp_path: Path) -> None:
+    content = os.urandom(2_000_000)
+    source = tmp_path / "photo.raw"
+    source.write_bytes(content)
+    sha256 = hashlib.sha256(content).hexdigest()
+    inbox = tmp_path / "inbox"
+    (inbox / ".partial").mkdir(parents=True)
+    (inbox / ".partial" / sha256).write_bytes(content[:700_000])  # an earlier attempt's part
+    with trio.fail_after(30):
+        async with spawn("file_transfer.py", "serve", str(inbox), "--port", "0") as server:
+            address = (await server.readline()).removeprefix("listening on ")
+            key = (await server.readline()).removeprefix("public key: ")
+            async with spawn(
+                "file_transfer.py", "send", address, str(source), f"--server-key={key}"
+            ) as client:
+                await client.close_stdin()
+                code, rest, stderr = await client.finish()
+            assert code == 0, (rest, stderr)
+            assert rest.splitlines() == [
+                "client: the server already has 700,000 bytes; sending the remaining 1,300,000",
+                f"client: photo.raw: the server holds it, SHA-256 {sha256}",
+            ]
+            assert (inbox / "photo.raw").read_bytes() == content
+            assert not (inbox / ".partial" / sha256).exists()
+
+            # A part that is not a prefix of the file: the check fails, nothing is kept...
+            (inbox / ".partial" / sha256).write_bytes(b"not the start of the file")
+            (inbox / "photo.raw").unlink()
+            async with spawn(
+                "file_transfer.py", "send", address, str(source), f"--server-key={key}"
+            ) as client:
+                await client.close_stdin()
+                code, rest, stderr = await client.finish()
+            assert code == 1, (rest, stderr)
+            assert "error: the server did not confirm photo.raw: the SHA-256 differs" in stderr
+            assert not (inbox / "photo.raw").exists()
+            assert not (inbox / ".partial" / sha256).exists()
+            # ...and the next attempt sends the whole file.
+            async with spawn(
+                "file_transfer.py", "send", address, str(source), f"--server-key={key}"
+            ) as client:
+                await client.close_stdin()
+                code, rest, stderr = await client.finish()
+            assert code == 0, (rest, stderr)
+            assert "already has" not in rest
+            assert (inbox / "photo.raw").read_bytes() == content
+
+            server.process.send_signal(signal.SIGTERM)
+            await server.close_stdin()
+            code, rest, stderr = await server.finish()
+    assert code == 0, (rest, stderr)
+    assert "Traceback" not in stderr
+    assert rest.count("complete, 2,000,000 bytes, SHA-256 verified") == 2
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "/tmp/escape.txt", ".hidden", ""])
+async def test_file_transfer_refuses_names_that_are_not_plain(tmp_path: Path, name: str) -> None:
+    example = load_example("file_transfer")
+    inbox = tmp_path / "inbox" / "deeper"
+    trust = monte_trio.AcceptAnyKey()
+    server = monte_trio.Server(None, stream_handler=example.FileReceiver(inbox), trust=trust)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(server.serve, 0, "127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            async with monte_trio.open_client("127.0.0.1", port, trust=trust) as client:
+                stream = await client.open_stream()
+                offer = {"name": name, "size": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}
+                await example.send_header(stream, offer)
+                with pytest.raises(monte_trio.StreamReset):
+                    await example.receive_header(stream)
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+    written = [p for p in await trio.Path(tmp_path).rglob("*") if await p.is_file()]
+    assert written == []
+
+
+# -- download.py -----------------------------------------------------------------------------
+
+
+async def test_download_demo() -> None:
+    with trio.fail_after(30):
+        async with spawn("download.py") as program:
+            await program.close_stdin()
+            code, rest, stderr = await program.finish()
+    assert code == 0, (rest, stderr)
+    assert "Traceback" not in stderr
+    lines = rest.splitlines()
+    assert len(lines) == 4, lines
+    assert re.fullmatch(
+        r"client: data\.bin: 8,388,608 bytes, SHA-256 [0-9a-f]{16}\.\.\., identical", lines[0]
+    )
+    assert re.fullmatch(
+        r"client: notes\.txt: 32,000 bytes, SHA-256 [0-9a-f]{16}\.\.\., identical", lines[1]
+    )
+    assert lines[2:] == [
+        "client: some calls answered meanwhile",
+        "client: missing.txt: no file named 'missing.txt'",
+    ]
+
+
+async def test_download_serve_and_get(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    content = os.urandom(1_500_000)
+    (served / "report.pdf").write_bytes(content)
+    (tmp_path / "secret.txt").write_text("outside the served directory")
+    with trio.fail_after(30):
+        async with spawn("download.py", "serve", str(served), "--port", "0") as server:
+            address = (await server.readline()).removeprefix("listening on ")
+            key = (await server.readline()).removeprefix("public key: ")
+            out = tmp_path / "copy.pdf"
+            async with spawn(
+                "download.py", "get", address, "report.pdf", "--out", str(out),
+                f"--server-key={key}",
+            ) as client:  # fmt: skip
+                await client.close_stdin()
+                code, rest, stderr = await client.finish()
+            assert code == 0, (rest, stderr)
+            sha256 = hashlib.sha256(content).hexdigest()
+            assert rest.splitlines() == [f"report.pdf: 1,500,000 bytes, SHA-256 {sha256}"]
+            assert out.read_bytes() == content
+
+            for name in ["missing.pdf", "../secret.txt"]:
+                out = tmp_path / "nothing"
+                async with spawn(
+                    "download.py", "get", address, name, "--out", str(out), f"--server-key={key}"
+                ) as client:
+                    await client.close_stdin()
+                    code, rest, stderr = await client.finish()
+                assert code == 1, (rest, stderr)
+                assert f"error: {name}: no file named {name!r}" in stderr
+                assert not out.exists()
+                assert not await trio.Path(f"{out}.part").exists()
+
+            server.process.send_signal(signal.SIGINT)
+            await server.close_stdin()
+            code, rest, stderr = await server.finish()
+    assert code == 130, (rest, stderr)
+    assert "Traceback" not in stderr

@@ -6,8 +6,9 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
-from .. import METHOD_WORKLOADS
+from .. import METHOD_WORKLOADS, STREAM_WORKLOADS
 from ..common import OpenClient, PeerOptions, ServerState
 
 # peer name -> (module, extra keyword for its functions)
@@ -39,6 +40,9 @@ class Peer:
     run_server: Callable[[str, int, PeerOptions, ServerState, Callable[[int], None]], None]
     open_client: Callable[[str], OpenClient]
     notes: dict[str, str] = field(default_factory=dict)
+    open_echo_stream: Any = None
+    """The stream workloads' ``open_echo_stream(client, port, opts)`` (see
+    ``benchmarks.streams``), for the peers that run them."""
 
 
 def known() -> tuple[str, ...]:
@@ -59,11 +63,16 @@ def unavailable_reason(name: str) -> str | None:
 
 def supports(name: str, workload: str) -> bool:
     """Whether peer ``name`` runs ``workload``: every peer runs monte's workloads; only
-    those whose module lists them in ``METHOD_PEERS`` run the method workloads."""
-    if workload not in METHOD_WORKLOADS:
-        return True
-    mod = importlib.import_module(f".{_MODULES[name]}", __name__)
-    return name in getattr(mod, "METHOD_PEERS", ())
+    those whose module lists them in ``METHOD_PEERS`` run the method workloads, and only
+    those whose module's ``STREAM_PEERS`` maps them to a workload run that stream
+    workload."""
+    if workload in METHOD_WORKLOADS:
+        mod = importlib.import_module(f".{_MODULES[name]}", __name__)
+        return name in getattr(mod, "METHOD_PEERS", ())
+    if workload in STREAM_WORKLOADS:
+        mod = importlib.import_module(f".{_MODULES[name]}", __name__)
+        return workload in getattr(mod, "STREAM_PEERS", {}).get(name, ())
+    return True
 
 
 def load(name: str) -> Peer:
@@ -74,4 +83,5 @@ def load(name: str) -> Peer:
         run_server=mod.run_server,
         open_client=mod.client_opener,
         notes=dict(mod.NOTES.get(name, {})),
+        open_echo_stream=getattr(mod, "open_echo_stream", None),
     )

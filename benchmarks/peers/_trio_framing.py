@@ -369,19 +369,70 @@ async def open_framed_client(
 # --------------------------------------------------------------------------- server
 
 
+ECHO_MARKER = 0xFF
+"""The first byte of a connection that asks for a raw echo (``streams`` servers only): a
+framed connection's first byte is the high byte of a record length, 0 for any record
+this framing accepts."""
+
+
+class _Prefixed(trio.abc.Stream):
+    """``stream`` with ``first`` (bytes already read from it) put back in front."""
+
+    def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
+        self._stream = stream
+        self._first = first
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._first:
+            first, self._first = self._first, b""
+            return first
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _echo(stream: trio.abc.Stream, first: bytes) -> None:
+    """Echo every byte, in one task (read, then write it back), until the peer closes."""
+    if first:
+        await stream.send_all(first)
+    while data := await stream.receive_some(RECV_SIZE):
+        await stream.send_all(data)
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+
+
 async def serve_framed(
     state: ServerState,
     port: int,
     host: str,
     wrap: Callable[[trio.SocketStream], Awaitable[trio.abc.Stream]] | None,
     *,
+    streams: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the framed protocol; ``task_status.started(port)`` once listening."""
+    """Serve the framed protocol; ``task_status.started(port)`` once listening.
+
+    With ``streams``, a connection whose first byte is :data:`ECHO_MARKER` is a raw echo
+    instead (the stream workloads' counterpart of monte_trio's streams); the others are
+    framed as usual.
+    """
 
     async def handle(sock: trio.SocketStream) -> None:
         try:
             stream: trio.abc.Stream = sock if wrap is None else await wrap(sock)
+            if streams:
+                first = await stream.receive_some(RECV_SIZE)
+                if first[:1] == bytes([ECHO_MARKER]):
+                    await _echo(stream, bytes(first[1:]))
+                    return
+                stream = _Prefixed(stream, bytes(first))
             conn = FramedConnection(stream, state)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.writer)

@@ -29,6 +29,9 @@ NOTES: dict[str, dict[str, str]] = {
 }
 METHOD_PEERS = ("monte-native",)
 """The peers that run the method workloads (the others have no counterpart of them)."""
+STREAM_PEERS = {"monte-native": ("StreamEcho", "ShortStreams", "LatencyUnderBulk")}
+"""The stream workloads each peer runs (monte-v1 has no streams)."""
+_ECHO_READ = 256 * 1024
 
 _NEEDED = {
     "monte-v1": ("Server", "open_client", "ConnectionConfig", "MonteV1Handshake"),
@@ -103,11 +106,22 @@ def run_server(
     if opts.methods:
         handler = _method_router(state, handler)
 
+    async def echo_stream(stream: Any) -> None:
+        # Every byte back as it arrives, then the end once the client has half-closed.
+        try:
+            while data := await stream.receive_some(_ECHO_READ):
+                await stream.send_all(data)
+            await stream.send_eof()
+        except trio.BrokenResourceError:
+            pass  # the client gave up on the stream (a failed run says why on its side)
+
     async def serve(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         kwargs: dict[str, Any] = {}
         if "max_conns" in inspect.signature(monte_trio.Server).parameters:
             # the default (1024, like Go monte) would refuse the 10,000 idle connections
             kwargs["max_conns"] = SERVER_MAX_CONNS
+        if opts.streams:
+            kwargs["stream_handler"] = echo_stream
         server = monte_trio.Server(
             handler,
             handshake=_handshake(name),
@@ -145,6 +159,11 @@ def client_opener(name: str) -> OpenClient:
     return open_client
 
 
+async def open_echo_stream(client: Any, port: int, opts: PeerOptions) -> Any:
+    """A stream to the server's stream echo, on the client's connection."""
+    return await client.open_stream()
+
+
 def _method_router(state: ServerState, fallback: Any) -> Any:
     """The method workloads' server: ``benchmarks.methods``' Router, whose ``store``
     method counts the call; control requests (raw bodies) go to ``fallback``."""
@@ -156,4 +175,4 @@ def _method_router(state: ServerState, fallback: Any) -> Any:
     return make_router(count, fallback)
 
 
-__all__ = ["client_opener", "run_server", "unavailable_reason"]
+__all__ = ["client_opener", "open_echo_stream", "run_server", "unavailable_reason"]

@@ -10,11 +10,13 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..common import BenchClient, OpenClient, PeerOptions, ServerState, tls_files
-from ._trio_framing import open_framed_client, serve_framed
+from ._trio_framing import ECHO_MARKER, open_framed_client, serve_framed
 from ._trio_support import run_trio_server
 
 FRAMEWORK = "trio"
 NOTES: dict[str, dict[str, str]] = {}
+STREAM_PEERS = {"trio-ssl": ("StreamEcho",)}
+"""StreamEcho moves the same bytes over a connection of its own, echoed raw."""
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -51,7 +53,16 @@ def run_server(
             await stream.do_handshake()
         return stream
 
-    run_trio_server(serve_framed, ready, state, port, opts.host, wrap)
+    serve = functools.partial(serve_framed, streams=opts.streams)
+    run_trio_server(serve, ready, state, port, opts.host, wrap)
+
+
+async def _dial(port: int, opts: PeerOptions) -> trio.abc.Stream:
+    sock = await trio.open_tcp_stream(opts.host, port)
+    stream = trio.SSLStream(sock, client_context(opts), server_hostname="localhost")
+    with trio.fail_after(10):
+        await stream.do_handshake()
+    return stream
 
 
 def client_opener(name: str) -> OpenClient:
@@ -59,16 +70,14 @@ def client_opener(name: str) -> OpenClient:
     async def open_client(
         port: int, opts: PeerOptions, max_conns: int
     ) -> AsyncIterator[BenchClient]:
-        ctx = client_context(opts)
-
-        async def dial() -> trio.abc.Stream:
-            sock = await trio.open_tcp_stream(opts.host, port)
-            stream = trio.SSLStream(sock, ctx, server_hostname="localhost")
-            with trio.fail_after(10):
-                await stream.do_handshake()
-            return stream
-
-        async with open_framed_client(dial, max_conns) as client:
+        async with open_framed_client(functools.partial(_dial, port, opts), max_conns) as client:
             yield client
 
     return open_client
+
+
+async def open_echo_stream(client: BenchClient, port: int, opts: PeerOptions) -> trio.abc.Stream:
+    """A TLS connection of its own that the server echoes raw (the stream workloads)."""
+    stream = await _dial(port, opts)
+    await stream.send_all(bytes([ECHO_MARKER]))
+    return stream

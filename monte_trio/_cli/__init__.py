@@ -20,8 +20,10 @@ Modules, one job each:
 =================  ==========================================================================
 ``_run``           the parser (one subparser per command), ``main`` and ``async_main``
 ``_keygen``        ``keygen``: create a key pair, save the private key
-``_serve``         ``serve``: the echo server (its own signal handling) and the ``echo`` handler
+``_serve``         ``serve``: the echo server (its own signal handling), the ``echo`` handler
+                   and the stream echo
 ``_bench``         ``bench``: drive an echo server, measure throughput and latency
+``_stream_bench``  ``bench --mode stream``: bytes over one stream and back, SHA-256 checked
 ``_demo``          ``demo``: two peers calling each other, with its handlers and checks
 ``_options``       argument types, the help format, the security flags
 ``_security``      the security flags resolved: secret files, key, trust policy

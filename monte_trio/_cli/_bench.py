@@ -3,7 +3,8 @@
 ``request`` mode checks every echoed reply; the send modes end with one request per
 connection, whose reply proves that everything sent before it was read. Latencies are
 sampled (at most ``_MAX_SAMPLES``, every ``stride``-th message) and summarised with the
-nearest-rank percentile the benchmark harness uses too (``_stats``).
+nearest-rank percentile the benchmark harness uses too (``_stats``). ``stream`` mode moves
+bytes over one stream instead (``_stream_bench``).
 """
 
 from __future__ import annotations
@@ -26,17 +27,22 @@ from ._options import (
     add_command,
     add_security_options,
     address,
-    non_negative_int,
+    byte_size,
     positive_int,
 )
 from ._output import format_address, say
 from ._security import Security, resolve_security
 from ._serve import echo
 from ._stats import percentile
+from ._stream_bench import bench_stream
 
 __all__ = ["add_parser", "run"]
 
-MODES = ("request", "send", "send-nowait")
+MESSAGE_MODES = ("request", "send", "send-nowait")
+STREAM = "stream"
+MODES = (*MESSAGE_MODES, STREAM)
+_DEFAULT_SIZE = 1400
+_DEFAULT_STREAM_SIZE = 256 * 1024 * 1024
 
 # A monte-v1 record holds a 4-byte sequence number, the payload and a 16-byte tag.
 _MONTE_V1_OVERHEAD = 4 + 16
@@ -53,24 +59,61 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         summary="drive an echo server and measure throughput and latency",
         description="Sends N messages of S random bytes with C concurrent tasks over up to "
         "M connections. request mode checks every echoed reply; the send modes end with "
-        "one request per connection to check delivery. Ctrl-C stops it (exit status 130).",
+        "one request per connection to check delivery. stream mode (native profile) "
+        "instead sends S bytes over one stream to the server's stream echo while reading "
+        "the echo, checks its SHA-256 against what was sent, and reports MB/s counting both "
+        "directions (2 x S / time), as the benchmark suite's 1 MiB requests do. Ctrl-C "
+        "stops it (exit status 130).",
         run=run,
     )
     bench.add_argument("address", type=address, metavar="HOST:PORT", help="the server")
     add_security_options(bench, who="server")
-    bench.add_argument("--mode", choices=MODES, default="request", help="what to send")
-    bench.add_argument("-n", type=positive_int, default=10_000, help="messages in total")
-    bench.add_argument("--size", type=non_negative_int, default=1400, help="bytes per message")
     bench.add_argument(
-        "--concurrency", type=positive_int, default=16, help="concurrent sending tasks"
+        "--mode",
+        choices=MODES,
+        default="request",
+        help="what to send: requests, one-way messages (send, send-nowait), or one byte "
+        "stream echoed back (stream: its MB/s counts both directions)",
     )
-    bench.add_argument("--conns", type=positive_int, default=4, help="most connections")
+    bench.add_argument(
+        "-n", type=positive_int, default=10_000, help="messages in total (message modes)"
+    )
+    bench.add_argument(
+        "--size",
+        type=byte_size,
+        default=None,
+        metavar="BYTES",
+        help=f"bytes per message (default: {_DEFAULT_SIZE}); in stream mode, bytes sent over "
+        "the stream, and echoed back (default: 256MiB); a unit may follow: KiB, MiB, GiB",
+    )
+    bench.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=16,
+        help="concurrent sending tasks (message modes)",
+    )
+    bench.add_argument(
+        "--conns", type=positive_int, default=4, help="most connections (message modes)"
+    )
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Job:
     """Check the options; return the work: the benchmark, until done or interrupted."""
+    if args.mode == STREAM:
+        if args.profile == MONTE_V1:
+            parser.error(
+                "--mode stream needs the native profile: monte-v1 (Go monte's wire) has no streams"
+            )
+        if args.size is None:
+            args.size = _DEFAULT_STREAM_SIZE
+        security = resolve_security(parser, args, who="server")
+        return functools.partial(interruptible, functools.partial(bench_stream, args, security))
+    if args.size is None:
+        args.size = _DEFAULT_SIZE
     if args.size > _MAX_BENCH_SIZE:
-        parser.error(f"--size: at most {_MAX_BENCH_SIZE} bytes")
+        parser.error(
+            f"--size: at most {_MAX_BENCH_SIZE} bytes per message (--mode stream has no limit)"
+        )
     security = resolve_security(parser, args, who="server")
     return functools.partial(interruptible, functools.partial(_bench, args, security))
 

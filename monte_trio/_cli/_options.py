@@ -7,6 +7,7 @@ that nothing starts before the command line is known to be good.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Awaitable, Callable
 
 from ._output import PROG
@@ -22,6 +23,8 @@ __all__ = [
     "add_command",
     "add_security_options",
     "address",
+    "byte_size",
+    "format_size",
     "non_negative_int",
     "port",
     "positive_int",
@@ -110,6 +113,38 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
+
+
+_SIZE = re.compile(r"\s*(\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    **{f"{p}{suffix}": 1024**power for power, p in enumerate("kmg", 1) for suffix in ("", "ib")},
+    **{f"{p}b": 1000**power for power, p in enumerate("kmg", 1)},
+}
+
+
+def byte_size(text: str) -> int:
+    """An argparse ``type``: a number of bytes, ``0`` or more, with an optional unit:
+    ``KiB``, ``MiB``, ``GiB`` (also ``K``, ``M``, ``G``: powers of 1024) or ``kB``, ``MB``,
+    ``GB`` (powers of 1000), in any case."""
+    match = _SIZE.fullmatch(text)
+    factor = _UNITS.get(match.group(2).lower()) if match is not None else None
+    if match is None or factor is None:
+        raise argparse.ArgumentTypeError(
+            f"not a size in bytes: {text!r} (write a number, optionally with a unit such as "
+            "KiB, MiB or GiB: 1400, 64KiB, 256MiB)"
+        )
+    return int(match.group(1), 10) * factor
+
+
+def format_size(nbytes: int) -> str:
+    """``nbytes`` for people: ``8 MiB`` when it is a whole number of KiB, MiB or GiB,
+    else ``1,400 bytes``."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= factor and nbytes % factor == 0:
+            return f"{nbytes // factor:,} {unit}"
+    return f"{nbytes:,} bytes"
 
 
 def address(text: str) -> tuple[str, int]:

@@ -3,7 +3,9 @@
 It serves methods through a :class:`~monte_trio.Router`: ``echo`` (returns its argument,
 or the list of its arguments if there are several) and ``info`` (the version, the uptime,
 connection and request counts). Bodies that are not method calls (``bench``'s raw bytes)
-go to the router's fallback, the raw :func:`echo` handler.
+go to the router's fallback, the raw :func:`echo` handler. On the native profile it also
+echoes byte streams (:class:`StreamEcho`): every byte back, then the end of the stream
+once the client has half-closed its own.
 
 It handles its own signals (rather than through ``_interrupt.interruptible``)
 because a service's stop is not an interruption: the first signal starts a graceful
@@ -24,20 +26,50 @@ from .._config import ConnectionConfig
 from .._connection import Request
 from .._server import Server
 from .._services._router import Router
+from .._streams import Stream
 from .._version import __version__
 from ._errors import CommandFailed, describe
 from ._options import Job, add_command, add_security_options, port, positive_int
 from ._output import format_address, say
 from ._security import Security, resolve_security
 
-__all__ = ["add_parser", "echo", "run", "service_router"]
+__all__ = ["StreamEcho", "add_parser", "echo", "run", "service_router"]
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_ECHO_READ = 256 * 1024
+"""Bytes a stream echo reads at a time (what has arrived, up to this, is sent back at once)."""
 
 
 async def echo(request: Request) -> bytes | None:
     """Reply to each request with its body (one-way messages are only counted)."""
     return None if request.oneway else request.body
+
+
+class StreamEcho:
+    """The stream handler of ``serve``: echoes every byte of each stream and counts them.
+
+    Reading and writing take turns in one task, so a client that stops reading the echo
+    stops the echo, which stops reading: flow control carries that back to the client's
+    writer, and nothing accumulates here beyond the stream's window. A stream the client
+    abandons (reset, or its connection lost) ends quietly: that is not the server's error.
+    """
+
+    def __init__(self) -> None:
+        self.streams = 0
+        """Streams echoed to their end (the client half-closed, the echo ended too)."""
+        self.bytes = 0
+        """Bytes echoed, on every stream."""
+
+    async def __call__(self, stream: Stream) -> None:
+        """Serve ``stream``: a :data:`~monte_trio.StreamHandler`."""
+        try:
+            while data := await stream.receive_some(_ECHO_READ):
+                await stream.send_all(data)
+                self.bytes += len(data)
+            await stream.send_eof()
+        except trio.BrokenResourceError:  # StreamReset included: the client gave up
+            return
+        self.streams += 1
 
 
 def service_router(server: Server) -> Router:
@@ -76,7 +108,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         summary="run an echo server",
         description="An echo server: replies to each request with its body and counts "
         "one-way messages; serves the methods echo (returns its arguments) and info "
-        "(version, uptime, connection counts) to 'call'. The native profile needs --trust. "
+        "(version, uptime, connection counts) to 'call'; on the native profile, echoes "
+        "every byte of each stream a client opens ('bench --mode stream'), then ends it "
+        "when the client half-closes. The native profile needs --trust. "
         "SIGINT (Ctrl-C) or SIGTERM stops it gracefully (exit status 130 after SIGINT, 0 "
         "after SIGTERM).",
         run=run,
@@ -150,8 +184,10 @@ def _listener_address(listener: trio.SocketListener) -> str:
 async def _serve(args: argparse.Namespace, security: Security) -> int:
     config = ConnectionConfig(max_record_size=args.max_record_size, codec=args.codec)
     router = Router(fallback=echo)
+    stream_echo = StreamEcho()
     server = Server(
         router,
+        stream_handler=stream_echo,
         handshake=security.handshake,
         identity=security.identity,
         trust=security.trust,
@@ -199,6 +235,6 @@ async def _serve(args: argparse.Namespace, security: Security) -> int:
     say(
         f"server stopped: {stats.connections_accepted} connections, "
         f"{stats.requests_received} requests, {stats.messages_received} one-way messages, "
-        f"{stats.handshake_failures} failed handshakes"
+        f"{stats.handshake_failures} failed handshakes, {stream_echo.streams} streams echoed"
     )
     return status
