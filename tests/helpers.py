@@ -7,6 +7,7 @@ the default ``prepend`` import mode, ``tests/`` having no ``__init__.py``). Fixt
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -421,3 +422,23 @@ async def run_mypy_strict(tmp_path: Path, source: str) -> tuple[int, str]:
     with trio.fail_after(300):
         result = await trio.run_process(command, cwd=_ROOT, capture_stdout=True, check=False)
     return result.returncode, result.stdout.decode()
+
+
+# -- bodies ---------------------------------------------------------------------------------
+
+
+def json_body(size: int, seed: int = 0) -> bytes:
+    """A JSON-like body of exactly ``size`` bytes that compresses (records with varied
+    numbers), for ``size`` >= 2."""
+    rng = random.Random(seed)
+    parts = [b"["]
+    n = 1
+    while n < size:
+        item = b'{"id": %d, "user": "user-%d", "score": %d, "tags": ["a", "b"]}, ' % (
+            rng.randrange(10**6),
+            rng.randrange(10**4),
+            rng.randrange(1000),
+        )
+        parts.append(item)
+        n += len(item)
+    return b"".join(parts)[: size - 1] + b"]"

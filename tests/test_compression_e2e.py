@@ -7,7 +7,6 @@ that need a codec's package skip without it (``pip install monte_trio[compressio
 from __future__ import annotations
 
 import importlib
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import LOCALHOST, make_handshake, running_server
+from helpers import LOCALHOST, json_body, make_handshake, running_server
 
 import monte_trio
 from monte_trio import Connection, ConnectionConfig, Handler, Request
@@ -28,22 +27,6 @@ needs_both = pytest.mark.skipif(
 )
 MIB = 1024 * 1024
 TIMEOUT = 30
-
-
-def json_body(size: int, seed: int = 0) -> bytes:
-    """A JSON-like body of exactly ``size`` bytes: records with varied numbers."""
-    rng = random.Random(seed)
-    parts = [b"["]
-    n = 1
-    while n < size:
-        item = b'{"id": %d, "user": "user-%d", "score": %d, "tags": ["a", "b"]}, ' % (
-            rng.randrange(10**6),
-            rng.randrange(10**4),
-            rng.randrange(1000),
-        )
-        parts.append(item)
-        n += len(item)
-    return b"".join(parts)[: size - 1] + b"]"
 
 
 BODY = json_body(MIB)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import json_body
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,23 +47,6 @@ CODECS = [
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent / "vectors" / "native-v2.json").read_text()
 )["compression"]
-
-
-def json_body(size: int, seed: int = 0) -> bytes:
-    """A JSON-like body of exactly ``size`` bytes that compresses (records with varied
-    numbers), for ``size`` >= 2."""
-    rng = random.Random(seed)
-    parts = [b"["]
-    n = 1
-    while n < size:
-        item = b'{"id": %d, "user": "user-%d", "score": %d, "tags": ["a", "b"]}, ' % (
-            rng.randrange(10**6),
-            rng.randrange(10**4),
-            rng.randrange(1000),
-        )
-        parts.append(item)
-        n += len(item)
-    return b"".join(parts)[: size - 1] + b"]"
 
 
 def pair(
