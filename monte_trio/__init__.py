@@ -71,6 +71,8 @@ from ._services._router import Router as Router
 from ._services._router import current_call as current_call
 from ._services._router import idempotent as idempotent
 from ._services._router import oneway as oneway
+from ._services._streaming import MethodCall as MethodCall
+from ._services._streaming import MethodStream as MethodStream
 from ._streams import Stream as Stream
 from ._streams import StreamHandler as StreamHandler
 from ._trust import AcceptAnyKey as AcceptAnyKey
@@ -109,9 +111,11 @@ __all__ = [
     "KnownKey",
     "KnownKeysFile",
     "LocalProtocolError",
+    "MethodCall",
     "MethodErrorCode",
     "MethodNotFound",
     "MethodStatistics",
+    "MethodStream",
     "Middleware",
     "MonteError",
     "MonteV1Handshake",

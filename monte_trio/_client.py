@@ -54,6 +54,7 @@ from ._services._caller import UNTYPED, call_on, make_proxy, notify_on
 from ._services._codecs import get_codec
 from ._services._retry import backoff
 from ._services._router import Middleware
+from ._services._streaming import MethodCall, MethodStream, client_opener
 from ._streams import Stream, StreamHandler
 from ._trust import TrustPolicy
 
@@ -282,8 +283,35 @@ class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
         Raises:
             TypeError: ``protocol`` is not a class with public methods.
         """
-        proxy: _P = make_proxy(protocol, namespace, self._invoke, self._notify)
+        proxy: _P = make_proxy(
+            protocol, namespace, self._invoke, self._notify, client_opener(self)
+        )
         return proxy
+
+    def stream(
+        self, method: str, /, *args: Any, **kwargs: Any
+    ) -> AbstractAsyncContextManager[MethodStream]:
+        """Call the server's server-streaming method ``method``: ``async with
+        client.stream("tail", "app.log") as results: async for result in results:``
+        (a :class:`~monte_trio.MethodStream`).
+
+        The arguments, deadline and metadata go with the call as :meth:`call` sends
+        them; the call is a streaming call (:meth:`download`) on a pooled connection,
+        made on entering the block (an open refused before anything was sent moves to
+        another connection). Leaving the block early cancels the method at the server.
+        Client middleware runs around the opening of the call (``CallInfo.kind`` says
+        which kind). See :ref:`services-streaming`.
+        """
+        return client_opener(self).stream(method, args, kwargs)
+
+    def stream_call(
+        self, method: str, /, *args: Any, **kwargs: Any
+    ) -> AbstractAsyncContextManager[MethodCall]:
+        """Call the server's client-streaming or bidirectional method ``method``:
+        ``async with client.stream_call("total") as call:``, then ``await
+        call.send(item)`` and ``await call.finish()`` (or ``receive()`` the results): a
+        :class:`~monte_trio.MethodCall`. Otherwise as :meth:`stream`."""
+        return client_opener(self).stream_call(method, args, kwargs)
 
     async def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Call the server's method ``method`` as a one-way message: no reply comes back.

@@ -85,6 +85,7 @@ from ._proto._wire2 import RETRY_SAFE
 from ._reader import Reader
 from ._secure_stream import SecureStream
 from ._services import _caller as _methods
+from ._services import _streaming
 from ._streams import Stream, StreamHandler, Streams
 from ._util import escape_peer_text
 from ._writer import CREDIT_DELAY, CREDIT_SHARE, WRITE_ERRORS, Writer
@@ -711,8 +712,24 @@ class Connection(trio.abc.AsyncResource):
             namespace,
             functools.partial(_methods.connection_invoke, self),
             functools.partial(_methods.connection_notify, self),
+            _streaming.connection_opener(self),
         )
         return proxy
+
+    def stream(
+        self, method: str, /, *args: Any, **kwargs: Any
+    ) -> AbstractAsyncContextManager[_streaming.MethodStream]:
+        """Call the peer's server-streaming method ``method``: ``async with
+        connection.stream("tail", "app.log") as results:``; as :meth:`Client.stream
+        <monte_trio.Client.stream>`, on this connection (no client middleware)."""
+        return _streaming.connection_opener(self).stream(method, args, kwargs)
+
+    def stream_call(
+        self, method: str, /, *args: Any, **kwargs: Any
+    ) -> AbstractAsyncContextManager[_streaming.MethodCall]:
+        """Call the peer's client-streaming or bidirectional method ``method``; as
+        :meth:`Client.stream_call <monte_trio.Client.stream_call>`, on this connection."""
+        return _streaming.connection_opener(self).stream_call(method, args, kwargs)
 
     async def send(self, body: bytes, *, compress: bool = True) -> None:
         """Send a one-way message and return once it has been written to the socket.

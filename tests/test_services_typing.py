@@ -10,7 +10,7 @@ from helpers import run_mypy_strict
 
 SAMPLE = textwrap.dedent(
     """\
-    from typing import Protocol
+    from typing import AsyncIterator, Protocol
 
     import monte_trio
 
@@ -45,6 +45,27 @@ SAMPLE = textwrap.dedent(
             await conn.notify("log.line", text="text")
         with monte_trio.call_metadata(tenant=2):  # line 34: metadata values are str
             pass
+
+
+    class Tail(Protocol):
+        def tail(self, name: str) -> AsyncIterator[bytes]: ...
+
+
+    async def stream(client: monte_trio.Client, conn: monte_trio.Connection) -> None:
+        tail = conn.proxy(Tail)
+        async for line in client.proxy(Tail).tail("log"):
+            ok: bytes = line
+            wrong: int = line  # line 46: a wrong item type
+            del ok, wrong
+        async for item in tail.tail(1):  # line 48: a wrong argument type
+            del item
+        async with client.stream("tail", "log") as results:
+            async for value in results:
+                reveal_type(value)  # line 52
+        async with conn.stream_call("total") as call:
+            await call.send(1)
+            total = await call.finish()
+            reveal_type(total)  # line 56
     """
 )
 
@@ -57,7 +78,7 @@ async def test_mypy_checks_calls_through_a_proxy(tmp_path: Path) -> None:
         if ": error:" in line or ": note:" in line
     ]
     errors = [line for line in lines if ": error:" in line]
-    assert len(errors) == 5, out
+    assert len(errors) == 7, out
     assert errors[0].startswith(
         '13: error: Argument 1 to "get" of "KeyValue" has incompatible type "int"'
     ), out
@@ -69,5 +90,13 @@ async def test_mypy_checks_calls_through_a_proxy(tmp_path: Path) -> None:
         '30: error: Argument 1 to "line" of "Log" has incompatible type'
     ), out
     assert errors[4].startswith('34: error: Argument "tenant" to "call_metadata"'), out
+    assert errors[5].startswith(
+        '46: error: Incompatible types in assignment (expression has type "bytes"'
+    ), out
+    assert errors[6].startswith(
+        '48: error: Argument 1 to "tail" of "Tail" has incompatible type "int"'
+    ), out
+    assert '52: note: Revealed type is "Any"' in lines, out
+    assert '56: note: Revealed type is "Any"' in lines, out
     assert '18: note: Revealed type is "Any"' in lines, out
     assert returncode == 1

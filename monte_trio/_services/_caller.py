@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import math
 import typing
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -30,14 +31,19 @@ from ._errors import CodecError, error_class, library_error
 from ._router import (
     CallInfo,
     Middleware,
+    _is_async_generator,
     _is_idempotent,
     _is_oneway,
+    _is_stream_annotation,
     protocol_methods,
     run_middleware,
+    stream_item_type,
+    stream_parameter,
 )
 
 if TYPE_CHECKING:
     from .._connection import Connection
+    from ._streaming import Opener
 
 __all__ = [
     "Invoke",
@@ -356,15 +362,97 @@ def _result_type(declared: Callable[..., Any]) -> Any:
 
 
 class _ProxyBase:
-    __slots__ = ("_invoke", "_names", "_notify")
+    __slots__ = ("_invoke", "_names", "_notify", "_opener")
 
-    def __init__(self, invoke: Invoke, notify: Notify, names: dict[str, str]) -> None:
+    def __init__(
+        self, invoke: Invoke, notify: Notify, names: dict[str, str], opener: Opener | None
+    ) -> None:
         self._invoke = invoke
         self._notify = notify
         self._names = names
+        self._opener = opener
+
+    def _streams(self) -> Opener:
+        if self._opener is None:
+            raise RuntimeError("this proxy cannot call streaming methods")
+        return self._opener
 
 
-def _proxy_method(name: str, declared: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+def _item_type(declared: Callable[..., Any]) -> Any:
+    try:
+        return stream_item_type(typing.get_type_hints(declared).get("return", Any))
+    except Exception:  # an annotation that does not resolve: no conversion
+        return Any
+
+
+def _streaming_proxy_method(
+    name: str, declared: Callable[..., Any], results: bool, stream: str | None
+) -> Callable[..., Any]:
+    """A proxy's method for a streaming method of the Protocol."""
+    if results and stream is not None:
+
+        def bidirectional(self: _ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            raise TypeError(
+                f"{name}() is a bidirectional method: a proxy does not call those; use "
+                f"stream_call({self._names[name]!r}, ...) on the client or connection"
+            )
+
+        method: Callable[..., Any] = bidirectional
+    elif results:
+        item_type: list[Any] = []
+
+        def open_results(self: _ProxyBase, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if not item_type:
+                item_type.append(_item_type(declared))
+            return self._streams().results(self._names[name], args, kwargs, item_type[0])
+
+        if inspect.iscoroutinefunction(declared):  # declared async def ... -> AsyncIterator
+
+            async def awaited_results(self: _ProxyBase, *args: Any, **kwargs: Any) -> Any:
+                return open_results(self, args, kwargs)
+
+            method = awaited_results
+        else:
+
+            def plain_results(self: _ProxyBase, *args: Any, **kwargs: Any) -> Any:
+                return open_results(self, args, kwargs)
+
+            method = plain_results
+    else:
+        assert stream is not None
+        signature = inspect.signature(declared)
+        rest = signature.replace(
+            parameters=[p for p in list(signature.parameters.values())[1:] if p.name != stream]
+        )
+        result_type: list[Any] = []
+
+        async def upload(self: _ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            if not result_type:
+                result_type.append(_result_type(declared))
+            bound = signature.bind(None, *args, **kwargs)
+            items = bound.arguments.pop(stream)
+            arguments = {k: v for k, v in bound.arguments.items() if k in rest.parameters}
+            call = inspect.BoundArguments(rest, arguments)
+            return await self._streams().upload(
+                self._names[name], call.args, call.kwargs, items, result_type[0]
+            )
+
+        method = upload
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = declared.__doc__
+    return method
+
+
+def _proxy_method(name: str, declared: Callable[..., Any]) -> Callable[..., Any]:
+    results = _is_async_generator(declared) or _is_stream_annotation(
+        getattr(declared, "__annotations__", {}).get("return"), results=True
+    )
+    try:
+        stream = stream_parameter(inspect.signature(declared), f"{name}()")
+    except ValueError:
+        stream = None
+    if results or stream is not None:
+        return _streaming_proxy_method(name, declared, results, stream)
     if _is_oneway(declared):
 
         async def notify(self: _ProxyBase, *args: Any, **kwargs: Any) -> None:
@@ -397,9 +485,15 @@ def _proxy_class(protocol: type) -> tuple[type[_ProxyBase], tuple[str, ...]]:
     return cls, tuple(methods)
 
 
-def make_proxy(protocol: Any, namespace: str, invoke: Invoke, notify: Notify) -> Any:
+def make_proxy(
+    protocol: Any,
+    namespace: str,
+    invoke: Invoke,
+    notify: Notify,
+    opener: Opener | None = None,
+) -> Any:
     """A proxy whose methods are ``protocol``'s, calling ``namespace.method`` (one-way
-    methods through ``notify``).
+    methods through ``notify``, streaming methods through ``opener``).
 
     Raises:
         TypeError: ``protocol`` is not a class with public methods.
@@ -408,4 +502,4 @@ def make_proxy(protocol: Any, namespace: str, invoke: Invoke, notify: Notify) ->
         raise TypeError(f"proxy() takes a Protocol class, not {protocol!r}")
     cls, names = _proxy_class(protocol)
     full = {name: f"{namespace}.{name}" if namespace else name for name in names}
-    return cls(invoke, notify, full)
+    return cls(invoke, notify, full, opener)

@@ -24,11 +24,13 @@ argument checking, middleware and statistics all read the same method table.
 
 from __future__ import annotations
 
+import collections.abc
 import contextvars
 import functools
 import inspect
 import logging
 import math
+import re
 import traceback
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -44,6 +46,7 @@ from ._codecs import Codec, get_codec
 from ._errors import CodecError, MethodErrorCode, registered_name
 
 if TYPE_CHECKING:
+    from .._calls_api import IncomingCall
     from .._connection import Connection
     from .._keys import PublicKey
 
@@ -136,6 +139,9 @@ class CallInfo:
             side, what :func:`~monte_trio.call_metadata` set, which client middleware may
             change before it calls ``next()`` (the call carries the dict as it is then).
         oneway: ``True`` for a one-way call (``notify``): no result comes back.
+        kind: ``"unary"`` for a call with one result; for a streaming method (see
+            :ref:`services-streaming`) ``"server-streaming"`` (many results),
+            ``"client-streaming"`` (many items in, one result) or ``"bidirectional"``.
     """
 
     method: str
@@ -147,6 +153,7 @@ class CallInfo:
     deadline: float
     metadata: dict[str, str] = attrs.Factory(dict)
     oneway: bool = False
+    kind: str = "unary"
 
     @property
     def peer_public_key(self) -> PublicKey | None:
@@ -163,6 +170,7 @@ _Serving = tuple[
     float,
     "dict[str, str] | None",
     bool,
+    str,
 ]
 _serving: contextvars.ContextVar[_Serving | None] = contextvars.ContextVar(
     "monte_trio_serving", default=None
@@ -187,7 +195,7 @@ def current_call() -> CallInfo:
             "current_call() is only available inside a method a Router is serving "
             "(and the tasks it starts)"
         )
-    name, args, kwargs, conn, flags, deadline, metadata, oneway = serving
+    name, args, kwargs, conn, flags, deadline, metadata, oneway, kind = serving
     return CallInfo(
         name,
         args,
@@ -198,6 +206,7 @@ def current_call() -> CallInfo:
         deadline,
         {} if metadata is None else metadata,
         oneway,
+        kind,
     )
 
 
@@ -256,26 +265,100 @@ class _Refusal(Exception):
         self.message = message
 
 
+UNARY = "unary"
+SERVER_STREAMING = "server-streaming"
+CLIENT_STREAMING = "client-streaming"
+BIDIRECTIONAL = "bidirectional"
+
+_ASYNC_ITERABLES = (collections.abc.AsyncIterator, collections.abc.AsyncIterable)
+_ASYNC_RESULTS = (*_ASYNC_ITERABLES, collections.abc.AsyncGenerator)
+_ITERABLE_TEXT = re.compile(r"(?:[\w.]+\.)?Async(?:Iterator|Iterable)(?:\[|$)")
+_RESULT_TEXT = re.compile(r"(?:[\w.]+\.)?Async(?:Iterator|Iterable|Generator)(?:\[|$)")
+
+
+def _is_stream_annotation(annotation: object, results: bool = False) -> bool:
+    """Whether an annotation (resolved, or the text of a postponed one) is an
+    ``AsyncIterator[T]`` or ``AsyncIterable[T]`` (for ``results``, also an
+    ``AsyncGenerator[T, ...]``)."""
+    if isinstance(annotation, str):
+        return (_RESULT_TEXT if results else _ITERABLE_TEXT).match(annotation.strip()) is not None
+    origin = typing.get_origin(annotation) or annotation
+    return origin in (_ASYNC_RESULTS if results else _ASYNC_ITERABLES)
+
+
+def stream_item_type(annotation: object) -> Any:
+    """``T`` of ``AsyncIterator[T]`` (or ``AsyncIterable[T]``, ``AsyncGenerator[T, ...]``);
+    ``Any`` when it says nothing more."""
+    args = typing.get_args(annotation)
+    return args[0] if args else Any
+
+
+def _is_async_generator(func: object) -> bool:
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.isasyncgenfunction(func) or inspect.isasyncgenfunction(
+        getattr(func, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+def stream_parameter(signature: inspect.Signature, what: str) -> str | None:
+    """The parameter annotated ``AsyncIterator[T]`` or ``AsyncIterable[T]`` (the items
+    the caller streams), if any.
+
+    Raises:
+        TypeError: more than one, or a ``*args`` or ``**kwargs`` one.
+    """
+    found: str | None = None
+    for param in signature.parameters.values():
+        if not _is_stream_annotation(param.annotation):
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(
+                f"{what}: the stream of items is one parameter, not *{param.name} or "
+                f"**{param.name}"
+            )
+        if found is not None:
+            raise TypeError(
+                f"{what} takes two streams of items ({found!r} and {param.name!r}); a "
+                "streaming method takes at most one"
+            )
+        found = param.name
+    return found
+
+
 @attrs.define(eq=False)
 class _Method:
     name: str
-    func: Callable[..., Awaitable[Any]]
+    func: Callable[..., Any]
     idempotent: bool
-    kind: str = "unary"
+    kind: str = UNARY
     signature: inspect.Signature | None = None
     arity: int | None = None  # the plain positional parameters, when that is all there is
     hints: dict[str, Any] | None = None
     typed_arguments: dict[str, Callable[[bytes], Any] | None] = attrs.Factory(dict)
+    stream: str | None = None  # the parameter that takes the caller's items, if any
+    full_signature: inspect.Signature | None = None  # with that parameter
     calls: int = 0
     errors: int = 0
     total_time: float = 0.0
     max_time: float = 0.0
 
     def __attrs_post_init__(self) -> None:
+        results = _is_async_generator(self.func)
         try:
             self.signature = inspect.signature(self.func)
         except (TypeError, ValueError):
+            self.kind = SERVER_STREAMING if results else UNARY
             return  # no signature: arguments are passed as they come
+        self.stream = stream_parameter(self.signature, f"method {self.name!r}")
+        if self.stream is None:
+            self.kind = SERVER_STREAMING if results else UNARY
+        else:
+            self.kind = BIDIRECTIONAL if results else CLIENT_STREAMING
+            self.full_signature = self.signature
+            self.signature = self.signature.replace(
+                parameters=[p for p in self.signature.parameters.values() if p.name != self.stream]
+            )
         params = list(self.signature.parameters.values())
         if all(
             p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
@@ -322,6 +405,29 @@ class _Method:
         self.typed_arguments[codec.name] = decoder
         return decoder
 
+    def item_type(self) -> Any:
+        """The type of the items the caller streams (``Any`` if unannotated)."""
+        assert self.stream is not None
+        return stream_item_type(self.annotations().get(self.stream, Any))
+
+    def with_stream(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], items: object
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments (bound to :attr:`signature`) with ``items`` added where the
+        stream parameter goes."""
+        assert self.stream is not None
+        assert self.signature is not None
+        assert self.full_signature is not None
+        given = self.signature.bind(*args, **kwargs).arguments
+        arguments = {}
+        for name in self.full_signature.parameters:
+            if name == self.stream:
+                arguments[name] = items
+            elif name in given:
+                arguments[name] = given[name]
+        bound = inspect.BoundArguments(self.full_signature, arguments)
+        return bound.args, bound.kwargs
+
     def record(self, failed: bool, duration: float) -> None:
         self.calls += 1
         self.errors += failed
@@ -354,8 +460,12 @@ def _full_name(namespace: str, name: str) -> str:
 
 
 def _is_async(func: object) -> bool:
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-        getattr(func, "__call__", None)  # noqa: B004 - an object with an async __call__
+    return (
+        inspect.iscoroutinefunction(func)
+        or inspect.iscoroutinefunction(
+            getattr(func, "__call__", None)  # noqa: B004 - an object with an async __call__
+        )
+        or _is_async_generator(func)
     )
 
 
@@ -373,6 +483,10 @@ class Router:
             return a + b
 
         server = monte_trio.Server(router, trust=...)
+
+    Streaming methods (``async def`` generators, and methods taking an
+    ``AsyncIterator[T]``) are served over streaming calls: pass
+    :meth:`call_handler` too (``call_handler=router.call_handler``).
 
     Args:
         middleware: run around each call that reaches a method, the first outermost (see
@@ -496,6 +610,20 @@ class Router:
             return self._serve_oneway(body, request.connection)
         return self._serve(body, request.connection, False)
 
+    async def call_handler(self, call: IncomingCall) -> None:
+        """Serve one streaming call: the :data:`~monte_trio.CallHandler` of the router's
+        streaming methods (:ref:`services-streaming`).
+
+        Pass it as ``call_handler=router.call_handler`` beside ``handler=router`` (to a
+        :class:`~monte_trio.Server`, :func:`~monte_trio.open_client` or a connection).
+        The call's first message is the call envelope; each item travels as one
+        message, encoded with the connection's codec; a refusal or the method's
+        exception is the call's last message, an error reply as a unary call's.
+        """
+        from ._streaming import serve_streaming_call
+
+        await serve_streaming_call(self, call)
+
     async def _not_a_call(self, request: Request) -> bytes | None:
         fallback = self._fallback
         if fallback is not None:
@@ -531,6 +659,12 @@ class Router:
         if method is None:
             shown = name if len(name) <= 200 else name[:200] + "..."
             return _error(MethodErrorCode.NOT_FOUND, f"no method named {shown!r}")
+        if method.kind != UNARY:
+            return _error(
+                MethodErrorCode.INVALID_CALL,
+                f"{name!r} is a {method.kind} method: call it with stream() or "
+                "stream_call(), not call(); it was not run",
+            )
         if flags & env.FLAG_IDEMPOTENT and not method.idempotent:
             return _error(
                 MethodErrorCode.NOT_IDEMPOTENT,
@@ -553,7 +687,7 @@ class Router:
             del payload
             deadline = math.inf if remaining is None else start + remaining
             token = _serving.set(
-                (method.name, args, kwargs, conn, flags, deadline, metadata, oneway)
+                (method.name, args, kwargs, conn, flags, deadline, metadata, oneway, UNARY)
             )
             try:
                 if remaining is None:  # no cancel scope to pay for
