@@ -56,6 +56,7 @@ DEFAULT_N = {
     "ShortStreams": 10_000,
     "StreamEcho": 1,  # one stream of --stream-size bytes
     "LatencyUnderBulk": 1,  # one bulk stream of --bulk-size bytes
+    "ServerStreaming": 200_000,  # 1 KiB messages over one server-streaming call
 }
 TIMED_WORKLOADS = MAIN_WORKLOADS + tuple(METHOD_WORKLOADS)
 QUICK_N = dict.fromkeys(TIMED_WORKLOADS, 2000) | {
@@ -64,6 +65,7 @@ QUICK_N = dict.fromkeys(TIMED_WORKLOADS, 2000) | {
     "ShortStreams": 200,
     "StreamEcho": 1,
     "LatencyUnderBulk": 1,
+    "ServerStreaming": 2000,
 }
 DEFAULT_IDLE = "1000,10000"
 QUICK_IDLE = "50,200"
@@ -291,6 +293,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="LatencyUnderBulk: bytes of the bulk stream, each way (default 1GiB; --quick 8MiB)",
     )  # fmt: skip
     ap.add_argument("--n-streams", type=int, default=None, help="count of ShortStreams")
+    ap.add_argument(
+        "--n-messages", type=int, default=None,
+        help="ServerStreaming: 1 KiB messages streamed over the call (default 200000)",
+    )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="smoke run: small counts, seconds")
     ap.add_argument("--baseline", default=BASELINE_PEER, help="peer the ratios refer to")
     ap.add_argument("--timeout", type=float, default=240.0, help="per-run limit, seconds")
@@ -321,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         counts["Connect"] = args.n_connect
     if args.n_streams is not None:
         counts["ShortStreams"] = args.n_streams
+    if args.n_messages is not None:
+        counts["ServerStreaming"] = args.n_messages
     stream_size = args.stream_size or (QUICK_STREAM_SIZE if args.quick else STREAM_SIZE)
     bulk_size = args.bulk_size or (QUICK_BULK_SIZE if args.quick else BULK_SIZE)
     idle_levels = args.idle_levels or (QUICK_IDLE if args.quick else DEFAULT_IDLE)
@@ -356,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             "StreamEcho": "bytes over one stream, echoed back; MB/s counts both directions",
             "ShortStreams": "1,000 concurrent tasks: open a stream, 1 KiB each way, close",
             "LatencyUnderBulk": "64-byte requests beside a bulk stream on the same connection",
+            "ServerStreaming": "1 KiB messages streamed by the server over one call",
         },
         "results": [],
     }
@@ -372,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                     warmup = max(1, min(n // 10, 5000))
                 elif w == "ShortStreams":
                     warmup = min(n // 10, 1000)
+                elif w == "ServerStreaming":
+                    warmup = min(n // 10, 10_000)  # messages, over a call of their own
                 elif w == "StreamEcho":
                     warmup = min(stream_size // 4, STREAM_WARMUP_MAX)  # bytes
                 elif w == "Request1MiB":

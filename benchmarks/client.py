@@ -37,6 +37,10 @@ async def run(args: argparse.Namespace, rt: Runtime, nofile: int) -> dict[str, A
     open_client = peer.open_client(args.peer)
     max_conns = MAX_CONNS if w.startswith("Parallel") else 1
     async with open_client(args.port, opts, max_conns) as client:
+        if w == "ServerStreaming":  # trio or asyncio
+            return await workloads.run_server_streaming(
+                client, peer.open_download, args.n, args.warmup
+            )
         if w in STREAM_WORKLOADS:
             from . import streams  # trio only: the asyncio peers never load it
 

@@ -30,6 +30,33 @@ def is_ctl(body: bytes | memoryview) -> bool:
     return len(body) < CTL_MAX and bytes(body[: len(CTL_TAG)]) == CTL_TAG
 
 
+# ServerStreaming: the request of the server-streaming call is the message count and a
+# seed (8 bytes each, big-endian); the server streams ``count`` messages, the seed's
+# STREAMED_DISTINCT payloads in turn, so the client can check every message it gets.
+STREAMED_DISTINCT = 64
+
+
+def streaming_request(count: int, seed: int) -> bytes:
+    """The request of a ServerStreaming call: stream ``count`` messages made from ``seed``."""
+    return count.to_bytes(8, "big") + seed.to_bytes(8, "big")
+
+
+def parse_streaming_request(body: bytes) -> tuple[int, int]:
+    """(count, seed) of a ServerStreaming request (ValueError if it is not one)."""
+    if len(body) != 16:
+        raise ValueError(f"a ServerStreaming request has 16 bytes, not {len(body)}")
+    return int.from_bytes(body[:8], "big"), int.from_bytes(body[8:], "big")
+
+
+def streamed_payloads(seed: int, size: int) -> list[bytes]:
+    """The STREAMED_DISTINCT messages of ``size`` bytes a ServerStreaming server cycles
+    through for ``seed`` (the client makes the same ones to check what it gets)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randbytes(size) for _ in range(STREAMED_DISTINCT)]
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process, all threads."""
     ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -24,6 +24,9 @@ Row = dict[str, Any]
 DASH = "\u2013"  # en dash: no figure
 TIMES = "\u00d7"  # multiplication sign after a ratio
 THROUGHPUT_WORKLOADS = (*MAIN_WORKLOADS, *METHOD_WORKLOADS, "Request1MiB")
+CALL_WORKLOADS = ("ServerStreaming",)
+"""Streaming calls: a table of their own (messages rather than bytes)."""
+BYTE_STREAM_WORKLOADS = tuple(w for w in STREAM_WORKLOADS if w not in CALL_WORKLOADS)
 
 
 def _fmt(v: float | None) -> str:
@@ -150,6 +153,8 @@ def progress_figure(r: Result) -> str:
         return f"p99 {r['lat_p99_us']:,.0f} µs beside {r['mb_per_s']:,.0f} MB/s"
     if w == "ShortStreams":
         return f"{r['msgs_per_s']:,.0f} streams/s"
+    if w == "ServerStreaming":
+        return f"{r['msgs_per_s']:,.0f} msgs/s, {r['mb_per_s']:,.0f} MB/s"
     if "msgs_per_s" in r:
         return f"{r['msgs_per_s']:,.0f} msgs/s"
     return f"{len(r.get('levels', []))} levels"
@@ -172,7 +177,7 @@ def stream_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "notes",
     ]
     rows: list[list[str]] = []
-    for w in STREAM_WORKLOADS:
+    for w in BYTE_STREAM_WORKLOADS:
         base = index.get((w, baseline))
         if base is not None and "error" in base:
             base = None
@@ -215,6 +220,58 @@ def stream_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                     _fmt(r.get("lat_p50_us")),
                     _fmt(r.get("lat_p99_us")),
                     _fmt(r.get("cpu_s_per_gb")) if w != "ShortStreams" else DASH,
+                    _fmt(_mib(r.get("client_peak_rss_kib"))),
+                    _fmt(_mib(r.get("server_peak_rss_kib"))),
+                    note,
+                ]
+            )
+    return header, rows
+
+
+def call_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The streaming-call workloads: one row per (workload, peer); the baseline's note
+    gives its ratio to grpc's messages/s in the same run."""
+    baseline = data.get("baseline", "monte-native")
+    index = _by_key(data["results"])
+    header = [
+        "workload",
+        "peer",
+        "msgs/s",
+        "MB/s",
+        "CPU µs/msg",
+        "RSS MiB client",
+        "RSS MiB server",
+        "notes",
+    ]
+    rows: list[list[str]] = []
+    for w in CALL_WORKLOADS:
+        base = index.get((w, baseline))
+        if base is not None and "error" in base:
+            base = None
+        b: Result = base or {}
+        for p in data["peers"]:
+            r = index.get((w, p))
+            if r is None:
+                continue
+            if "error" in r:
+                rows.append([w, p, "error", "", "", "", "", str(r["error"])[:120]])
+                continue
+            note = f"{r.get('msgs', 0):,} messages of {_size(r.get('message_size'))} over one call"
+            if r.get("note"):
+                note += f"; {r['note']}"
+            if p == baseline:
+                for other in ("grpc", "grpc-insecure"):
+                    g = index.get((w, other))
+                    if g and "error" not in g and g.get("msgs_per_s"):
+                        ratio = r["msgs_per_s"] / g["msgs_per_s"]
+                        note += f"; {ratio:.2f}{TIMES} {other}"
+            rows.append(
+                [
+                    w,
+                    p,
+                    _cell(r.get("msgs_per_s"), b.get("msgs_per_s"), True),
+                    _cell(r.get("mb_per_s"), b.get("mb_per_s"), True),
+                    _cell(r.get("cpu_us_per_msg"), b.get("cpu_us_per_msg"), True),
                     _fmt(_mib(r.get("client_peak_rss_kib"))),
                     _fmt(_mib(r.get("server_peak_rss_kib"))),
                     note,
@@ -349,6 +406,9 @@ def render_text(data: dict[str, Any]) -> str:
     streams = stream_rows(data)
     if streams[1]:
         parts += [_text_table(*streams), ""]
+    calls = call_rows(data)
+    if calls[1]:
+        parts += [_text_table(*calls), ""]
     parts += [_ratio_legend(data)]
     for peer, reason in data.get("skipped", {}).items():
         parts.append(f"skipped {peer}: {reason}")
@@ -382,6 +442,12 @@ STREAM_NOTE = (
     "after another (1 KiB each way, then closed); with the default max_streams (100) the "
     "other openers wait for a slot. LatencyUnderBulk: 64-byte requests, one after another, "
     "on the connection of a bulk stream echo."
+)
+CALL_NOTE = (
+    "Streaming calls: ServerStreaming has the server stream 1 KiB messages to the client "
+    "over one server-streaming call (monte_trio: a download call whose handler is an async "
+    "generator; grpc: a unary-stream method with raw bytes, its handler an async "
+    "generator); the client checks every message. MB/s counts the messages' bytes."
 )
 IDLE_NOTE = (
     "Idle connections: connected, handshaken, one request done, then held open; "
@@ -417,6 +483,9 @@ def render_markdown(data: dict[str, Any], plot_path: str | None, page_path: str 
     streams = stream_rows(data)
     if streams[1]:
         lines += ["## Streams", "", STREAM_NOTE, "", _md_table(*streams), ""]
+    calls = call_rows(data)
+    if calls[1]:
+        lines += ["## Streaming calls", "", CALL_NOTE, "", _md_table(*calls), ""]
     if plot_path:
         lines += ["## Plot", "", f"![benchmark plot]({_relative(plot_path, page_path)})", ""]
     return "\n".join(lines)
@@ -451,6 +520,11 @@ def render_rst(data: dict[str, Any], plot_path: str | None, page_path: str | Non
     streams = stream_rows(data)
     if streams[1]:
         lines += [*_rst_heading("Streams", "-"), STREAM_NOTE, "", _rst_table(*streams), ""]
+    calls = call_rows(data)
+    if calls[1]:
+        lines += [
+            *_rst_heading("Streaming calls", "-"), CALL_NOTE, "", _rst_table(*calls), "",
+        ]  # fmt: skip
     if plot_path:
         lines += [
             *_rst_heading("Plot", "-"),

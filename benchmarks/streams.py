@@ -22,7 +22,9 @@ requests (the server's CPU and RSS) still go through the framed client.
 ``python -m benchmarks.streams [--size 256MiB] [--profile]`` runs StreamEcho with both ends
 in this one process, over a socket pair (native profile): the CPU time of both sides per
 GB, without the scheduling of two processes; ``--profile`` runs it under :mod:`cProfile`
-and prints the functions that cost the most.
+and prints the functions that cost the most. ``--messages N`` runs ServerStreaming the same
+way instead: N messages of 1 KiB over one download call whose handler is an async
+generator.
 """
 
 from __future__ import annotations
@@ -39,8 +41,18 @@ from typing import Any
 
 import trio
 
-from . import SHORT_STREAM_CALLERS, SHORT_STREAM_SIZE, SMALL_REQUEST_SIZE
-from .common import CTL_ECHO_OFF, CTL_ECHO_ON, BenchClient, PeerOptions, cpu_seconds
+from . import SHORT_STREAM_CALLERS, SHORT_STREAM_SIZE, SMALL_REQUEST_SIZE, STREAMED_MESSAGE_SIZE
+from .common import (
+    CTL_ECHO_OFF,
+    CTL_ECHO_ON,
+    STREAMED_DISTINCT,
+    BenchClient,
+    PeerOptions,
+    cpu_seconds,
+    parse_streaming_request,
+    streamed_payloads,
+    streaming_request,
+)
 from .workloads import BenchError, _finish, _lat_fields, _split, server_stats
 
 PIECE = 256 * 1024
@@ -289,6 +301,52 @@ async def echo_in_process(size: int) -> tuple[float, float]:
     return elapsed, cpu
 
 
+async def _stream_messages(call: Any) -> Any:
+    count, seed = parse_streaming_request(await call.receive())
+    payloads = streamed_payloads(seed, STREAMED_MESSAGE_SIZE)
+    mask = STREAMED_DISTINCT - 1
+    for i in range(count):
+        yield payloads[i & mask]
+
+
+async def messages_in_process(n: int) -> tuple[float, float]:
+    """ServerStreaming of ``n`` messages with both ends here, over a socket pair; return
+    (seconds, CPU seconds of this process)."""
+    import monte_trio
+    from monte_trio.testing import open_connection_pair
+
+    a, b = trio.socket.socketpair()
+    handshake = monte_trio.NativeHandshake(
+        identity=monte_trio.Identity.generate(), trust=monte_trio.AcceptAnyKey()
+    )
+    seed = 1
+    expected = streamed_payloads(seed, STREAMED_MESSAGE_SIZE)
+    mask = STREAMED_DISTINCT - 1
+
+    async def download(client: Any, count: int) -> None:
+        got = 0
+        async with client.download(streaming_request(count, seed)) as messages:
+            async for message in messages:
+                if message != expected[got & mask]:
+                    raise BenchError(f"streamed message {got} differs from what was sent")
+                got += 1
+        if got != count:
+            raise BenchError(f"{got} streamed messages arrived of {count}")
+
+    async with open_connection_pair(
+        handshake,
+        server_call_handler=_stream_messages,
+        transports=(trio.SocketStream(a), trio.SocketStream(b)),
+    ) as (client, _):
+        await download(client, min(n // 10, 10_000))  # warm-up
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        await download(client, n)
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+    return elapsed, cpu
+
+
 def main(argv: list[str] | None = None) -> int:
     from .__main__ import byte_count
 
@@ -297,21 +355,37 @@ def main(argv: list[str] | None = None) -> int:
         description="StreamEcho with both ends in one process over a socket pair.",
     )
     ap.add_argument("--size", type=byte_count, default=256 << 20, help="bytes each way")
+    ap.add_argument(
+        "--messages", type=int, default=0,
+        help="run ServerStreaming instead: this many 1 KiB messages over one download call",
+    )  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="under cProfile: the top functions")
     ap.add_argument("--limit", type=int, default=30, help="functions listed with --profile")
     args = ap.parse_args(argv)
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
-    elapsed, cpu = trio.run(echo_in_process, args.size)
+    if args.messages:
+        elapsed, cpu = trio.run(messages_in_process, args.messages)
+    else:
+        elapsed, cpu = trio.run(echo_in_process, args.size)
     if profiler is not None:
         profiler.disable()
-    moved = 2 * args.size
-    print(
-        f"StreamEcho in one process: {args.size:,} bytes each way in {elapsed:.3f} s: "
-        f"{moved / elapsed / 1e6:,.0f} MB/s (both directions), {cpu / (moved / 1e9):.2f} "
-        "CPU s/GB (both ends)"
-    )
+    if args.messages:
+        n = args.messages
+        print(
+            f"ServerStreaming in one process: {n:,} messages of {STREAMED_MESSAGE_SIZE} bytes "
+            f"in {elapsed:.3f} s: {n / elapsed:,.0f} messages/s, "
+            f"{n * STREAMED_MESSAGE_SIZE / elapsed / 1e6:,.1f} MB/s, {cpu / n * 1e6:.2f} "
+            "CPU µs/message (both ends)"
+        )
+    else:
+        moved = 2 * args.size
+        print(
+            f"StreamEcho in one process: {args.size:,} bytes each way in {elapsed:.3f} s: "
+            f"{moved / elapsed / 1e6:,.0f} MB/s (both directions), {cpu / (moved / 1e9):.2f} "
+            "CPU s/GB (both ends)"
+        )
     if profiler is not None:
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.limit)
     return 0

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from . import BIG_SIZE, PARALLEL_CALLERS, PAYLOAD_SIZE
+from . import BIG_SIZE, PARALLEL_CALLERS, PAYLOAD_SIZE, STREAMED_MESSAGE_SIZE
 from .common import (
     CTL_ECHO_OFF,
     CTL_ECHO_ON,
     CTL_STATS,
+    STREAMED_DISTINCT,
     BenchClient,
     OpenClient,
     PeerOptions,
@@ -21,6 +23,8 @@ from .common import (
     current_rss_kib,
     peak_rss_kib,
     percentile,
+    streamed_payloads,
+    streaming_request,
 )
 
 ONE_WAY = {"Send", "SendNoWait", "ParallelSend", "ParallelSendNoWait"}
@@ -35,6 +39,9 @@ KIND = {
     "ParallelMethodStruct": "struct",
 }
 N_PAYLOADS = 64  # distinct random payloads, cycled
+OpenDownload = Callable[[Any, bytes], AbstractAsyncContextManager[AsyncIterator[bytes]]]
+"""ServerStreaming: a peer's ``open_download(client, request)``, an async context manager
+around the server-streaming call whose messages are iterated (``async for``)."""
 CONNECT_TIMEOUT = 15.0  # seconds for one idle connection's connect + handshake + request
 
 
@@ -412,3 +419,40 @@ async def run_idle(
     if errors:
         result["errors"] = errors
     return result
+
+
+async def run_server_streaming(
+    client: BenchClient, open_download: OpenDownload, n: int, warmup: int
+) -> dict[str, Any]:
+    """ServerStreaming: the server streams ``n`` messages of 1 KiB over one server-streaming
+    call (after ``warmup`` messages over a call of their own); messages/s and MB/s. Every
+    message is compared with the one the server was to send (the request carries a seed)."""
+    seed = int.from_bytes(os.urandom(8), "big")
+    expected = streamed_payloads(seed, STREAMED_MESSAGE_SIZE)
+    mask = STREAMED_DISTINCT - 1
+
+    async def download(count: int) -> None:
+        got = 0
+        async with open_download(client, streaming_request(count, seed)) as messages:
+            async for message in messages:
+                if message != expected[got & mask]:
+                    raise BenchError(f"streamed message {got} differs from what was sent")
+                got += 1
+        if got != count:
+            raise BenchError(f"{got} streamed messages arrived of {count}")
+
+    if warmup:
+        await download(warmup)
+    s0 = await server_stats(client)
+    cpu0 = cpu_seconds()
+    t0 = time.perf_counter()
+    await download(n)
+    elapsed = time.perf_counter() - t0
+    s1 = await server_stats(client)
+    result: dict[str, Any] = {
+        "callers": 1,
+        "message_size": STREAMED_MESSAGE_SIZE,
+        "lat_p50_us": None,
+        "lat_p99_us": None,
+    }
+    return _finish(result, n, n * STREAMED_MESSAGE_SIZE, elapsed, cpu0, s0, s1)

@@ -1,8 +1,8 @@
 """Smoke tests of the benchmark suite: seconds-long runs, each checking the JSON it writes.
 
 ``python -m benchmarks --quick --peers trio-plain --workloads Request,SendNoWait -n 200``, and
-the stream workloads on tiny sizes, each in a subprocess (its own session, killed as a group
-in ``finally``).
+the stream workloads and ServerStreaming (monte-native against grpc) on tiny sizes, each in a
+subprocess (its own session, killed as a group in ``finally``).
 """
 
 from __future__ import annotations
@@ -138,3 +138,47 @@ def test_stream_echo_in_one_process_profiled() -> None:
     assert "MB/s (both directions)" in text
     assert "CPU s/GB (both ends)" in text
     assert "Ordered by: internal time" in text  # the profile follows
+
+
+def test_quick_server_streaming(tmp_path: Path) -> None:
+    pytest.importorskip("grpc", reason="grpcio is needed for the grpc peer")
+    out = tmp_path / "results.json"
+    page = tmp_path / "page.md"
+    args = [
+        "--quick", "--peers", "monte-native,monte-v1,trio-plain,grpc",
+        "--workloads", "ServerStreaming", "--n-messages", "300",
+        "--timeout", "20", "--json", str(out), "--markdown", str(page),
+    ]  # fmt: skip
+    text = run_suite(args, timeout=40)
+    data = json.loads(out.read_text())
+    assert data["counts"]["ServerStreaming"] == 300
+    rows = {(r["workload"], r["peer"]): r for r in data["results"]}
+    # monte-v1 has no streaming calls and trio-plain no counterpart: no rows.
+    assert set(rows) == {("ServerStreaming", "monte-native"), ("ServerStreaming", "grpc")}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["msgs"] == 300
+        assert r["message_size"] == 1024
+        assert r["bytes"] == 300 * 1024
+        for key in ("elapsed_s", "msgs_per_s", "mb_per_s", "cpu_us_per_msg",
+                    "client_peak_rss_kib", "server_peak_rss_kib"):  # fmt: skip
+            assert r[key] > 0, (key, r)
+    markdown = page.read_text()
+    assert "## Streaming calls" in markdown
+    assert "| ServerStreaming | monte-native |" in markdown
+    assert "| ServerStreaming | grpc |" in markdown
+    assert "\u00d7 grpc" in markdown  # monte-native's ratio to grpc in the same run
+    assert "msgs/s" in text
+
+
+def test_server_streaming_in_one_process() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.streams", "--messages", "3000", "--profile"]
+    result = subprocess.run(
+        [*cmd, "--limit", "5"], cwd=ROOT, capture_output=True, timeout=60, check=False
+    )
+    text = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, (text, result.stderr.decode(errors="replace"))
+    assert text.startswith("ServerStreaming in one process: 3,000 messages of 1024 bytes in ")
+    assert "messages/s" in text
+    assert "CPU µs/message (both ends)" in text
+    assert "Ordered by: internal time" in text

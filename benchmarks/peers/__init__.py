@@ -43,6 +43,9 @@ class Peer:
     open_echo_stream: Any = None
     """The stream workloads' ``open_echo_stream(client, port, opts)`` (see
     ``benchmarks.streams``), for the peers that run them."""
+    open_download: Any = None
+    """ServerStreaming's ``open_download(client, request)`` (see
+    ``benchmarks.workloads.run_server_streaming``), for the peers that run it."""
 
 
 def known() -> tuple[str, ...]:
@@ -84,4 +87,5 @@ def load(name: str) -> Peer:
         open_client=mod.client_opener,
         notes=dict(mod.NOTES.get(name, {})),
         open_echo_stream=getattr(mod, "open_echo_stream", None),
+        open_download=getattr(mod, "open_download", None),
     )

@@ -7,6 +7,8 @@ handlers see and return ``bytes``):
   ``await call.write(body)`` returns once grpc core has accepted the message for sending.
 - SendNoWait / ParallelSendNoWait: grpc.aio has no non-waiting write, so these run exactly
   like Send (marked in the table).
+- ServerStreaming: unary-stream call ``/bench.Bench/Download``; the handler is an async
+  generator yielding the messages, the client iterates the call (``async for``).
 - "up to 4 connections": up to 4 channels (local subchannel pools, so one TCP connection
   each), chosen round-robin per call / per stream.
 """
@@ -19,7 +21,17 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from ..common import BenchClient, OpenClient, PeerOptions, ServerState, tls_files
+from .. import STREAMED_MESSAGE_SIZE
+from ..common import (
+    STREAMED_DISTINCT,
+    BenchClient,
+    OpenClient,
+    PeerOptions,
+    ServerState,
+    parse_streaming_request,
+    streamed_payloads,
+    tls_files,
+)
 from ._asyncio_support import WouldBlock, wait_for_sigterm
 
 FRAMEWORK = "asyncio"
@@ -33,9 +45,12 @@ NOTES: dict[str, dict[str, str]] = {
         "ParallelSendNoWait": _NOWAIT,
         "Request": "unary call",
         "ParallelRequest": "unary calls",
+        "ServerStreaming": "unary-stream call; the handler is an async generator",
     }
     for name in ("grpc", "grpc-insecure")
 }
+STREAM_PEERS = dict.fromkeys(("grpc", "grpc-insecure"), ("ServerStreaming",))
+"""The stream workloads each peer runs: server streaming only (no byte streams)."""
 _SERVICE = "bench.Bench"
 _MAX_MSG = 4 << 20
 _OPTIONS = [
@@ -67,6 +82,13 @@ def run_server(
             state.count += 1
         return b""
 
+    async def download(body: bytes, context: Any) -> AsyncIterator[bytes]:
+        count, seed = parse_streaming_request(body)
+        payloads = streamed_payloads(seed, STREAMED_MESSAGE_SIZE)
+        mask = STREAMED_DISTINCT - 1
+        for i in range(count):
+            yield payloads[i & mask]
+
     async def main() -> None:
         server = grpc.aio.server(options=[*_OPTIONS, ("grpc.so_reuseport", 0)])
         handler = grpc.method_handlers_generic_handler(
@@ -74,6 +96,7 @@ def run_server(
             {
                 "Req": grpc.unary_unary_rpc_method_handler(req),
                 "Stream": grpc.stream_unary_rpc_method_handler(stream),
+                "Download": grpc.unary_stream_rpc_method_handler(download),
             },
         )
         server.add_generic_rpc_handlers((handler,))
@@ -108,6 +131,7 @@ class GrpcClient:
         self._channels = channels
         self._unary = [ch.unary_unary(f"/{_SERVICE}/Req") for ch in channels]
         self._stream = [ch.stream_unary(f"/{_SERVICE}/Stream") for ch in channels]
+        self.download = channels[0].unary_stream(f"/{_SERVICE}/Download")
         self._next = 0
         self._streams: dict[asyncio.Task[Any] | None, Any] = {}
 
@@ -139,6 +163,18 @@ class GrpcClient:
                 call.cancel()
         for ch in self._channels:
             await ch.close()
+
+
+@asynccontextmanager
+async def open_download(client: GrpcClient, request: bytes) -> AsyncIterator[Any]:
+    """ServerStreaming: a unary-stream call (``async for`` its messages), cancelled on
+    the way out if it has not ended."""
+    call = client.download(request)
+    try:
+        yield call
+    finally:
+        if not call.done():
+            call.cancel()
 
 
 def client_opener(name: str) -> OpenClient:

@@ -16,8 +16,16 @@ from typing import Any
 
 import trio
 
-from .. import BIG_SIZE
-from ..common import BenchClient, OpenClient, PeerOptions, ServerState
+from .. import BIG_SIZE, STREAMED_MESSAGE_SIZE
+from ..common import (
+    STREAMED_DISTINCT,
+    BenchClient,
+    OpenClient,
+    PeerOptions,
+    ServerState,
+    parse_streaming_request,
+    streamed_payloads,
+)
 from ._trio_support import run_trio_server
 
 FRAMEWORK = "trio"
@@ -25,11 +33,14 @@ NOTES: dict[str, dict[str, str]] = {
     "monte-native": {
         "ParallelMethod": "Router method, json codec, one 1400 B str argument",
         "ParallelMethodStruct": "Router method via a proxy, msgpack, a 6-field Struct",
+        "ServerStreaming": "a download call; the handler is an async generator",
     }
 }
 METHOD_PEERS = ("monte-native",)
 """The peers that run the method workloads (the others have no counterpart of them)."""
-STREAM_PEERS = {"monte-native": ("StreamEcho", "ShortStreams", "LatencyUnderBulk")}
+STREAM_PEERS = {
+    "monte-native": ("StreamEcho", "ShortStreams", "LatencyUnderBulk", "ServerStreaming")
+}
 """The stream workloads each peer runs (monte-v1 has no streams)."""
 _ECHO_READ = 256 * 1024
 
@@ -115,6 +126,14 @@ def run_server(
         except trio.BrokenResourceError:
             pass  # the client gave up on the stream (a failed run says why on its side)
 
+    async def stream_messages(call: Any) -> AsyncIterator[bytes]:
+        # ServerStreaming: a download call's handler, an async generator.
+        count, seed = parse_streaming_request(await call.receive())
+        payloads = streamed_payloads(seed, STREAMED_MESSAGE_SIZE)
+        mask = STREAMED_DISTINCT - 1
+        for i in range(count):
+            yield payloads[i & mask]
+
     async def serve(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         kwargs: dict[str, Any] = {}
         if "max_conns" in inspect.signature(monte_trio.Server).parameters:
@@ -122,6 +141,7 @@ def run_server(
             kwargs["max_conns"] = SERVER_MAX_CONNS
         if opts.streams:
             kwargs["stream_handler"] = echo_stream
+            kwargs["call_handler"] = stream_messages
         server = monte_trio.Server(
             handler,
             handshake=_handshake(name),
@@ -164,6 +184,11 @@ async def open_echo_stream(client: Any, port: int, opts: PeerOptions) -> Any:
     return await client.open_stream()
 
 
+def open_download(client: Any, request: bytes) -> Any:
+    """ServerStreaming: a download call on the client's connection (``async for``)."""
+    return client.download(request)
+
+
 def _method_router(state: ServerState, fallback: Any) -> Any:
     """The method workloads' server: ``benchmarks.methods``' Router, whose ``store``
     method counts the call; control requests (raw bodies) go to ``fallback``."""
@@ -175,4 +200,10 @@ def _method_router(state: ServerState, fallback: Any) -> Any:
     return make_router(count, fallback)
 
 
-__all__ = ["client_opener", "open_echo_stream", "run_server", "unavailable_reason"]
+__all__ = [
+    "client_opener",
+    "open_download",
+    "open_echo_stream",
+    "run_server",
+    "unavailable_reason",
+]
