@@ -27,12 +27,11 @@ import enum
 import inspect
 import logging
 import traceback
-from abc import ABCMeta
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 import trio
 
@@ -44,7 +43,7 @@ from ._exceptions import (
     RequestNotProcessed,
 )
 from ._proto._wire2 import MESSAGE_COST, RETRY_SAFE, ErrorCode
-from ._util import escape_peer_text
+from ._util import NoPublicConstructor, escape_peer_text
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -126,20 +125,6 @@ def _lost_failure(reason: ConnectionClosed) -> Failure:
         return error
 
     return make
-
-
-class _NoPublicConstructor(ABCMeta):
-    """A class users get from the library, never construct (as trio's ``Nursery``)."""
-
-    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__} has no public constructor: use "
-            "open_call(), upload() or download() on a Connection or Client, or a "
-            "call_handler"
-        )
-
-    def _create(cls: type[_T], *args: Any, **kwargs: Any) -> _T:
-        return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
 
 
 class _Core:
@@ -471,7 +456,10 @@ def _code_name(code: int) -> str:
 # -- the caller's side ----------------------------------------------------------------------
 
 
-class _CallBase(metaclass=_NoPublicConstructor):
+class _CallBase(metaclass=NoPublicConstructor):
+    _get_one_with = (
+        "open_call(), upload() or download() on a Connection or Client, or a call_handler"
+    )
     __slots__ = ()
     _core: _Core
 

@@ -22,10 +22,9 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from abc import ABCMeta
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -57,6 +56,7 @@ from ._services._router import Middleware
 from ._services._streaming import MethodCall, MethodStream, client_opener
 from ._streams import Stream, StreamHandler
 from ._trust import TrustPolicy
+from ._util import NoPublicConstructor
 
 __all__ = ["Client", "ClientStatistics", "ConnectionState", "open_client"]
 
@@ -90,19 +90,6 @@ _T = TypeVar("_T")
 _P = TypeVar("_P")
 
 
-class _NoPublicConstructor(ABCMeta):
-    """A class users get from a function (as trio's ``Nursery``), never construct."""
-
-    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__} has no public constructor: "
-            "use monte_trio.open_client()"
-        )
-
-    def _create(cls: type[_T], *args: Any, **kwargs: Any) -> _T:
-        return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
-
-
 @attrs.frozen
 class ClientStatistics:
     """A snapshot of a client's pool (see :meth:`Client.statistics`).
@@ -120,12 +107,14 @@ class ClientStatistics:
     dial_failures: int
 
 
-class Client(trio.abc.AsyncResource, metaclass=_NoPublicConstructor):
+class Client(trio.abc.AsyncResource, metaclass=NoPublicConstructor):
     """A pool of up to ``max_conns`` connections to one server.
 
     Get one from :func:`open_client`; it has no public constructor. The calls mirror
     :class:`~monte_trio.Connection`'s and pick a connection for you.
     """
+
+    _get_one_with = "monte_trio.open_client()"
 
     def __init__(
         self,

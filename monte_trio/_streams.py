@@ -33,10 +33,9 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from abc import ABCMeta
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast, final
+from typing import TYPE_CHECKING, Any, TypeVar, cast, final
 
 import trio
 
@@ -55,6 +54,7 @@ from ._proto._session import (
     EV_STREAM_OPENED,
 )
 from ._proto._wire2 import MESSAGE_COST, ErrorCode
+from ._util import NoPublicConstructor
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -129,21 +129,8 @@ def _lost_failure(reason: ConnectionClosed) -> Failure:
     return make
 
 
-class _NoPublicConstructor(ABCMeta):
-    """A class users get from a function, never construct (as trio's ``Nursery``)."""
-
-    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__} has no public constructor: use "
-            "open_stream() on a Connection or Client, or a stream_handler"
-        )
-
-    def _create(cls: type[_T], *args: Any, **kwargs: Any) -> _T:
-        return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
-
-
 @final
-class Stream(trio.abc.HalfCloseableStream, metaclass=_NoPublicConstructor):
+class Stream(trio.abc.HalfCloseableStream, metaclass=NoPublicConstructor):
     """A byte stream over a connection: a :class:`trio.abc.HalfCloseableStream`.
 
     Get one from :meth:`Connection.open_stream <monte_trio.Connection.open_stream>` or
@@ -174,6 +161,8 @@ class Stream(trio.abc.HalfCloseableStream, metaclass=_NoPublicConstructor):
     part): later sends raise :exc:`trio.BrokenResourceError`, and :meth:`aclose` resets
     that half, so the peer never mistakes the truncated data for a complete stream.
     """
+
+    _get_one_with = "open_stream() on a Connection or Client, or a stream_handler"
 
     __slots__ = (
         "_chunks",

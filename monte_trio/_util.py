@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import unicodedata
+from abc import ABCMeta
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
-__all__ = ["PEER_TEXT_LIMIT", "ConflictDetector", "escape_peer_text", "printable"]
+__all__ = [
+    "PEER_TEXT_LIMIT",
+    "ConflictDetector",
+    "NoPublicConstructor",
+    "escape_peer_text",
+    "printable",
+]
+
+_T = TypeVar("_T")
 
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+class NoPublicConstructor(ABCMeta):
+    """The metaclass of classes users get from the library and never construct (as
+    trio's ``Nursery``): calling the class raises :exc:`TypeError` saying how to get one
+    (the class's ``_get_one_with``); the library makes them with ``_create``."""
+
+    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
+        how = getattr(cls, "_get_one_with", "the function that returns one")
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__} has no public constructor: use {how}"
+        )
+
+    def _create(cls: type[_T], *args: Any, **kwargs: Any) -> _T:
+        return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
 
 
 class ConflictDetector:

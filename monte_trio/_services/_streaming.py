@@ -27,11 +27,10 @@ its first message (:class:`_MethodOpening`), through client middleware, and wrap
 from __future__ import annotations
 
 import math
-from abc import ABCMeta
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 import trio
 
@@ -43,6 +42,7 @@ from .._exceptions import (
     MonteError,
     RequestNotProcessed,
 )
+from .._util import NoPublicConstructor
 from . import _envelope as env
 from ._caller import UNTYPED, _client_metadata, _metadata, decode_reply, encode_call
 from ._codecs import Codec, get_codec
@@ -322,18 +322,8 @@ async def _serve(router: Router, call: IncomingCall, codec: Codec) -> bytes | No
 # -- the calling side ------------------------------------------------------------------------
 
 
-class _NoPublicConstructor(ABCMeta):
-    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__} has no public constructor: use stream() "
-            "or stream_call() on a Connection or Client"
-        )
-
-    def _create(cls: type[_T], *args: Any, **kwargs: Any) -> _T:
-        return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
-
-
-class _MethodChannel(metaclass=_NoPublicConstructor):
+class _MethodChannel(metaclass=NoPublicConstructor):
+    _get_one_with = "stream() or stream_call() on a Connection or Client"
     __slots__ = ()
     _raw: Call | DownloadCall
     _name: str
