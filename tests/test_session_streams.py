@@ -494,6 +494,35 @@ def test_download_call_one_request_many_replies() -> None:
     assert a.streams_open == (0, 0) == b.streams_open
 
 
+@pytest.mark.parametrize(
+    ("shape", "messages"),
+    [
+        (SHAPE_BIDIRECTIONAL, [b""]),
+        (SHAPE_BIDIRECTIONAL, [b"a", b""]),
+        (SHAPE_BIDIRECTIONAL, [b"", b""]),
+        (SHAPE_DOWNLOAD, [b""]),  # a download's one request, empty
+        (SHAPE_UPLOAD, [b"", b""]),
+    ],
+)
+def test_an_empty_last_message_is_not_an_end(shape: int, messages: list[bytes]) -> None:
+    """An empty message is a DATA frame without flags, so END never rides on it: it
+    follows in a frame of its own (else the receiver reads END alone and loses the
+    message, or on a one-message half fails the connection)."""
+    a, b = pair()
+    cid = a.open_call(shape)
+    assert cid is not None
+    for i, message in enumerate(messages):
+        last = i == len(messages) - 1
+        assert a.send_message(cid, message, end=last and shape != SHAPE_DOWNLOAD)
+    out = a.records_to_send(MP)
+    data = [f for f in frames(out) if f[0] == Kind.DATA]
+    assert data[-1] == (Kind.DATA, FLAG_END, 0, cid)  # END alone
+    assert all(f[1] == 0 for f in data[:-1])
+    events = b.receive_records(out)
+    assert [e[2] for e in events if e[0] == S.EV_MESSAGE] == messages
+    assert events[-1] == (S.EV_END, cid, 0, 0)
+
+
 def test_upload_call_reply_is_one_message() -> None:
     a, b = pair()
     cid = a.open_call(SHAPE_UPLOAD)
@@ -511,7 +540,7 @@ def test_upload_call_reply_is_one_message() -> None:
     "data",
     [
         frame(Kind.DATA, 1, b"one") + frame(Kind.DATA, 1, b"two"),  # END missing
-        frame(Kind.DATA, 1, flags=FLAG_END),  # END without the message
+        frame(Kind.DATA, 1, b""),  # an empty message without END
         frame(Kind.DATA, 1, b"", FLAG_MORE),  # empty MORE fragment
         frame(Kind.DATA, 1, b"x", FLAG_MORE | FLAG_END),
     ],

@@ -1402,7 +1402,14 @@ class Session:
                     else:
                         item[1] = offset + t
                     take += t
-            if not buf and not flags & FLAG_MORE and ch.send_state == HALF_ENDING:
+            if (
+                not buf
+                and not flags & FLAG_MORE
+                and ch.send_state == HALF_ENDING
+                # An empty message on a many-message half is a frame without flags, so
+                # END follows alone; a one-message half's empty message is END alone.
+                and not (pieces and not take and ch.send_many)
+            ):
                 flags |= FLAG_END
                 ch.send_state = HALF_CLOSED
             parts.append(_pack(_DATA, flags, take, ident))
@@ -2104,9 +2111,14 @@ class Session:
         more = flags & FLAG_MORE
         ending = flags & FLAG_END
         if message is None and not flags & (FLAG_MORE | FLAG_COMPRESSED) and not length and ending:
-            # END alone: no message.
+            # END alone: no message; on a one-message half before its message, the
+            # message is empty.
             if not ch.recv_many and not ch.r_messages:
-                raise _violation(ErrorCode.PROTOCOL, f"call {ident} ended without its message")
+                if ch.r_recv + MESSAGE_COST > ch.r_limit:
+                    raise _violation(ErrorCode.FLOW_CONTROL, f"call {ident} beyond its window")
+                ch.r_recv += MESSAGE_COST
+                ch.r_messages = 1
+                events.append((EV_MESSAGE, ident, b"", MESSAGE_COST))
             return
         if message is None:
             if not ch.recv_many and ch.r_messages:
