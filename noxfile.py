@@ -215,7 +215,8 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session
 def soak(session: nox.Session) -> None:
-    """Run the soak tests (marked soak) at full size: 200 connections, 20,000 requests."""
+    """Run the soak tests (marked soak) at full size: 200 connections, 20,000 requests, and
+    1,000 seeded stream schedules (tests/test_stream_schedules.py)."""
     session.install(".[test]")
     session.run(
         "pytest",
@@ -223,7 +224,11 @@ def soak(session: nox.Session) -> None:
         "soak",
         "-s",
         *session.posargs,
-        env={"MONTE_SOAK_CONNECTIONS": "200", "MONTE_SOAK_REQUESTS": "20000"},
+        env={
+            "MONTE_SOAK_CONNECTIONS": "200",
+            "MONTE_SOAK_REQUESTS": "20000",
+            "MONTE_SCHEDULE_SEEDS": "1000",
+        },
     )
 
 
