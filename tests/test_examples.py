@@ -483,6 +483,23 @@ async def test_download_demo() -> None:
     ]
 
 
+async def test_log_search_streams_its_results() -> None:
+    """A download-style streaming call: one request, the matching lines as messages."""
+    with trio.fail_after(30):
+        async with spawn("log_search.py") as program:
+            await program.close_stdin()
+            code, rest, stderr = await program.finish()
+    assert code == 0, (rest, stderr)
+    assert "Traceback" not in stderr
+    assert rest.splitlines() == [
+        "client: 16,666 lines hold ERROR, the first: 000005 ERROR request 5 took 185 ms",
+        "client: 200 requests took 499 ms",
+        "client: no line holds 'no such thing'",
+        "client: an empty term was refused: ValueError: an empty search term matches "
+        "everything: ask for less",
+    ]
+
+
 async def test_download_serve_and_get(tmp_path: Path) -> None:
     served = tmp_path / "served"
     served.mkdir()
