@@ -49,7 +49,9 @@ if TYPE_CHECKING:
     from ._client import Client
     from ._connection import Connection
     from ._keys import PublicKey
+    from ._proto._session import Session
     from ._streams import Streams
+    from ._writer import Writer
 
 __all__ = [
     "Call",
@@ -160,34 +162,34 @@ class _Core:
 
     def __init__(self, streams: Streams, ident: int, shape: CallShape, *, ours: bool) -> None:
         conn = streams.connection
-        self.streams = streams
-        self.conn = conn
-        self.session = streams.session
-        self.writer = conn._writer
-        self.ident = ident
-        self.shape = shape
-        self.ours = ours
+        self.streams: Streams = streams
+        self.conn: Connection = conn
+        self.session: Session = streams.session
+        self.writer: Writer = conn._writer
+        self.ident: int = ident
+        self.shape: CallShape = shape
+        self.ours: bool = ours
         # Which of our halves carries many messages (the other carries exactly one).
-        self.send_many = shape == CallShape.BIDIRECTIONAL or (
+        self.send_many: bool = shape == CallShape.BIDIRECTIONAL or (
             shape == (CallShape.UPLOAD if ours else CallShape.DOWNLOAD)
         )
         self.inbox: deque[tuple[bytes, int]] = deque()
-        self.ended = False  # the peer's END arrived
+        self.ended: bool = False  # the peer's END arrived
         self.error: Failure | None = None  # the call failed both ways (ERROR, connection)
         self.recv_error: Failure | None = None
         self.send_error: Failure | None = None
-        self.recv_lot = trio.lowlevel.ParkingLot()
-        self.send_lot = trio.lowlevel.ParkingLot()
-        self.space_waiting = False
-        self.receiving = False
-        self.sending = False
-        self.sent = 0
-        self.sent_end = False
-        self.closed = False
-        self.peer_cancelled = False
+        self.recv_lot: trio.lowlevel.ParkingLot = trio.lowlevel.ParkingLot()
+        self.send_lot: trio.lowlevel.ParkingLot = trio.lowlevel.ParkingLot()
+        self.space_waiting: bool = False
+        self.receiving: bool = False
+        self.sending: bool = False
+        self.sent: int = 0
+        self.sent_end: bool = False
+        self.closed: bool = False
+        self.peer_cancelled: bool = False
         self.scope: trio.CancelScope | None = None
-        self.unyielded = 0  # messages received in a row without a schedule point
-        self.limit = 0  # max_message_size, once known
+        self.unyielded: int = 0  # messages received in a row without a schedule point
+        self.limit: int = 0  # max_message_size, once known
 
     @property
     def max_message_size(self) -> int:

@@ -209,9 +209,9 @@ class Stream(trio.abc.HalfCloseableStream, metaclass=NoPublicConstructor):
         self._eof_sent = False
         self._send_lot = trio.lowlevel.ParkingLot()
         self._space_waiting = False
-        self.buffered = 0
+        self.buffered: int = 0
         """Bytes received and not yet read."""
-        self.closed = False
+        self.closed: bool = False
         """Whether :meth:`aclose` (or :meth:`reset`) was called."""
 
     def __repr__(self) -> str:
@@ -603,12 +603,13 @@ class Streams:
         handler: StreamHandler | None,
         call_handler: CallHandler | None = None,
     ) -> None:
-        self.connection = connection
+        self.connection: Connection = connection
         self._conn = connection
         self._handler = handler
         self._call_handler = call_handler
         # Streams exist on native connections only (open() checks; monte-v1 has no events).
-        self.session = self._session = cast("Session", connection._session)
+        self.session: Session = cast("Session", connection._session)
+        self._session = self.session
         self._writer = connection._writer
         config = connection._config
         if handler is not None and not config.max_streams:
@@ -629,8 +630,8 @@ class Streams:
         self._waiting: deque[Stream | _Core] = deque()
         self._max_handlers = max(1, config.max_streams)
         self._next_probe = -math.inf
-        self.alive = True
-        self.queue_limit = max(1, config.max_send_queue // 2)
+        self.alive: bool = True
+        self.queue_limit: int = max(1, config.max_send_queue // 2)
 
     # -- queries ---------------------------------------------------------------------------
 

@@ -122,12 +122,14 @@ class Writer:
         self._on_credit_held = on_credit_held
         self._packed = 0  # body bytes packed so far (all time)
         self._waiters: deque[_Written] = deque()
-        self.max_send_queue = max_send_queue
+        self.max_send_queue: int = max_send_queue
         self.task: trio.lowlevel.Task | None = None  # the writer, while parked
-        self.direct = False  # a caller is writing (see the module docstring)
-        self.space = trio.lowlevel.ParkingLot()  # senders waiting for room
-        self.owed = 0  # credit returned to the session since the last pack (bytes)
-        self.credit_now = 64 * 1024  # owed credit sent at once (set from the windows)
+        self.direct: bool = False  # a caller is writing (see the module docstring)
+        self.space: trio.lowlevel.ParkingLot = (
+            trio.lowlevel.ParkingLot()
+        )  # senders waiting for room
+        self.owed: int = 0  # credit returned to the session since the last pack (bytes)
+        self.credit_now: int = 64 * 1024  # owed credit sent at once (set from the windows)
 
     def wake(self) -> None:
         """Wake the writer if it is parked (and no direct write is in progress)."""
