@@ -99,6 +99,10 @@ class FileServer:
     async def __call__(self, stream: monte_trio.Stream) -> None:
         try:
             request = await receive_header(stream)
+            # The client half-closes after its request: read up to that end, so that
+            # closing our side never cuts a client still finishing its request.
+            if await stream.receive_some():
+                raise DownloadError("the request went on after its header")
             await self.send(stream, str(request.get("get", "")))
         except (DownloadError, ValueError) as exc:  # a client breaking the rules
             print(f"server: refused a request: {exc}", flush=True)
