@@ -141,7 +141,6 @@ def test_stream_echo_in_one_process_profiled() -> None:
 
 
 def test_quick_server_streaming(tmp_path: Path) -> None:
-    pytest.importorskip("grpc", reason="grpcio is needed for the grpc peer")
     out = tmp_path / "results.json"
     page = tmp_path / "page.md"
     args = [
