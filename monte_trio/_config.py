@@ -125,10 +125,13 @@ class ConnectionConfig:
             (at least ``2 * stream_window``, default 16 MiB). It is returned as data enters
             its stream's buffer: it bounds what is in flight, not what is held.
         stream_window_max: native only: the largest a stream's window grows to (at least
-            ``stream_window``, at most 2**30, default 16 MiB). A window doubles when the
+            ``stream_window``, at most 2**30, default 4 MiB). A window doubles when the
             application reads faster than the window allows in a round trip (toward the
             bandwidth-delay product); it grows only while the application reads, and it
             bounds what one stream can hold (see docs/reliability.rst, "Memory budget").
+            A larger cap lets one stream fill a long fat link (4 MiB carries 200 MB/s at
+            a 20 ms round trip) but lets a bulk stream queue more bytes in the sockets
+            ahead of the calls on the same connection (docs/benchmarks.rst, "Streams").
         compression: native only: the codecs that compress message bodies, by name in this
             side's order of preference: ``"lz4"``, ``"zstd"`` (their packages come with
             ``pip install monte_trio[compression]``; naming one that is not installed is
@@ -200,7 +203,7 @@ class ConnectionConfig:
         validator=[attrs.validators.gt(0), attrs.validators.le(2**62)],
     )
     stream_window_max: int = attrs.field(
-        default=16 * 1024 * 1024,
+        default=4 * 1024 * 1024,
         validator=[attrs.validators.gt(0), attrs.validators.le(_MAX_STREAM_WINDOW)],
     )
     compression: tuple[str, ...] = attrs.field(

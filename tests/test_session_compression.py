@@ -312,7 +312,7 @@ def test_streaming_call_messages_are_compressed_one_by_one(codec: int) -> None:
     a, b = pair((codec,))
     call = a.open_call(SHAPE_BIDIRECTIONAL)
     assert call is not None
-    bodies = [os.urandom(SLICE) + json_body(100_000, 7), b"tiny", json_body(5000, 8)]
+    bodies = [os.urandom(70_000) + json_body(50_000, 7), b"tiny", json_body(5000, 8)]
     start = a.stream_credit(call)
     assert start is not None
     for body in bodies:
@@ -332,7 +332,7 @@ def test_streaming_call_messages_are_compressed_one_by_one(codec: int) -> None:
     data = [f for f in message_frames(plaintexts) if f[0] == Kind.DATA]
     assert sum(f[2] for f in data) == sent_data < sum(map(len, bodies))
     assert b.data_ledger["received"] == sent_data
-    # The first message is longer than a slice even compressed: MORE frames, and only
+    # The first message is longer than a frame even compressed: MORE frames, and only
     # its first frame carries the flag.
     first = [f[1] for f in data[:-2]]
     assert first[0] == C | FLAG_MORE

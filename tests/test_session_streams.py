@@ -560,7 +560,9 @@ def test_large_call_message_fragments_with_more_and_message_cost() -> None:
     data_frames = [f for f in frames(out) if f[0] == Kind.DATA]
     assert all(f[1] == FLAG_MORE for f in data_frames[:-1])
     assert data_frames[-1][1] == 0
-    assert max(f[2] for f in data_frames) <= SLICE
+    # A call alone on the connection: frames as large as a record allows.
+    assert len(data_frames) == 2
+    assert max(f[2] for f in data_frames) <= MP - 8
     events = b.receive_records(out)
     assert events[-1] == (S.EV_MESSAGE, cid, body, len(body) + MESSAGE_COST)
     assert b.stream_credit(cid)["unread"] == len(body) + MESSAGE_COST  # type: ignore[index]
@@ -629,6 +631,20 @@ def test_two_streams_interleave_round_robin() -> None:
         f[3] for f in frames(a.records_to_send(MP, max_bytes=128 * 1024)) if f[0] == Kind.DATA
     ]
     assert order[:4] == [s1, s3, s1, s3]
+
+
+def test_a_stream_alone_takes_large_frames_and_two_take_slices() -> None:
+    a, b = pair()
+    s1 = opened(a, b)
+    a.send_data(s1, bytes(100_000))
+    alone = [f for f in frames(a.records_to_send(MP, max_bytes=128 * 1024)) if f[0] == Kind.DATA]
+    assert max(f[2] for f in alone) > SLICE  # nobody to be fair to: frames a record long
+    assert sum(f[2] for f in alone) == 100_000
+    s3 = opened(a, b)
+    a.send_data(s1, bytes(100_000))
+    a.send_data(s3, bytes(100_000))
+    shared = [f for f in frames(a.records_to_send(MP, max_bytes=128 * 1024)) if f[0] == Kind.DATA]
+    assert max(f[2] for f in shared) <= SLICE
 
 
 def test_control_frames_jump_ahead_of_stream_data() -> None:

@@ -1322,7 +1322,10 @@ class Session:
         limit: int,
     ) -> tuple[int, int]:
         """Fair scheduling: turns of at most SLICE payload bytes, round-robin between the
-        message queue and each stream with data (control frames went first)."""
+        message queue and each stream with data (control frames went first). A stream
+        alone (no message queued, no other stream ready) takes what is left of this pack
+        in one turn, in frames as large as a record allows: there is nobody to be fair
+        to, and larger frames cost less to pack and parse."""
         queue = self._queue
         ready = self._ready
         channels = self._channels
@@ -1336,7 +1339,10 @@ class Session:
                 if ch is None or not ch.ready:
                     continue
                 ch.ready = False
-                size, produced = self._pack_channel(ch, out, parts, size, produced, max_plaintext)
+                cap = SLICE if queue or ready else max(SLICE, limit - produced)
+                size, produced = self._pack_channel(
+                    ch, out, parts, size, produced, max_plaintext, cap
+                )
                 if ch.send_buf or ch.send_state == HALF_ENDING:
                     ch.ready = True
                     ready.append(ch.ident)
@@ -1350,15 +1356,16 @@ class Session:
         size: int,
         produced: int,
         max_plaintext: int,
+        cap: int = SLICE,
     ) -> tuple[int, int]:
-        """One turn of one stream: DATA frames of at most SLICE payload bytes in all (a
+        """One turn of one stream: DATA frames of at most ``cap`` payload bytes in all (a
         call's message continues with MORE; END rides on the last frame; a compressed
         message's first frame carries its envelope header whole, or waits for the next
         turn)."""
         ident = ch.ident
         buf = ch.send_buf
         turn = 0
-        while turn < SLICE:
+        while turn < cap:
             if not buf and ch.send_state != HALF_ENDING:
                 break
             remaining = len(buf[0][0]) - buf[0][1] if buf else 0
@@ -1369,7 +1376,7 @@ class Session:
                 produced += size
                 size = 0
                 room = max_plaintext - 8
-            room = min(room, 65535, SLICE - turn)
+            room = min(room, 65535, cap - turn)
             flags = 0
             take = 0
             if not buf:
