@@ -195,19 +195,7 @@ def current_call() -> CallInfo:
             "current_call() is only available inside a method a Router is serving "
             "(and the tasks it starts)"
         )
-    name, args, kwargs, conn, flags, deadline, metadata, oneway, kind = serving
-    return CallInfo(
-        name,
-        args,
-        kwargs,
-        conn,
-        "server",
-        bool(flags & env.FLAG_IDEMPOTENT),
-        deadline,
-        {} if metadata is None else metadata,
-        oneway,
-        kind,
-    )
+    return _served_info(*serving)
 
 
 Next = Callable[[], Awaitable[Any]]
@@ -269,6 +257,33 @@ UNARY = "unary"
 SERVER_STREAMING = "server-streaming"
 CLIENT_STREAMING = "client-streaming"
 BIDIRECTIONAL = "bidirectional"
+
+
+def _served_info(
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    conn: Connection,
+    flags: int,
+    deadline: float,
+    metadata: dict[str, str] | None,
+    oneway: bool,
+    kind: str,
+) -> CallInfo:
+    """The :class:`CallInfo` of a call this side serves."""
+    return CallInfo(
+        name,
+        args,
+        kwargs,
+        conn,
+        "server",
+        bool(flags & env.FLAG_IDEMPOTENT),
+        deadline,
+        {} if metadata is None else metadata,
+        oneway,
+        kind,
+    )
+
 
 _ASYNC_ITERABLES = (collections.abc.AsyncIterator, collections.abc.AsyncIterable)
 _ASYNC_RESULTS = (*_ASYNC_ITERABLES, collections.abc.AsyncGenerator)
@@ -743,16 +758,8 @@ class Router:
         """Run the method through the middleware (if any)."""
         if not self._middleware:
             return await method.func(*args, **kwargs)
-        info = CallInfo(
-            method.name,
-            args,
-            kwargs,
-            conn,
-            "server",
-            bool(flags & env.FLAG_IDEMPOTENT),
-            deadline,
-            {} if metadata is None else metadata,
-            oneway,
+        info = _served_info(
+            method.name, args, kwargs, conn, flags, deadline, metadata, oneway, UNARY
         )
 
         async def last() -> Any:

@@ -60,6 +60,7 @@ from ._router import (
     _exception_reply,
     _Method,
     _Refusal,
+    _served_info,
     _serving,
     run_middleware,
 )
@@ -271,17 +272,8 @@ async def _serve(router: Router, call: IncomingCall, codec: Codec) -> bytes | No
         try:
             with trio.move_on_at(deadline) as scope:
                 if router._middleware:
-                    info = CallInfo(
-                        name,
-                        args,
-                        kwargs,
-                        conn,
-                        "server",
-                        bool(flags & env.FLAG_IDEMPOTENT),
-                        deadline,
-                        {} if metadata is None else metadata,
-                        False,
-                        method.kind,
+                    info = _served_info(
+                        name, args, kwargs, conn, flags, deadline, metadata, False, method.kind
                     )
 
                     async def last() -> Any:
