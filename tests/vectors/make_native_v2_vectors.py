@@ -197,7 +197,8 @@ def credit() -> dict[str, Any]:
 
 def streams() -> dict[str, Any]:
     """Both sides with STREAM_HELLO: a byte stream that runs out of credit, the window
-    update, END both ways; a download call; a cancelled bidirectional call."""
+    update, END both ways; a download call; a cancelled bidirectional call; a download
+    whose request and last reply are empty messages."""
     ini = S.Session(initiator=True, local=STREAM_HELLO, peer=STREAM_HELLO, keepalive_interval=None)
     res = S.Session(
         initiator=False, local=STREAM_HELLO, peer=STREAM_HELLO, keepalive_interval=None
@@ -244,6 +245,12 @@ def streams() -> dict[str, Any]:
     ini.cancel(bid)
     flush(ini, res, "cancelled: RESET(5, CANCELLED) and STOP(5, CANCELLED)")
     flush(res, ini, "STOP answered by RESET(5, CANCELLED); both slots are free")
+    did = ini.open_call(2) or 0
+    ini.send_message(did, b"")
+    flush(ini, res, "CALL 7, download with an empty request: END alone is its message")
+    res.read_done(did, wire.MESSAGE_COST)
+    res.send_message(did, b"", end=True)
+    flush(res, ini, "a last empty message: a DATA frame without flags, then END alone")
     assert ini.streams_open == (0, 0) == res.streams_open
     return {
         "hello": hello_json(STREAM_HELLO),
