@@ -5,7 +5,9 @@
   runs handlers inline in its reader and deadlocks there). Workers are long-lived and
   started only as concurrency requires, up to ``max_concurrent_handlers``; at most one idle
   worker is woken per burst, and it wakes another only if the inbox still holds work once
-  it starts a handler.
+  it starts a handler. A worker serves request after request under one cancel scope,
+  replaced only once a CANCEL has cancelled it (a scope per request would cost more than
+  a small handler).
 * The kind is chosen explicitly, never guessed from the function: a plain function
   wrapped with :func:`inline` (an :class:`InlineHandler`) cannot await anything, so it
   cannot deadlock: the reader calls it **inline**, with no hand-off to a worker, and its
@@ -300,53 +302,86 @@ class HandlerPool:
     # -- running handlers ------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        inbox = self.inbox
-        me = trio.lowlevel.current_task()
         try:
             while True:
-                if not inbox:
-                    self._idle_workers.append(me)
-                    self._spare -= 1
-                    self._settle()
-
-                    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-                        # Runs in whichever task cancelled us: never call current_task() here.
-                        self._idle_workers.remove(me)
-                        self._spare += 1
-                        return trio.lowlevel.Abort.SUCCEEDED
-
-                    await trio.lowlevel.wait_task_rescheduled(abort)
-                    continue
-                self._spare -= 1
-                if self.reader_parked is not None:
-                    task, self.reader_parked = self.reader_parked, None
-                    trio.lowlevel.reschedule(task)
-                if len(inbox) > 1 and self._spare == 0:
-                    self._add_worker()
-                self.busy += 1
-                try:
-                    ident, body, _ = inbox.popleft()
-                    await self._serve(ident, body)
-                    del body
-                finally:
-                    self.busy -= 1
-                    self._spare += 1
-                if not inbox and self._session.wants_write:
-                    # The end of a burst: the credit the handlers returned goes out soon.
-                    self._conn.credit_returned(0)
+                # One cancel scope serves request after request: entering and leaving one
+                # per request would cost more than a small handler. The peer's CANCEL
+                # cancels it while it runs that call's handler (:meth:`cancel`); then it
+                # is spent, and the worker enters a fresh one.
+                answer = None
+                with trio.CancelScope() as scope:
+                    answer = await self._work(scope)
+                if answer is not None:  # a reply made after this scope was cancelled
+                    await self._answer(*answer)
         finally:
             self._workers -= 1
 
+    async def _work(self, scope: trio.CancelScope) -> tuple[int, bytes, bool] | None:
+        """Serve requests from the inbox under ``scope`` until a CANCEL has cancelled it
+        (the :exc:`trio.Cancelled` of the handler it stopped, or the reply of a handler
+        that finished anyway, to send outside the spent scope)."""
+        inbox = self.inbox
+        me = trio.lowlevel.current_task()
+        while True:
+            if not inbox:
+                self._idle_workers.append(me)
+                self._spare -= 1
+                self._settle()
+
+                def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+                    # Runs in whichever task cancelled us: never call current_task() here.
+                    self._idle_workers.remove(me)
+                    self._spare += 1
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                continue
+            self._spare -= 1
+            if self.reader_parked is not None:
+                task, self.reader_parked = self.reader_parked, None
+                trio.lowlevel.reschedule(task)
+            if len(inbox) > 1 and self._spare == 0:
+                self._add_worker()
+            self.busy += 1
+            try:
+                ident, body, _ = inbox.popleft()
+                answer = await self._serve(ident, body, scope)
+                del body
+            finally:
+                self.busy -= 1
+                self._spare += 1
+            if scope.cancel_called:
+                return answer
+            if not inbox and self._session.wants_write:
+                # The end of a burst: the credit the handlers returned goes out soon.
+                self._conn.credit_returned(0)
+
     async def _run_nested(self, ident: int, body: bytes) -> None:
         try:
-            await self._conn._guarded(functools.partial(self._serve, ident, body))
+            await self._conn._guarded(functools.partial(self._serve_alone, ident, body))
         finally:
             self.busy -= 1
             self._settle()
             self._conn.credit_returned(0)
 
-    async def _serve(self, ident: int, body: bytes) -> None:
-        """Run the async handler for one request and queue its answer."""
+    async def _serve_alone(self, ident: int, body: bytes) -> None:
+        """Serve one request under a cancel scope of its own (a nested call's task)."""
+        answer = None
+        with trio.CancelScope() as scope:
+            answer = await self._serve(ident, body, scope)
+        if answer is not None:
+            await self._answer(*answer)
+
+    async def _serve(
+        self, ident: int, body: bytes, scope: trio.CancelScope
+    ) -> tuple[int, bytes, bool] | None:
+        """Run the async handler for one request under ``scope`` and queue its answer.
+
+        Returns the reply instead if ``scope`` was cancelled meanwhile (the handler
+        finished anyway): the caller sends it once out of the spent scope. A CANCEL that
+        stops the handler answers the call here and lets the :exc:`trio.Cancelled`
+        through to ``scope``.
+        """
         conn = self._conn
         session = self._session
         size = len(body)
@@ -360,40 +395,42 @@ class HandlerPool:
             finally:
                 session.consumed(0, size)
                 conn._writer.owed += size + 64
-            return
+            return None
         native = conn._native
+        scopes = self.scopes
+        if native:
+            if ident not in scopes:
+                return None  # cancelled (and answered) before it started
+            scopes[ident] = scope
         token = current_call.set((conn, ident))
         try:
-            if native:
-                scopes = self.scopes
-                with trio.CancelScope() as scope:
-                    if ident in scopes:
-                        scopes[ident] = scope
-                    else:  # cancelled before it started
-                        scope.cancel()
-                    reply = reply_body(await self._awaitable(self.handler(request)))
-                if scopes.get(ident) is scope:
-                    del scopes[ident]
-                if scope.cancelled_caught:
-                    session.consumed(ident)
-                    self._answer_error(ident, ErrorCode.CANCELLED, "")
-                    return
-            else:
-                reply = reply_body(await self._awaitable(self.handler(request)))
+            reply = reply_body(await self._awaitable(self.handler(request)))
+        except trio.Cancelled:
+            if native and scopes.pop(ident, None) is scope and scope.cancel_called:
+                # The peer's CANCEL stopped it (or the connection is closing, and then
+                # nobody reads the answer): answer, and let the scope catch the rest.
+                session.consumed(ident)
+                self._answer_error(ident, ErrorCode.CANCELLED, "")
+            raise
         except Exception as exc:
-            self.scopes.pop(ident, None)
+            scopes.pop(ident, None)
             session.consumed(ident)
             text = self._failed(ident, exc)
             if text is not None:
                 self._answer_error(ident, ErrorCode.INTERNAL, text)
-            return
+            return None
         finally:
             current_call.reset(token)
+        if native:
+            del scopes[ident]
         compress = request.compress_reply
         del request
         session.consumed(ident)
         conn._writer.owed += size + 64
+        if scope.cancel_called:
+            return ident, reply, compress
         await self._answer(ident, reply, compress)
+        return None
 
     def _awaitable(self, result: object) -> Awaitable[bytes | None]:
         """What an async handler returned, checked: a plain function passed unwrapped

@@ -331,6 +331,80 @@ async def test_remote_cancellation_reaches_the_handler(
             assert not client.closed
 
 
+async def test_one_handler_worker_serves_on_after_remote_cancellations(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One worker: each call it serves after a cancelled one runs where the cancelled one
+    # ran. A call cancelled while it waits behind a busy worker is answered unrun.
+    started: list[bytes] = []
+    cancelled: list[trio.Event] = []
+
+    async def handler(request: Request) -> bytes:
+        started.append(request.body)
+        if request.body.startswith(b"slow"):
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                cancelled[-1].set()
+                raise
+        await trio.sleep(1)  # a checkpoint: a spent cancel scope would stop it here
+        return b"done " + request.body
+
+    config = ConnectionConfig(max_concurrent_handlers=1)
+    with trio.fail_after(60):
+        async with open_connection_pair(
+            NativeHandshake(trust=AcceptAnyKey()), server_handler=handler, config=config
+        ) as (client, server):
+            for round_ in range(5):
+                cancelled.append(trio.Event())
+                async with trio.open_nursery() as nursery:
+
+                    async def queued(body: bytes) -> None:
+                        with trio.move_on_after(2) as scope:
+                            await client.request(body)
+                        assert scope.cancelled_caught, "the queued call was answered"
+
+                    with trio.move_on_after(5):
+                        nursery.start_soon(queued, b"queued %d" % round_)
+                        await client.request(b"slow %d" % round_)
+                await cancelled[-1].wait()
+                assert await client.request(b"next %d" % round_) == b"done next %d" % round_
+                assert server.statistics().running_handlers == 0
+            # The queued calls were cancelled unrun; every other call ran once.
+            assert started == [b for r in range(5) for b in (b"slow %d" % r, b"next %d" % r)]
+
+
+async def test_a_handler_that_outlives_its_remote_cancellation_leaves_the_next_calls_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    finished: list[bytes] = []
+
+    async def handler(request: Request) -> bytes:
+        if request.body == b"stubborn":
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                pass  # it ignores the cancellation and answers anyway
+        else:
+            await trio.sleep(1)
+        finished.append(request.body)
+        return b"done " + request.body
+
+    config = ConnectionConfig(max_concurrent_handlers=1)
+    with trio.fail_after(60):
+        async with open_connection_pair(
+            NativeHandshake(trust=AcceptAnyKey()), server_handler=handler, config=config
+        ) as (client, server):
+            for round_ in range(3):
+                with trio.move_on_after(5) as scope:
+                    await client.request(b"stubborn")
+                assert scope.cancelled_caught  # its late reply is dropped
+                assert await client.request(b"after %d" % round_) == b"done after %d" % round_
+            assert finished == [b for r in range(3) for b in (b"stubborn", b"after %d" % r)]
+            assert server.statistics().running_handlers == 0
+            assert not client.closed
+
+
 async def test_keepalive_measures_rtt_and_detects_a_silent_peer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
