@@ -191,6 +191,28 @@ def reply_body(reply: object) -> bytes:
     )
 
 
+_ServeBody = Callable[[bytes, int, "Connection"], Awaitable[bytes | None] | None]
+
+
+class BodyHandler:
+    """An async handler that the worker pool may call with the body itself.
+
+    The library's own handlers (a :class:`~monte_trio.Router`) derive from it: the pool
+    then calls :meth:`serve_body` instead of making a :class:`Request` and calling the
+    handler with it, one object and one call less per request.
+    """
+
+    __slots__ = ()
+
+    def serve_body(
+        self, body: bytes, call_id: int, connection: Connection
+    ) -> Awaitable[bytes | None] | None:
+        """What ``self(Request(body, call_id, call_id == 0, connection))`` returns; or
+        ``None``: call the handler with the :class:`Request` instead (it may read or
+        set more than the body, ``compress_reply`` for one)."""
+        raise NotImplementedError
+
+
 async def _no_handler(request: Request) -> bytes | None:
     # Not a LocalProtocolError: nothing this side sends breaks the protocol; the peer
     # gets an error reply (native) saying why.
@@ -213,6 +235,9 @@ class HandlerPool:
         self._session = connection._session
         self.handler: AsyncHandler = _no_handler
         self.inline: Callable[[Request], bytes | None] | None = None
+        self._serve_body: _ServeBody | None = (
+            handler.serve_body if isinstance(handler, BodyHandler) else None
+        )
         if isinstance(handler, InlineHandler):
             self.inline = handler.func
         elif handler is not None:
@@ -227,6 +252,9 @@ class HandlerPool:
         self.nursery: trio.Nursery | None = None
         # native: the peer's requests in progress: queued (None) or running (their scope)
         self.scopes: dict[int, trio.CancelScope | None] = {}
+        # worker scopes cancelled by a CANCEL, until their worker leaves them (a set, not
+        # scope.cancel_called: that property reads the clock every time)
+        self._spent: set[trio.CancelScope] = set()
         self.reader_parked: trio.lowlevel.Task | None = None
         self.idle = trio.Event()
         self.idle.set()
@@ -276,6 +304,7 @@ class HandlerPool:
         scope = self.scopes[ident]
         if scope is not None:
             scope.cancel()  # the worker answers ERROR(CANCELLED) once the handler ended
+            self._spent.add(scope)  # the worker replaces it after this call
             return
         for queued in self.inbox:
             if queued[0] == ident:
@@ -311,6 +340,7 @@ class HandlerPool:
                 answer = None
                 with trio.CancelScope() as scope:
                     answer = await self._work(scope)
+                self._spent.discard(scope)
                 if answer is not None:  # a reply made after this scope was cancelled
                     await self._answer(*answer)
         finally:
@@ -350,7 +380,7 @@ class HandlerPool:
             finally:
                 self.busy -= 1
                 self._spare += 1
-            if scope.cancel_called:
+            if scope in self._spent:
                 return answer
             if not inbox and self._session.wants_write:
                 # The end of a burst: the credit the handlers returned goes out soon.
@@ -369,6 +399,7 @@ class HandlerPool:
         answer = None
         with trio.CancelScope() as scope:
             answer = await self._serve(ident, body, scope)
+        self._spent.discard(scope)
         if answer is not None:
             await self._answer(*answer)
 
@@ -385,6 +416,11 @@ class HandlerPool:
         conn = self._conn
         session = self._session
         size = len(body)
+        serve_body = self._serve_body
+        if serve_body is not None:
+            served = serve_body(body, ident, conn)
+            if served is not None:
+                return await self._serve_router(ident, body, scope, served)
         request = Request(body, ident, not ident, conn)
         del body
         if not ident:
@@ -406,7 +442,7 @@ class HandlerPool:
         try:
             reply = reply_body(await self._awaitable(self.handler(request)))
         except trio.Cancelled:
-            if native and scopes.pop(ident, None) is scope and scope.cancel_called:
+            if native and scopes.pop(ident, None) is scope and scope in self._spent:
                 # The peer's CANCEL stopped it (or the connection is closing, and then
                 # nobody reads the answer): answer, and let the scope catch the rest.
                 session.consumed(ident)
@@ -427,9 +463,10 @@ class HandlerPool:
         del request
         session.consumed(ident)
         conn._writer.owed += size + 64
-        if scope.cancel_called:
+        if scope in self._spent:
             return ident, reply, compress
-        await self._answer(ident, reply, compress)
+        if not self._answer_now(ident, reply, compress):
+            await self._answer(ident, reply, compress)
         return None
 
     def _awaitable(self, result: object) -> Awaitable[bytes | None]:
@@ -468,6 +505,78 @@ class HandlerPool:
         if ident:
             self._queue_reply(ident, reply, request.compress_reply)
             self._conn.reply_queued = True  # the reader wakes the writer after the batch
+
+    async def _serve_router(
+        self,
+        ident: int,
+        body: bytes,
+        scope: trio.CancelScope,
+        served: Awaitable[bytes | None],
+    ) -> tuple[int, bytes, bool] | None:
+        """:meth:`_serve` for what a :class:`BodyHandler` returned: the same, with no
+        :class:`Request` (so the reply is always compressible)."""
+        conn = self._conn
+        session = self._session
+        size = len(body)
+        if not ident:
+            try:
+                await served
+            except Exception as exc:
+                logger.error("%s: handler raised on a one-way message", conn.name, exc_info=exc)
+            finally:
+                session.consumed(0, size)
+                conn._writer.owed += size + 64
+            return None
+        native = conn._native
+        scopes = self.scopes
+        if native:
+            if ident not in scopes:  # cancelled (and answered) before it started
+                close = getattr(served, "close", None)
+                if close is not None:
+                    close()  # a coroutine never run
+                return None
+            scopes[ident] = scope
+        token = current_call.set((conn, ident))
+        try:
+            reply = await served
+            del body, served
+            if type(reply) is not bytes:
+                reply = reply_body(reply)
+        except trio.Cancelled:
+            if native and scopes.pop(ident, None) is scope and scope in self._spent:
+                session.consumed(ident)
+                self._answer_error(ident, ErrorCode.CANCELLED, "")
+            raise
+        except Exception as exc:
+            scopes.pop(ident, None)
+            session.consumed(ident)
+            text = self._failed(ident, exc)
+            if text is not None:
+                self._answer_error(ident, ErrorCode.INTERNAL, text)
+            return None
+        finally:
+            current_call.reset(token)
+        if native:
+            del scopes[ident]
+        session.consumed(ident)
+        conn._writer.owed += size + 64
+        if scope in self._spent:
+            return ident, reply, True
+        if not self._answer_now(ident, reply, True):
+            await self._answer(ident, reply, True)
+        return None
+
+    def _answer_now(self, ident: int, reply: bytes, compress: bool) -> bool:
+        """Queue a worker's reply and wake the writer, if that needs no waiting: there
+        is room in the send queue and the reply is not to be written directly."""
+        writer = self._conn._writer
+        if self._session.send_queue_bytes >= writer.max_send_queue or (
+            self.busy == 1 and not self.inbox and writer.quiet
+        ):
+            return False
+        if self._queue_reply(ident, reply, compress):
+            writer.wake()
+        return True
 
     async def _answer(self, ident: int, reply: bytes, compress: bool = True) -> None:
         """Queue a worker's reply once the send queue has room; write it directly when

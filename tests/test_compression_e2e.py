@@ -148,7 +148,14 @@ async def test_a_large_body_travels_compressed_only_with_a_codec_in_common(
 
 @needs_both
 @pytest.mark.parametrize(
-    "handler", [echo_unless_raw, inline_echo_unless_raw], ids=["async", "inline"]
+    "handler",
+    [
+        echo_unless_raw,
+        inline_echo_unless_raw,
+        monte_trio.Router(fallback=echo_unless_raw),
+        monte_trio.Router(fallback=inline_echo_unless_raw),
+    ],
+    ids=["async", "inline", "router-fallback-async", "router-fallback-inline"],
 )
 async def test_compress_false_and_compress_reply_send_bodies_as_they_are(
     handler: Handler,

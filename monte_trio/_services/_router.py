@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import attrs
 import trio
 
-from .._handlers import Handler, InlineHandler, Request
+from .._handlers import BodyHandler, Handler, InlineHandler, Request
 from .._util import printable
 from . import _envelope as env
 from ._codecs import Codec, get_codec
@@ -484,7 +484,7 @@ def _is_async(func: object) -> bool:
     )
 
 
-class Router:
+class Router(BodyHandler):
     """Methods by name: an async handler that serves calls made with ``call`` or ``proxy``.
 
     Register ``async def`` functions with :meth:`method`, or an object implementing a
@@ -624,6 +624,18 @@ class Router:
         if request.oneway:
             return self._serve_oneway(body, request.connection)
         return self._serve(body, request.connection, False)
+
+    def serve_body(
+        self, body: bytes, call_id: int, connection: Connection
+    ) -> Awaitable[bytes | None] | None:
+        """As :meth:`__call__`, given the request's parts (the connection's handler
+        workers call this: no :class:`~monte_trio.Request` to make); ``None`` for a body
+        that is not a call envelope (the fallback's, given a Request)."""
+        if body[:2] != env.CALL_MARK:
+            return None
+        if not call_id:
+            return self._serve_oneway(body, connection)
+        return self._serve(body, connection, False)
 
     async def call_handler(self, call: IncomingCall) -> None:
         """Serve one streaming call: the :data:`~monte_trio.CallHandler` of the router's
