@@ -49,7 +49,15 @@ from ._exceptions import (
 from ._handshake import Handshake
 from ._keys import Identity
 from ._native_handshake import resolve_handshake
-from ._services._caller import UNTYPED, call_on, make_proxy, notify_on
+from ._services._caller import (
+    UNTYPED,
+    call_on,
+    current_metadata,
+    decode_reply,
+    encode_call,
+    make_proxy,
+    notify_on,
+)
 from ._services._codecs import get_codec
 from ._services._retry import backoff
 from ._services._router import Middleware
@@ -155,6 +163,7 @@ class Client(trio.abc.AsyncResource, metaclass=NoPublicConstructor):
         self._hook = connection_state
         self._conns: list[Connection] = []
         self._dialing = 0
+        self._open_count = 0  # open connections, as the last _pick_now() counted them
         self._dials = 0
         self._dial_failures = 0
         self._dial_finished = trio.lowlevel.ParkingLot()
@@ -198,7 +207,9 @@ class Client(trio.abc.AsyncResource, metaclass=NoPublicConstructor):
         and :class:`~monte_trio.HandshakeError` if the handshake failed.
         """
         for attempt in range(_REASSIGNMENTS + 1):
-            conn = await self._pick()
+            conn = self._pick_now()
+            if conn is None:
+                conn = await self._pick()
             try:
                 return await conn.request(body, compress=compress)
             except RequestNotProcessed as exc:
@@ -214,7 +225,9 @@ class Client(trio.abc.AsyncResource, metaclass=NoPublicConstructor):
         <monte_trio.Connection.request>`).
         """
         for attempt in range(_REASSIGNMENTS + 1):
-            conn = await self._pick()
+            conn = self._pick_now()
+            if conn is None:
+                conn = await self._pick()
             try:
                 await conn.send(body, compress=compress)
                 return
@@ -326,7 +339,9 @@ class Client(trio.abc.AsyncResource, metaclass=NoPublicConstructor):
     async def _notify(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         codec = get_codec(self._config.codec)
         for attempt in range(_REASSIGNMENTS + 1):
-            conn = await self._pick()
+            conn = self._pick_now()
+            if conn is None:
+                conn = await self._pick()
             try:
                 await notify_on(conn, codec, name, args, kwargs, self._middleware)
                 return
@@ -343,11 +358,16 @@ class Client(trio.abc.AsyncResource, metaclass=NoPublicConstructor):
     ) -> Any:
         codec = get_codec(self._config.codec)
         for attempt in range(_REASSIGNMENTS + 1):
-            conn = await self._pick()
+            conn = self._pick_now()
+            if conn is None:
+                conn = await self._pick()
             try:
-                return await call_on(
-                    conn, codec, name, args, kwargs, idempotent, result_type, self._middleware
-                )
+                if self._middleware:
+                    return await call_on(
+                        conn, codec, name, args, kwargs, idempotent, result_type, self._middleware
+                    )
+                body = encode_call(codec, name, args, kwargs, idempotent, current_metadata())
+                return decode_reply(codec, name, await conn.request(body), result_type)
             except RequestNotProcessed as exc:
                 self._reassigning(attempt, exc)
             except ConnectionClosed:
@@ -405,7 +425,9 @@ class Client(trio.abc.AsyncResource, metaclass=NoPublicConstructor):
         connection breaks, the stream does too (it is not moved).
         """
         for attempt in range(_REASSIGNMENTS + 1):
-            conn = await self._pick()
+            conn = self._pick_now()
+            if conn is None:
+                conn = await self._pick()
             try:
                 return await conn.open_stream()
             except RequestNotProcessed as exc:
@@ -441,29 +463,40 @@ class Client(trio.abc.AsyncResource, metaclass=NoPublicConstructor):
         return conn
 
     async def _pick(self) -> Connection:
-        # The choice is made without yielding, so concurrent callers see each other's
-        # load: the caller's own call (which follows at once) makes the connection busy.
         while True:
+            conn = self._pick_now()
+            if conn is not None:
+                return conn
             if self._closed:
                 raise _client_closed()
-            best: Connection | None = None
-            best_load = 0
-            open_count = 0
-            for conn in self._conns:  # on every call: each load is computed once
-                if conn.closed:
-                    continue
-                open_count += 1
-                load = conn._load
-                if load == 0:
-                    return conn
-                if best is None or load < best_load:
-                    best, best_load = conn, load
-            if open_count + self._dialing < self._max_conns:
+            if self._open_count + self._dialing < self._max_conns:
                 return await self._dial()
-            if best is not None:
-                return best
             # Every slot is a dial in progress: wait for one to finish, then decide again.
             await self._dial_finished.park()
+
+    def _pick_now(self) -> Connection | None:
+        """The connection a call takes, if that needs no dial and no wait: an idle one,
+        else the least loaded once the pool is full. The choice is made without yielding,
+        so concurrent callers see each other's load: the caller's own call (which follows
+        at once) makes the connection busy."""
+        if self._closed:
+            return None
+        best: Connection | None = None
+        best_load = 0
+        open_count = 0
+        for conn in self._conns:  # on every call: each load is computed once
+            if conn.closed:
+                continue
+            open_count += 1
+            load = conn._load
+            if load == 0:
+                return conn
+            if best is None or load < best_load:
+                best, best_load = conn, load
+        self._open_count = open_count
+        if open_count + self._dialing < self._max_conns:
+            return None  # dial another
+        return best
 
     # -- dialing ---------------------------------------------------------------------------
 

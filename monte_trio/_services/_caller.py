@@ -52,6 +52,9 @@ __all__ = [
     "call_on",
     "connection_invoke",
     "connection_notify",
+    "current_metadata",
+    "decode_reply",
+    "encode_call",
     "make_proxy",
     "notify_on",
 ]
@@ -125,6 +128,12 @@ def call_metadata(metadata: Mapping[str, str] | None = None, /, **entries: str) 
         yield
     finally:
         _metadata.reset(token)
+
+
+def current_metadata() -> bytes:
+    """The encoded metadata of the :func:`call_metadata` blocks in effect (``b""``: none)."""
+    current = _metadata.get()
+    return b"" if current is None else current[1]
 
 
 def _client_metadata() -> dict[str, str]:
@@ -271,10 +280,7 @@ async def call_on(
 ) -> Any:
     """Call method ``name`` over ``conn``, through ``middleware``."""
     if not middleware:
-        current = _metadata.get()
-        body = encode_call(
-            codec, name, args, kwargs, idempotent, b"" if current is None else current[1]
-        )
+        body = encode_call(codec, name, args, kwargs, idempotent, current_metadata())
         return decode_reply(codec, name, await conn.request(body), result_type)
     info = CallInfo(
         name,
@@ -305,11 +311,7 @@ async def notify_on(
 ) -> None:
     """Call method ``name`` over ``conn`` as a one-way message, through ``middleware``."""
     if not middleware:
-        current = _metadata.get()
-        body = encode_call(
-            codec, name, args, kwargs, False, b"" if current is None else current[1]
-        )
-        await conn.send(body)
+        await conn.send(encode_call(codec, name, args, kwargs, False, current_metadata()))
         return
     info = CallInfo(
         name,
@@ -340,10 +342,7 @@ async def connection_invoke(
 ) -> Any:
     """A call on one connection, with its codec (no middleware)."""
     codec = get_codec(conn._config.codec)
-    current = _metadata.get()
-    body = encode_call(
-        codec, name, args, kwargs, idempotent, b"" if current is None else current[1]
-    )
+    body = encode_call(codec, name, args, kwargs, idempotent, current_metadata())
     return decode_reply(codec, name, await conn.request(body), result_type)
 
 
@@ -465,10 +464,11 @@ def _proxy_method(name: str, declared: Callable[..., Any]) -> Callable[..., Any]
     idempotent = _is_idempotent(declared)
     result_type: list[Any] = []
 
-    async def method(self: _ProxyBase, *args: Any, **kwargs: Any) -> Any:
+    def method(self: _ProxyBase, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        # Not async itself: it returns the call's coroutine (one coroutine less per call).
         if not result_type:
             result_type.append(_result_type(declared))
-        return await self._invoke(self._names[name], args, kwargs, idempotent, result_type[0])
+        return self._invoke(self._names[name], args, kwargs, idempotent, result_type[0])
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = declared.__doc__
