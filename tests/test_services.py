@@ -157,9 +157,16 @@ async def test_refusals_are_typed_errors_and_the_connection_survives() -> None:
             for arguments in [b"{not json", b'{"a": 1}', b"[" * 100_000 + b"]" * 100_000]:
                 reply = await client.request(call_envelope(b"math.add", arguments))
                 assert error_code(reply) == MethodErrorCode.INVALID_ARGUMENTS
-            # A truncated envelope, reserved flags.
-            for body in [b"\xf5\x01\x00\x00", call_envelope(b"echo", b"[[],{}]", flags=0x80)]:
+            # A truncated envelope, reserved flags; a name cut short where what is left
+            # is another method's name ("echo" of "echoes").
+            cut = b"\xf5\x01\x00\x00\x06echo"
+            for body in [b"\xf5\x01\x00\x00", call_envelope(b"echo", b"[[],{}]", flags=0x80), cut]:
                 assert error_code(await client.request(body)) == MethodErrorCode.INVALID_CALL
+            # A name that is not UTF-8; a call marked idempotent to a method that is not.
+            reply = await client.request(call_envelope(b"ech\xff", b"[[],{}]"))
+            assert error_code(reply) == MethodErrorCode.INVALID_CALL
+            reply = await client.request(call_envelope(b"echo", b"[[],{}]", flags=0x01))
+            assert error_code(reply) == MethodErrorCode.NOT_IDEMPOTENT
             assert await client.call("math.add", 1) == 2  # still serving
 
 

@@ -64,7 +64,7 @@ MAX_METADATA_SIZE: Final = 8192
 MAX_METADATA_KEY: Final = 255
 """The longest metadata key, in bytes of UTF-8."""
 
-_CALL_HEAD: Final = struct.Struct(">BBBH")
+CALL_HEAD: Final = struct.Struct(">BBBH")  # mark, kind, flags, name length
 _U64: Final = struct.Struct(">Q")
 _U16: Final = struct.Struct(">H")
 _ERROR_HEAD: Final = struct.Struct(">BBHH")
@@ -99,7 +99,7 @@ def encode_name(name: str) -> bytes:
 
 def call_prefix(name: bytes, flags: int) -> bytes:
     """The first bytes of a call envelope: marker, kind, ``flags`` and the name."""
-    return _CALL_HEAD.pack(MARK, CALL, flags, len(name)) + name
+    return CALL_HEAD.pack(MARK, CALL, flags, len(name)) + name
 
 
 def remaining_field(remaining: float) -> bytes:
@@ -188,16 +188,16 @@ def decode_call(body: bytes) -> tuple[str, int, float | None, dict[str, str] | N
         EnvelopeError: truncated, reserved flags set, a name that is not UTF-8, or
             metadata that is malformed or over its limits.
     """
-    if len(body) < _CALL_HEAD.size:
+    if len(body) < CALL_HEAD.size:
         raise EnvelopeError("the call envelope is truncated")
-    _, _, flags, size = _CALL_HEAD.unpack_from(body)
+    _, _, flags, size = CALL_HEAD.unpack_from(body)
     if flags & FLAGS_RESERVED:
         raise EnvelopeError(f"the call envelope has reserved flags set ({flags:#04x})")
-    offset = _CALL_HEAD.size + size
+    offset = CALL_HEAD.size + size
     if len(body) < offset:
         raise EnvelopeError("the call envelope is truncated inside the method name")
     try:
-        name = body[_CALL_HEAD.size : offset].decode("utf-8")
+        name = body[CALL_HEAD.size : offset].decode("utf-8")
     except UnicodeDecodeError:
         raise EnvelopeError("the method name is not UTF-8") from None
     remaining: float | None = None

@@ -516,6 +516,9 @@ class Router(BodyHandler):
         self, *, middleware: Sequence[Middleware] = (), fallback: Handler | None = None
     ) -> None:
         self._methods: dict[str, _Method] = {}
+        # the unary methods by the UTF-8 name a call envelope carries (serve_body's
+        # lookup without decoding the name)
+        self._unary: dict[bytes, _Method] = {}
         self._middleware = tuple(middleware)
         self._fallback = fallback
 
@@ -602,7 +605,10 @@ class Router(BodyHandler):
         env.encode_name(name)
         if name in self._methods:
             raise ValueError(f"a method named {name!r} is already registered")
-        self._methods[name] = _Method(name, func, idempotent or _is_idempotent(func))
+        method = _Method(name, func, idempotent or _is_idempotent(func))
+        self._methods[name] = method
+        if method.kind == UNARY:
+            self._unary[name.encode("utf-8")] = method
 
     # -- statistics ------------------------------------------------------------------------
 
@@ -618,12 +624,8 @@ class Router(BodyHandler):
     def __call__(self, request: Request) -> Awaitable[bytes | None]:
         """Serve one request or one-way message (the handler's interface): return the
         awaitable of the reply (a plain method, so a call costs one coroutine less)."""
-        body = request.body
-        if body[:2] != env.CALL_MARK:
-            return self._not_a_call(request)
-        if request.oneway:
-            return self._serve_oneway(body, request.connection)
-        return self._serve(body, request.connection, False)
+        served = self._dispatch(request.body, request.oneway, request.connection)
+        return self._not_a_call(request) if served is None else served
 
     def serve_body(
         self, body: bytes, call_id: int, connection: Connection
@@ -631,10 +633,25 @@ class Router(BodyHandler):
         """As :meth:`__call__`, given the request's parts (the connection's handler
         workers call this: no :class:`~monte_trio.Request` to make); ``None`` for a body
         that is not a call envelope (the fallback's, given a Request)."""
+        return self._dispatch(body, not call_id, connection)
+
+    def _dispatch(
+        self, body: bytes, oneway: bool, connection: Connection
+    ) -> Awaitable[bytes | None] | None:
+        """The awaitable that serves ``body``, or ``None`` if it is not a call."""
         if body[:2] != env.CALL_MARK:
             return None
-        if not call_id:
+        if oneway:
             return self._serve_oneway(body, connection)
+        # The common call (no deadline, no metadata, a unary method it may run) is
+        # looked at here, with no coroutine of its own; the rest takes _serve's way.
+        if len(body) >= _HEAD_SIZE:
+            _, _, flags, size = env.CALL_HEAD.unpack_from(body)
+            end = _HEAD_SIZE + size
+            if not flags & _NOT_PLAIN and len(body) >= end:
+                method = self._unary.get(body[_HEAD_SIZE:end])
+                if method is not None and (method.idempotent or not flags & env.FLAG_IDEMPOTENT):
+                    return self._run(method, flags, None, None, body[end:], connection, False)
         return self._serve(body, connection, False)
 
     async def call_handler(self, call: IncomingCall) -> None:
@@ -698,6 +715,20 @@ class Router(BodyHandler):
                 f"{name!r} is not declared idempotent here, but the call was marked "
                 "idempotent; it was not run",
             )
+        return await self._run(method, flags, remaining, metadata, payload, conn, oneway)
+
+    async def _run(
+        self,
+        method: _Method,
+        flags: int,
+        remaining: float | None,
+        metadata: dict[str, str] | None,
+        payload: bytes,
+        conn: Connection,
+        oneway: bool,
+    ) -> bytes:
+        """The reply of a unary method the call may run (its statistics recorded)."""
+        name = method.name
         start = trio.current_time()
         failed = True
         try:
@@ -722,8 +753,10 @@ class Router(BodyHandler):
                         result = await self._through_middleware(
                             method, args, kwargs, conn, flags, deadline, metadata, oneway
                         )
-                    else:
+                    elif kwargs:
                         result = await method.func(*args, **kwargs)
+                    else:
+                        result = await method.func(*args)
                 else:
                     with trio.move_on_at(deadline) as scope:
                         result = await self._through_middleware(
@@ -778,6 +811,11 @@ class Router(BodyHandler):
             return await method.func(*args, **kwargs)
 
         return await run_middleware(self._middleware, info, last)
+
+
+_HEAD_SIZE = env.CALL_HEAD.size
+_NOT_PLAIN = env.FLAG_DEADLINE | env.FLAG_METADATA | env.FLAGS_RESERVED
+"""The flags that take a call the general way (:meth:`Router._serve`)."""
 
 
 def _error(code: MethodErrorCode, message: str, name: str = "", details: bytes = b"") -> bytes:
