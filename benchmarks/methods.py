@@ -28,9 +28,17 @@ those over the runs (each run in a process of its own). ``--profile json`` (or a
 workload) runs one workload under :mod:`cProfile` instead and prints the functions that
 cost the most.
 
+``--tcp`` measures the same workloads as the suite runs them: each served by a server
+process of its own on loopback TCP, called through a :class:`~monte_trio.Client` with up
+to 4 connections, the rounds alternating as above. Per workload and round it takes the
+wall time (so the ratios are also those of calls per second), the client's CPU time and
+the server's (which the server reports in reply to a control request before and after
+the round); the ratios are per round, then the median.
+
 Run it::
 
     python -m benchmarks.methods --runs 5 --rounds 20 -n 4000
+    python -m benchmarks.methods --tcp --runs 3 --rounds 10 -n 8000
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from typing import Protocol
 
 import msgspec
@@ -53,7 +62,7 @@ import trio
 import monte_trio
 from monte_trio.testing import open_connection_pair
 
-from . import PARALLEL_CALLERS, PAYLOAD_SIZE
+from . import MAX_CONNS, PARALLEL_CALLERS, PAYLOAD_SIZE
 
 WORKLOADS = ("raw", "raw-async", "json", "struct")
 
@@ -119,6 +128,165 @@ def make_router(
     return router
 
 
+CPU_QUERY = b"\x00cpu?"
+"""A raw request every ``--serve`` server answers with its CPU seconds so far (ASCII)."""
+
+
+def _cpu_reply() -> bytes:
+    return b"%.6f" % time.process_time()
+
+
+def _server_handler(workload: str) -> monte_trio.Handler:
+    """What a ``--serve`` server runs: the workload's handler, answering CPU_QUERY."""
+
+    def raw_or_cpu(request: monte_trio.Request) -> bytes:
+        return _cpu_reply() if request.body == CPU_QUERY else b""
+
+    async def async_raw_or_cpu(request: monte_trio.Request) -> bytes:
+        return _cpu_reply() if request.body == CPU_QUERY else b""
+
+    if workload == "raw":
+        return monte_trio.inline(raw_or_cpu)
+    if workload == "raw-async":
+        return async_raw_or_cpu
+    return make_router(fallback=monte_trio.inline(raw_or_cpu))
+
+
+def _config(workload: str) -> monte_trio.ConnectionConfig:
+    return monte_trio.ConnectionConfig(codec="msgpack" if workload == "struct" else "json")
+
+
+def serve(workload: str) -> None:
+    """``--serve WORKLOAD``: print ``READY <port>``, serve until stdin closes."""
+
+    async def main() -> None:
+        server = monte_trio.Server(
+            _server_handler(workload), handshake=_handshake(), config=_config(workload)
+        )
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(server.serve, 0, "127.0.0.1")
+            print(f"READY {listeners[0].socket.getsockname()[1]}", flush=True)
+            await trio.to_thread.run_sync(sys.stdin.buffer.read)  # EOF: the parent is done
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def _calls(workload: str, target: monte_trio.Client | monte_trio.Connection) -> Call:
+    """The call ``workload`` makes over ``target``."""
+    if workload in ("raw", "raw-async"):
+        bodies = [bytes([i]) * PAYLOAD_SIZE for i in range(64)]
+
+        async def raw(i: int) -> object:
+            return await target.request(bodies[i & 63])
+
+        return raw
+    if workload == "json":
+        text = json_text()
+
+        async def method(i: int) -> object:
+            return await target.call("store", text)
+
+        return method
+    store = target.proxy(Store)
+    items = [make_item(i) for i in range(64)]
+
+    async def struct(i: int) -> object:
+        await store.store(items[i & 63])
+        return None
+
+    return struct
+
+
+async def measure_tcp_rounds(
+    ports: dict[str, int], rounds: int, n: int, warmup: int, callers: int
+) -> dict[str, list[tuple[float, float, float]]]:
+    """Per workload and round: (wall, client CPU, server CPU) seconds per call."""
+    results: dict[str, list[tuple[float, float, float]]] = {w: [] for w in ports}
+    workloads = list(ports)
+    async with AsyncExitStack() as stack:
+        clients = {
+            w: await stack.enter_async_context(
+                monte_trio.open_client(
+                    "127.0.0.1",
+                    port,
+                    handshake=_handshake(),
+                    config=_config(w),
+                    max_conns=MAX_CONNS,
+                )
+            )
+            for w, port in ports.items()
+        }
+        calls = {w: _calls(w, clients[w]) for w in workloads}
+        for workload in workloads:
+            await _drive(calls[workload], warmup, callers)
+        for index in range(rounds):
+            for workload in workloads if index % 2 == 0 else workloads[::-1]:
+                client = clients[workload]
+                server_before = float(await client.request(CPU_QUERY))
+                cpu, wall = time.process_time(), time.perf_counter()
+                await _drive(calls[workload], n, callers)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                server = float(await client.request(CPU_QUERY)) - server_before
+                results[workload].append((wall / n, cpu / n, server / n))
+    return results
+
+
+def one_tcp_run(rounds: int, n: int, warmup: int, callers: int) -> dict[str, float]:
+    """One ``--tcp`` run: a server process per workload; per workload the medians of
+    wall, client and server CPU per call; per ``"a/b"`` the medians of the per-round
+    ratios of wall time (``:wall``) and of both sides' CPU (``:cpu``)."""
+    with contextlib.ExitStack() as stack:
+        ports = {}
+        for workload in WORKLOADS:
+            server = stack.enter_context(
+                subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.methods", "--serve", workload],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            assert server.stdin is not None
+            assert server.stdout is not None
+            stack.callback(server.stdin.close)
+            ports[workload] = int(server.stdout.readline().split()[1])
+        results = trio.run(measure_tcp_rounds, ports, rounds, n, warmup, callers)
+    figures: dict[str, float] = {}
+    for workload, rows in results.items():
+        for field, column in (("wall", 0), ("client", 1), ("server", 2)):
+            figures[f"{workload}:{field}"] = statistics.median(row[column] for row in rows)
+    for workload, base in RATIOS:
+        pairs = list(zip(results[workload], results[base], strict=True))
+        figures[f"{workload}/{base}:wall"] = statistics.median(a[0] / b[0] for a, b in pairs)
+        figures[f"{workload}/{base}:cpu"] = statistics.median(
+            (a[1] + a[2]) / (b[1] + b[2]) for a, b in pairs
+        )
+    return figures
+
+
+def tcp_summary(runs: list[dict[str, float]]) -> str:
+    """The medians over the ``--tcp`` runs."""
+    lines = []
+    for workload in WORKLOADS:
+        wall, client, server = (
+            statistics.median(run[f"{workload}:{f}"] for run in runs) * 1e6
+            for f in ("wall", "client", "server")
+        )
+        lines.append(
+            f"{workload}: {1e6 / wall:,.0f} calls/s, CPU per call {client:.2f} us client "
+            f"+ {server:.2f} us server"
+        )
+    for workload, base in RATIOS:
+        for kind, meaning in (("wall", "time per call"), ("cpu", "CPU per call")):
+            values = [run[f"{workload}/{base}:{kind}"] for run in runs]
+            lines.append(
+                f"{workload}/{base} {meaning}: median {statistics.median(values):.3f} "
+                f"(runs: {', '.join(f'{x:.3f}' for x in values)})"
+            )
+    return "\n".join(lines)
+
+
 def _handshake() -> monte_trio.Handshake:
     return monte_trio.NativeHandshake(
         identity=monte_trio.Identity.generate(), trust=monte_trio.AcceptAnyKey()
@@ -161,28 +329,7 @@ async def open_workload(workload: str, stack: contextlib.AsyncExitStack) -> Call
             _handshake(), server_handler=handler, config=config, transports=await _socket_pair()
         )
     )
-    if workload in ("raw", "raw-async"):
-        bodies = [bytes([i]) * PAYLOAD_SIZE for i in range(64)]
-
-        async def raw(i: int) -> object:
-            return await client.request(bodies[i & 63])
-
-        return raw
-    if workload == "json":
-        text = json_text()
-
-        async def method(i: int) -> object:
-            return await client.call("store", text)
-
-        return method
-    store = client.proxy(Store)
-    items = [make_item(i) for i in range(64)]
-
-    async def struct(i: int) -> object:
-        await store.store(items[i & 63])
-        return None
-
-    return struct
+    return _calls(workload, client)
 
 
 async def measure_rounds(
@@ -267,13 +414,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--callers", type=int, default=PARALLEL_CALLERS)
     ap.add_argument("--profile", choices=WORKLOADS, help="profile one workload instead")
     ap.add_argument("--limit", type=int, default=40, help="functions --profile prints")
+    ap.add_argument(
+        "--tcp", action="store_true", help="servers in processes of their own, over TCP"
+    )
     ap.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
     if args.profile:
         profile(args.profile, args.n, args.warmup, args.callers, args.limit)
         return 0
     if args.one_run:  # a run, in the process the parent started: its figures as JSON
-        print(json.dumps(one_run(args.rounds, args.n, args.warmup, args.callers)))
+        run_once = one_tcp_run if args.tcp else one_run
+        print(json.dumps(run_once(args.rounds, args.n, args.warmup, args.callers)))
         return 0
     runs: list[dict[str, float]] = []
     for index in range(args.runs):
@@ -282,16 +437,26 @@ def main(argv: list[str] | None = None) -> int:
             "--rounds", str(args.rounds), "-n", str(args.n),
             "--warmup", str(args.warmup), "--callers", str(args.callers),
         ]  # fmt: skip
+        if args.tcp:
+            command.append("--tcp")
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         runs.append(json.loads(output.splitlines()[-1]))
         run = runs[-1]
+        if args.tcp:
+            print(
+                f"run {index + 1}: "
+                + "  ".join(f"{w}/{b} {run[f'{w}/{b}:wall']:.3f}" for w, b in RATIOS)
+                + " (time per call)",
+                flush=True,
+            )
+            continue
         print(
             f"run {index + 1}: "
             + "  ".join(f"{w} {run[w] * 1e6:.2f} us" for w in WORKLOADS)
             + "".join(f"  {w}/{b} {run[f'{w}/{b}']:.3f}" for w, b in RATIOS),
             flush=True,
         )
-    print(summary(runs))
+    print(tcp_summary(runs) if args.tcp else summary(runs))
     return 0
 
 

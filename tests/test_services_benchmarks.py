@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,3 +83,32 @@ def test_the_cost_script_reports_ratios_against_raw_requests() -> None:
     for workload in ("raw-async", "json", "struct"):
         assert f"{workload}/raw: median " in text
     assert "json/raw-async: median " in text
+
+
+def test_the_cost_script_over_tcp_reports_time_and_cpu_ratios() -> None:
+    # A server process per workload (children of the run's process, in the test's process
+    # group): each answers the control request with its CPU time, then exits once its
+    # stdin closes.
+    text = run(
+        [
+            "benchmarks.methods", "--tcp", "--runs", "1", "--rounds", "2", "-n", "200",
+            "--warmup", "50", "--callers", "8",
+        ],
+        timeout=90,
+    )  # fmt: skip
+    assert text.count("run ") == 1
+    for workload in ("raw", "raw-async", "json", "struct"):
+        found = re.search(
+            rf"^{workload}: ([\d,]+) calls/s, CPU per call ([\d.]+) us client "
+            rf"\+ ([\d.]+) us server$",
+            text,
+            re.MULTILINE,
+        )
+        assert found, text
+        calls, client, server = found.groups()
+        assert int(calls.replace(",", "")) > 0
+        assert float(client) > 0
+        assert float(server) > 0  # the server's own CPU time, from its reply
+    for workload in ("raw-async", "json", "struct"):
+        assert f"{workload}/raw time per call: median " in text
+        assert f"{workload}/raw CPU per call: median " in text
