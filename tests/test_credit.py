@@ -2,7 +2,8 @@
 
 * The reader never stops reading: while every handler is busy and the peer's callers do
   not take their replies, the peer's ping and a call made back to it are answered.
-* Nested calls: 128 callbacks each way at full call slots; the 10 MiB chain.
+* Nested calls: 128 callbacks each way at full call slots; the 10 MiB chain; a callback
+  cancelled before its task started is never run.
 * The memory budget: clients that flood requests and never read their replies make the
   server hold at most the stated budget each (RSS of a server in a subprocess).
 
@@ -34,7 +35,8 @@ from monte_trio import (
     SecureStream,
     Server,
 )
-from monte_trio._proto._session import EV_PONG, EV_REPLY, EV_REQUEST, Session
+from monte_trio._proto._session import EV_PONG, EV_REPLY, EV_REQUEST, OPEN, Session
+from monte_trio.testing import secure_stream_pair
 
 LOCALHOST = "127.0.0.1"
 MIB = 1024 * 1024
@@ -416,3 +418,63 @@ async def test_flooding_clients_stay_within_the_stated_budget() -> None:
                 assert await client.request(b"still served") == b"still served"
             for peer in [warm, *peers]:
                 await peer.secure.aclose()
+
+
+async def test_a_nested_call_cancelled_before_its_task_started_is_not_run() -> None:
+    """The peer's handler calls back (a nested call) and cancels it in the next record of
+    the same write: the server answers it (ERROR CANCELLED, which the peer's session
+    takes silently: a second answer would be a protocol error there) and never runs it."""
+    ran: list[bytes] = []
+
+    async def handler(request: Request) -> bytes:
+        ran.append(request.body)
+        if request.body == b"outer":
+            return await request.connection.request(b"callback")  # the peer calls back
+        return b"ran"
+
+    config = ConnectionConfig(keepalive_interval=None)
+    client, server = await secure_stream_pair(
+        NativeHandshake(trust=AcceptAnyKey()), client_config=config, server_config=config
+    )
+    session = client.facts.new_session(config, trio.current_time())
+    assert isinstance(session, Session)
+
+    async def events() -> list[tuple[int, int, object, object]]:
+        return list(session.receive_records(await client.receive_records()))
+
+    with trio.fail_after(10):
+        async with monte_trio.Connection(server, handler=handler, config=config) as conn:
+            outer = session.send_request(b"outer")
+            assert outer is not None
+            await client.send_records(session.records_to_send(client.max_plaintext))  # type: ignore[arg-type]
+            callback = None
+            while callback is None:
+                for kind, ident, _, parent in await events():
+                    if kind == EV_REQUEST:
+                        assert parent == outer
+                        callback = ident
+            # Serving the callback: a nested call, then its CANCEL in a second record,
+            # both in one write (so the server reads them in one batch).
+            nested = session.send_request(b"nested", parent=callback)
+            assert nested is not None
+            records = session.records_to_send(client.max_plaintext)
+            session.cancel(nested)
+            records += session.records_to_send(client.max_plaintext)
+            assert len(records) == 2
+            await client.send_records(records)  # type: ignore[arg-type]
+            # The callback's reply ends the outer call.
+            session.consumed(callback)
+            session.send_reply(callback, b"from the peer")
+            await client.send_records(session.records_to_send(client.max_plaintext))  # type: ignore[arg-type]
+            replies: list[object] = []
+            while not replies:
+                replies += [
+                    body for k, i, body, _ in await events() if k == EV_REPLY and i == outer
+                ]
+            assert replies == [b"from the peer"]
+            await trio.testing.wait_all_tasks_blocked()
+            assert ran == [b"outer"]  # the nested call never ran
+            stats = conn.statistics()
+            assert (stats.requests_received, stats.running_handlers) == (2, 0)
+            assert session.state == OPEN  # no second answer to the nested call
+            await client.aclose()  # the peer leaves: the connection ends at once
