@@ -29,6 +29,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import math
 import traceback
 import types
 from collections import deque
@@ -565,6 +566,39 @@ class HandlerPool:
         if not self._answer_now(ident, reply, True):
             await self._answer(ident, reply, True)
         return None
+
+    # -- deadlines of the calls served (a Router's, sent by its caller) ----------------------
+
+    def deadline_scope(self, deadline: float) -> trio.CancelScope | None:
+        """The cancel scope the call being served runs under, its deadline set to
+        ``deadline``: setting a deadline on the worker's scope costs about half of
+        entering and leaving a scope of its own. ``None`` where there is none to use
+        (monte-v1, outside a handler of this connection, or the scope already has a
+        deadline): the caller then enters a scope of its own.
+
+        The caller must end it with :meth:`end_deadline` before the call's handler
+        returns, and ask :meth:`deadline_passed` when it catches :exc:`trio.Cancelled`.
+        """
+        current = current_call.get()
+        if current is None or current[0] is not self._conn:
+            return None
+        scope = self.scopes.get(current[1])
+        if scope is None or scope in self._spent or scope.deadline != math.inf:
+            return None
+        scope.deadline = deadline
+        return scope
+
+    def deadline_passed(self, scope: trio.CancelScope) -> bool:
+        """Whether ``scope`` (from :meth:`deadline_scope`) was cancelled by its deadline,
+        not by the peer's CANCEL or a closing connection's."""
+        return scope.cancel_called and scope not in self._spent
+
+    def end_deadline(self, scope: trio.CancelScope) -> None:
+        """Take the deadline off ``scope``; a scope it cancelled is spent (its worker
+        sends the answer outside it and enters a fresh one)."""
+        scope.deadline = math.inf
+        if scope.cancel_called:
+            self._spent.add(scope)
 
     def _answer_now(self, ident: int, reply: bytes, compress: bool) -> bool:
         """Queue a worker's reply and wake the writer, if that needs no waiting: there

@@ -561,6 +561,80 @@ async def test_deadlines_at_the_extremes(autojump_clock: trio.testing.MockClock)
         assert ran == [math.inf]
 
 
+async def test_one_handler_worker_serves_deadlines_one_after_another(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One worker: its cancel scope carries each call's deadline in turn. A deadline that
+    # passed must not cancel the calls after it; one that did not pass must not linger.
+    router = Router()
+    log: list[tuple[float, float]] = []  # (start, effective deadline) of each work()
+
+    @router.method
+    async def work(seconds: float) -> str:
+        log.append((trio.current_time(), trio.current_effective_deadline()))
+        await trio.sleep(seconds)
+        return f"slept {seconds}"
+
+    @router.method
+    async def stubborn(seconds: float) -> str:
+        try:
+            await trio.sleep(seconds)
+        except trio.Cancelled:
+            pass  # ignores its deadline and answers anyway
+        return "stubborn"
+
+    def body(name: bytes, seconds: float, remaining: float | None) -> bytes:
+        arguments = b"[[%.1f],{}]" % seconds
+        if remaining is None:
+            return call_envelope(name, arguments)
+        return call_envelope(name, arguments, remaining_us=int(remaining * 1e6))
+
+    config = monte_trio.ConnectionConfig(max_concurrent_handlers=1)
+    with trio.fail_after(1000):
+        test_deadline = trio.current_effective_deadline()
+        async with open_connection_pair(native(), server_handler=router, config=config) as (
+            client,
+            server,
+        ):
+            await _deadlines_one_after_another(client, body)
+            assert server.statistics().running_handlers == 0
+    # Each call's own deadline, else only this test's (the server runs inside it).
+    seen = [test_deadline if end == test_deadline else end - start for start, end in log]
+    assert seen == [0.5, test_deadline, 30, test_deadline, test_deadline] * 3
+    assert router.statistics()["work"].errors == 3
+
+
+async def _deadlines_one_after_another(
+    client: monte_trio.Connection, body: Callable[[bytes, float, float | None], bytes]
+) -> None:
+    replies: dict[bytes, bytes] = {}
+    for _ in range(3):
+        start = trio.current_time()
+        reply = await client.request(body(b"work", 10, 0.5))  # its deadline passes
+        assert error_code(reply) == MethodErrorCode.DEADLINE_EXCEEDED
+        assert trio.current_time() - start == pytest.approx(0.5, abs=1e-3)
+        start = trio.current_time()
+        reply = await client.request(body(b"work", 2, None))  # no deadline
+        assert reply == b'\xf5\x02"slept 2.0"'
+        assert trio.current_time() - start == pytest.approx(2, abs=1e-3)
+        reply = await client.request(body(b"work", 1, 30))  # one that does not pass
+        assert reply == b'\xf5\x02"slept 1.0"'
+        reply = await client.request(body(b"work", 40, None))  # ... and is gone after
+        assert reply == b'\xf5\x02"slept 40.0"'
+        # A method that outlives its deadline answers; the call queued behind it (served
+        # next by the same worker) is unharmed.
+        replies.clear()
+
+        async def call(name: bytes, seconds: float, remaining: float | None) -> None:
+            replies[name] = await client.request(body(name, seconds, remaining))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, b"stubborn", 10, 0.5)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call, b"work", 3, None)
+        assert replies == {b"stubborn": b'\xf5\x02"stubborn"', b"work": b'\xf5\x02"slept 3.0"'}
+
+
 # -- middleware and statistics ---------------------------------------------------------------
 
 

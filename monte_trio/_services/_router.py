@@ -758,11 +758,27 @@ class Router(BodyHandler):
                     else:
                         result = await method.func(*args)
                 else:
-                    with trio.move_on_at(deadline) as scope:
-                        result = await self._through_middleware(
-                            method, args, kwargs, conn, flags, deadline, metadata, oneway
-                        )
-                    if scope.cancelled_caught:
+                    pool = conn._handlers
+                    worker_scope = pool.deadline_scope(deadline)
+                    if worker_scope is None:
+                        with trio.move_on_at(deadline) as scope:
+                            result = await self._through_middleware(
+                                method, args, kwargs, conn, flags, deadline, metadata, oneway
+                            )
+                        passed = scope.cancelled_caught
+                    else:  # the handler worker's scope carries the deadline
+                        passed = False
+                        try:
+                            result = await self._through_middleware(
+                                method, args, kwargs, conn, flags, deadline, metadata, oneway
+                            )
+                        except trio.Cancelled:
+                            if not pool.deadline_passed(worker_scope):
+                                raise
+                            passed = True  # caught as move_on_at would have
+                        finally:
+                            pool.end_deadline(worker_scope)
+                    if passed:
                         return _error(
                             MethodErrorCode.DEADLINE_EXCEEDED,
                             f"the caller's deadline passed while {name!r} ran "
