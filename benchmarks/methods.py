@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import cProfile
 import json
+import math
 import pstats
 import statistics
 import subprocess
@@ -199,7 +200,12 @@ def _calls(workload: str, target: monte_trio.Client | monte_trio.Connection) -> 
 
 
 async def measure_tcp_rounds(
-    ports: dict[str, int], rounds: int, n: int, warmup: int, callers: int
+    ports: dict[str, int],
+    rounds: int,
+    n: int,
+    warmup: int,
+    callers: int,
+    limit: float | None = None,
 ) -> dict[str, list[tuple[float, float, float]]]:
     """Per workload and round: (wall, client CPU, server CPU) seconds per call."""
     results: dict[str, list[tuple[float, float, float]]] = {w: [] for w in ports}
@@ -219,20 +225,22 @@ async def measure_tcp_rounds(
         }
         calls = {w: _calls(w, clients[w]) for w in workloads}
         for workload in workloads:
-            await _drive(calls[workload], warmup, callers)
+            await _drive(calls[workload], warmup, callers, limit)
         for index in range(rounds):
             for workload in workloads if index % 2 == 0 else workloads[::-1]:
                 client = clients[workload]
                 server_before = float(await client.request(CPU_QUERY))
                 cpu, wall = time.process_time(), time.perf_counter()
-                await _drive(calls[workload], n, callers)
+                await _drive(calls[workload], n, callers, limit)
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
                 server = float(await client.request(CPU_QUERY)) - server_before
                 results[workload].append((wall / n, cpu / n, server / n))
     return results
 
 
-def one_tcp_run(rounds: int, n: int, warmup: int, callers: int) -> dict[str, float]:
+def one_tcp_run(
+    rounds: int, n: int, warmup: int, callers: int, limit: float | None = None
+) -> dict[str, float]:
     """One ``--tcp`` run: a server process per workload; per workload the medians of
     wall, client and server CPU per call; per ``"a/b"`` the medians of the per-round
     ratios of wall time (``:wall``) and of both sides' CPU (``:cpu``)."""
@@ -251,7 +259,7 @@ def one_tcp_run(rounds: int, n: int, warmup: int, callers: int) -> dict[str, flo
             assert server.stdout is not None
             stack.callback(server.stdin.close)
             ports[workload] = int(server.stdout.readline().split()[1])
-        results = trio.run(measure_tcp_rounds, ports, rounds, n, warmup, callers)
+        results = trio.run(measure_tcp_rounds, ports, rounds, n, warmup, callers, limit)
     figures: dict[str, float] = {}
     for workload, rows in results.items():
         for field, column in (("wall", 0), ("client", 1), ("server", 2)):
@@ -301,12 +309,13 @@ async def _socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
 Call = Callable[[int], Awaitable[object]]
 
 
-async def _drive(call: Call, n: int, callers: int) -> None:
+async def _drive(call: Call, n: int, callers: int, limit: float | None = None) -> None:
     per = [n // callers + (1 if i < n % callers else 0) for i in range(callers)]
 
     async def caller(count: int, offset: int) -> None:
-        for i in range(offset, offset + count):
-            await call(i)
+        with trio.fail_after(math.inf if limit is None else limit):
+            for i in range(offset, offset + count):
+                await call(i)
 
     async with trio.open_nursery() as nursery:
         for index, count in enumerate(per):
@@ -333,26 +342,33 @@ async def open_workload(workload: str, stack: contextlib.AsyncExitStack) -> Call
 
 
 async def measure_rounds(
-    rounds: int, n: int, warmup: int, callers: int, workloads: Sequence[str] = WORKLOADS
+    rounds: int,
+    n: int,
+    warmup: int,
+    callers: int,
+    workloads: Sequence[str] = WORKLOADS,
+    limit: float | None = None,
 ) -> dict[str, list[float]]:
     """CPU seconds per call (both ends) of each workload in each round of ``n`` calls."""
     results: dict[str, list[float]] = {w: [] for w in workloads}
     async with contextlib.AsyncExitStack() as stack:
         calls = {w: await open_workload(w, stack) for w in workloads}
         for workload in workloads:
-            await _drive(calls[workload], warmup, callers)
+            await _drive(calls[workload], warmup, callers, limit)
         for index in range(rounds):
             for workload in workloads if index % 2 == 0 else workloads[::-1]:
                 start = time.process_time()
-                await _drive(calls[workload], n, callers)
+                await _drive(calls[workload], n, callers, limit)
                 results[workload].append((time.process_time() - start) / n)
     return results
 
 
-def one_run(rounds: int, n: int, warmup: int, callers: int) -> dict[str, float]:
+def one_run(
+    rounds: int, n: int, warmup: int, callers: int, limit: float | None = None
+) -> dict[str, float]:
     """One run: per workload, the median CPU seconds per call over its rounds; per
     ``"a/b"``, the median of the per-round ratios."""
-    results = trio.run(measure_rounds, rounds, n, warmup, callers)
+    results = trio.run(measure_rounds, rounds, n, warmup, callers, WORKLOADS, limit)
     figures = {w: statistics.median(v) for w, v in results.items()}
     for workload, base in RATIOS:
         figures[f"{workload}/{base}"] = statistics.median(
@@ -417,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tcp", action="store_true", help="servers in processes of their own, over TCP"
     )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="each caller runs under trio.fail_after(TIMEOUT), as the suite's client does: "
+        "method calls then carry their remaining time (raw requests carry none)",
+    )
     ap.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -428,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.one_run:  # a run, in the process the parent started: its figures as JSON
         run_once = one_tcp_run if args.tcp else one_run
-        print(json.dumps(run_once(args.rounds, args.n, args.warmup, args.callers)))
+        print(json.dumps(run_once(args.rounds, args.n, args.warmup, args.callers, args.timeout)))
         return 0
     runs: list[dict[str, float]] = []
     for index in range(args.runs):
@@ -439,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         if args.tcp:
             command.append("--tcp")
+        if args.timeout is not None:
+            command += ["--timeout", str(args.timeout)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         runs.append(json.loads(output.splitlines()[-1]))
         run = runs[-1]
