@@ -412,21 +412,23 @@ class HandlerPool:
         Returns the reply instead if ``scope`` was cancelled meanwhile (the handler
         finished anyway): the caller sends it once out of the spent scope. A CANCEL that
         stops the handler answers the call here and lets the :exc:`trio.Cancelled`
-        through to ``scope``.
+        through to ``scope``. A :class:`BodyHandler` is given the body itself; any other
+        handler a :class:`Request`.
         """
         conn = self._conn
         session = self._session
         size = len(body)
-        serve_body = self._serve_body
-        if serve_body is not None:
-            served = serve_body(body, ident, conn)
-            if served is not None:
-                return await self._serve_router(ident, body, scope, served)
-        request = Request(body, ident, not ident, conn)
+        request = None
+        served = None if self._serve_body is None else self._serve_body(body, ident, conn)
+        if served is None:
+            request = Request(body, ident, not ident, conn)
         del body
         if not ident:
             try:
-                await self._awaitable(self.handler(request))
+                if request is not None:
+                    served = self._awaitable(self.handler(request))
+                assert served is not None  # one of the two is set
+                await served
             except Exception as exc:
                 logger.error("%s: handler raised on a one-way message", conn.name, exc_info=exc)
             finally:
@@ -436,12 +438,21 @@ class HandlerPool:
         native = conn._native
         scopes = self.scopes
         if native:
-            if ident not in scopes:
-                return None  # cancelled (and answered) before it started
+            if ident not in scopes:  # cancelled (and answered) before it started
+                close = getattr(served, "close", None)
+                if close is not None:
+                    close()  # a coroutine never run
+                return None
             scopes[ident] = scope
         token = current_call.set((conn, ident))
         try:
-            reply = reply_body(await self._awaitable(self.handler(request)))
+            if request is not None:
+                served = self._awaitable(self.handler(request))
+            assert served is not None  # one of the two is set
+            reply = await served
+            del served
+            if type(reply) is not bytes:
+                reply = reply_body(reply)
         except trio.Cancelled:
             if native and scopes.pop(ident, None) is scope and scope in self._spent:
                 # The peer's CANCEL stopped it (or the connection is closing, and then
@@ -460,7 +471,7 @@ class HandlerPool:
             current_call.reset(token)
         if native:
             del scopes[ident]
-        compress = request.compress_reply
+        compress = True if request is None else request.compress_reply
         del request
         session.consumed(ident)
         conn._writer.owed += size + 64
@@ -506,66 +517,6 @@ class HandlerPool:
         if ident:
             self._queue_reply(ident, reply, request.compress_reply)
             self._conn.reply_queued = True  # the reader wakes the writer after the batch
-
-    async def _serve_router(
-        self,
-        ident: int,
-        body: bytes,
-        scope: trio.CancelScope,
-        served: Awaitable[bytes | None],
-    ) -> tuple[int, bytes, bool] | None:
-        """:meth:`_serve` for what a :class:`BodyHandler` returned: the same, with no
-        :class:`Request` (so the reply is always compressible)."""
-        conn = self._conn
-        session = self._session
-        size = len(body)
-        if not ident:
-            try:
-                await served
-            except Exception as exc:
-                logger.error("%s: handler raised on a one-way message", conn.name, exc_info=exc)
-            finally:
-                session.consumed(0, size)
-                conn._writer.owed += size + 64
-            return None
-        native = conn._native
-        scopes = self.scopes
-        if native:
-            if ident not in scopes:  # cancelled (and answered) before it started
-                close = getattr(served, "close", None)
-                if close is not None:
-                    close()  # a coroutine never run
-                return None
-            scopes[ident] = scope
-        token = current_call.set((conn, ident))
-        try:
-            reply = await served
-            del body, served
-            if type(reply) is not bytes:
-                reply = reply_body(reply)
-        except trio.Cancelled:
-            if native and scopes.pop(ident, None) is scope and scope in self._spent:
-                session.consumed(ident)
-                self._answer_error(ident, ErrorCode.CANCELLED, "")
-            raise
-        except Exception as exc:
-            scopes.pop(ident, None)
-            session.consumed(ident)
-            text = self._failed(ident, exc)
-            if text is not None:
-                self._answer_error(ident, ErrorCode.INTERNAL, text)
-            return None
-        finally:
-            current_call.reset(token)
-        if native:
-            del scopes[ident]
-        session.consumed(ident)
-        conn._writer.owed += size + 64
-        if scope in self._spent:
-            return ident, reply, True
-        if not self._answer_now(ident, reply, True):
-            await self._answer(ident, reply, True)
-        return None
 
     # -- deadlines of the calls served (a Router's, sent by its caller) ----------------------
 

@@ -6,6 +6,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -331,6 +332,16 @@ async def test_remote_cancellation_reaches_the_handler(
             assert not client.closed
 
 
+def one_worker_pair(
+    handler: monte_trio.Handler,
+) -> AbstractAsyncContextManager[tuple[monte_trio.Connection, monte_trio.Connection]]:
+    """A connection pair whose server side runs ``handler`` in one handler worker."""
+    config = ConnectionConfig(max_concurrent_handlers=1)
+    return open_connection_pair(
+        NativeHandshake(trust=AcceptAnyKey()), server_handler=handler, config=config
+    )
+
+
 async def test_one_handler_worker_serves_on_after_remote_cancellations(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -350,11 +361,8 @@ async def test_one_handler_worker_serves_on_after_remote_cancellations(
         await trio.sleep(1)  # a checkpoint: a spent cancel scope would stop it here
         return b"done " + request.body
 
-    config = ConnectionConfig(max_concurrent_handlers=1)
     with trio.fail_after(60):
-        async with open_connection_pair(
-            NativeHandshake(trust=AcceptAnyKey()), server_handler=handler, config=config
-        ) as (client, server):
+        async with one_worker_pair(handler) as (client, server):
             for round_ in range(5):
                 cancelled.append(trio.Event())
                 async with trio.open_nursery() as nursery:
@@ -390,11 +398,8 @@ async def test_a_handler_that_outlives_its_remote_cancellation_leaves_the_next_c
         finished.append(request.body)
         return b"done " + request.body
 
-    config = ConnectionConfig(max_concurrent_handlers=1)
     with trio.fail_after(60):
-        async with open_connection_pair(
-            NativeHandshake(trust=AcceptAnyKey()), server_handler=handler, config=config
-        ) as (client, server):
+        async with one_worker_pair(handler) as (client, server):
             for round_ in range(3):
                 with trio.move_on_after(5) as scope:
                     await client.request(b"stubborn")
