@@ -199,13 +199,13 @@ class BodyHandler:
     """An async handler that the worker pool may call with the body itself.
 
     The library's own handlers (a :class:`~monte_trio.Router`) derive from it: the pool
-    then calls :meth:`serve_body` instead of making a :class:`Request` and calling the
+    then calls its ``_serve_body`` instead of making a :class:`Request` and calling the
     handler with it, one object and one call less per request.
     """
 
     __slots__ = ()
 
-    def serve_body(
+    def _serve_body(
         self, body: bytes, call_id: int, connection: Connection
     ) -> Awaitable[bytes | None] | None:
         """What ``self(Request(body, call_id, call_id == 0, connection))`` returns; or
@@ -236,8 +236,8 @@ class HandlerPool:
         self._session = connection._session
         self.handler: AsyncHandler = _no_handler
         self.inline: Callable[[Request], bytes | None] | None = None
-        self._serve_body: _ServeBody | None = (
-            handler.serve_body if isinstance(handler, BodyHandler) else None
+        self._body_server: _ServeBody | None = (
+            handler._serve_body if isinstance(handler, BodyHandler) else None
         )
         if isinstance(handler, InlineHandler):
             self.inline = handler.func
@@ -419,7 +419,7 @@ class HandlerPool:
         session = self._session
         size = len(body)
         request = None
-        served = None if self._serve_body is None else self._serve_body(body, ident, conn)
+        served = None if self._body_server is None else self._body_server(body, ident, conn)
         if served is None:
             request = Request(body, ident, not ident, conn)
         del body

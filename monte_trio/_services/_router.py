@@ -516,7 +516,7 @@ class Router(BodyHandler):
         self, *, middleware: Sequence[Middleware] = (), fallback: Handler | None = None
     ) -> None:
         self._methods: dict[str, _Method] = {}
-        # the unary methods by the UTF-8 name a call envelope carries (serve_body's
+        # the unary methods by the UTF-8 name a call envelope carries (_serve_body's
         # lookup without decoding the name)
         self._unary: dict[bytes, _Method] = {}
         self._middleware = tuple(middleware)
@@ -627,7 +627,7 @@ class Router(BodyHandler):
         served = self._dispatch(request.body, request.oneway, request.connection)
         return self._not_a_call(request) if served is None else served
 
-    def serve_body(
+    def _serve_body(
         self, body: bytes, call_id: int, connection: Connection
     ) -> Awaitable[bytes | None] | None:
         """As :meth:`__call__`, given the request's parts (the connection's handler
