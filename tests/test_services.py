@@ -34,7 +34,7 @@ from monte_trio import (
     Router,
 )
 from monte_trio._proto._wire2 import Codec, Hello2
-from monte_trio.testing import open_connection_pair
+from monte_trio.testing import FaultyNetwork, open_connection_pair
 
 TIMEOUT = 10
 
@@ -530,6 +530,50 @@ async def test_the_deadline_crosses_the_wire(autojump_clock: trio.testing.MockCl
             with trio.move_on_after(0.5):
                 await client.call("slow")
             assert seen[0] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancelled"])
+async def test_a_method_whose_caller_gave_up_after_200_ms_is_cancelled_within_200_ms(
+    autojump_clock: trio.testing.MockClock, how: str
+) -> None:
+    """Over a link with 50 ms each way: the caller gives up after 200 ms, by its deadline
+    (which crossed the wire) or by a cancellation without one (CANCEL); the method is
+    cancelled 50 ms later, when the news has crossed the link."""
+    network = FaultyNetwork(seed=1, latency=0.05)
+    listener = network.listen("server")
+    router = Router()
+    cancelled = trio.Event()
+    cancelled_at: list[float] = []
+
+    @router.method
+    async def slow() -> None:
+        try:
+            await trio.sleep(100)
+        finally:
+            cancelled_at.append(trio.current_time())
+            cancelled.set()
+
+    with trio.fail_after(60):
+        client_raw = await network.connect("server")
+        server_raw = await listener.accept()
+        async with open_connection_pair(
+            native(), server_handler=router, transports=(client_raw, server_raw)
+        ) as (client, _):
+            start = trio.current_time()
+            if how == "deadline":
+                with trio.move_on_after(0.2):
+                    await client.call("slow")
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.call, "slow")  # no deadline: CANCEL
+                    await trio.sleep(0.2)
+                    nursery.cancel_scope.cancel()
+            gave_up = trio.current_time()
+            assert gave_up - start == pytest.approx(0.2, abs=1e-3)
+            await cancelled.wait()
+            assert cancelled_at[0] - gave_up == pytest.approx(0.05, abs=0.01)
+            assert cancelled_at[0] - gave_up <= 0.2
+            assert router.statistics()["slow"].errors == 1
 
 
 async def test_deadlines_at_the_extremes(autojump_clock: trio.testing.MockClock) -> None:
