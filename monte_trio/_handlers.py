@@ -48,12 +48,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncHandler",
+    "BodyHandler",
     "Handler",
     "HandlerPool",
     "InlineHandler",
     "Request",
     "current_call",
     "inline",
+    "without_cancelled",
 ]
 
 logger = logging.getLogger("monte_trio")
@@ -190,6 +192,18 @@ def reply_body(reply: object) -> bytes:
     raise TypeError(
         f"the handler returned a {type(reply).__name__}; it must return bytes or None{hint}"
     )
+
+
+def without_cancelled(exc: BaseException) -> BaseException | None:
+    """``exc`` less the :exc:`trio.Cancelled` in it, as a cancel scope takes them: ``None``
+    if it was only that (a ``Cancelled``, or a group of them from a nursery)."""
+    if isinstance(exc, trio.Cancelled):
+        return None
+    split = getattr(exc, "split", None) if hasattr(exc, "exceptions") else None
+    if split is None:
+        return exc  # not an exception group
+    rest: BaseException | None = split(trio.Cancelled)[1]
+    return rest
 
 
 _ServeBody = Callable[[bytes, int, "Connection"], Awaitable[bytes | None] | None]
@@ -453,19 +467,28 @@ class HandlerPool:
             del served
             if type(reply) is not bytes:
                 reply = reply_body(reply)
-        except trio.Cancelled:
-            if native and scopes.pop(ident, None) is scope and scope in self._spent:
-                # The peer's CANCEL stopped it (or the connection is closing, and then
-                # nobody reads the answer): answer, and let the scope catch the rest.
-                session.consumed(ident)
-                self._answer_error(ident, ErrorCode.CANCELLED, "")
-            raise
         except Exception as exc:
             scopes.pop(ident, None)
             session.consumed(ident)
             text = self._failed(ident, exc)
             if text is not None:
                 self._answer_error(ident, ErrorCode.INTERNAL, text)
+            return None
+        except BaseException as exc:
+            # trio.Cancelled, or a group holding it (a nursery of the handler's).
+            if not (native and scope in self._spent):
+                raise  # not this call's CANCEL: the connection is closing
+            # The peer's CANCEL stopped it; take what is not the cancellation as a scope
+            # would, answer, and leave the spent scope to the worker.
+            scopes.pop(ident, None)
+            rest = without_cancelled(exc)
+            if rest is not None and not isinstance(rest, Exception):
+                raise rest from None  # KeyboardInterrupt and the like are not ours
+            session.consumed(ident)
+            text = "" if rest is None else self._failed(ident, rest)
+            if text is not None:
+                code = ErrorCode.CANCELLED if rest is None else ErrorCode.INTERNAL
+                self._answer_error(ident, code, text)
             return None
         finally:
             current_call.reset(token)

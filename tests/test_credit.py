@@ -478,3 +478,52 @@ async def test_a_nested_call_cancelled_before_its_task_started_is_not_run() -> N
             assert (stats.requests_received, stats.running_handlers) == (2, 0)
             assert session.state == OPEN  # no second answer to the nested call
             await client.aclose()  # the peer leaves: the connection ends at once
+
+
+async def test_a_cancelled_handler_with_a_nursery_is_answered() -> None:
+    """The peer's CANCEL stops a handler whose nursery then raises a group of Cancelled:
+    the call is still answered (the peer's session frees the call's slot only on that
+    answer), and the one handler worker serves the next call."""
+    started = trio.Event()
+
+    async def handler(request: Request) -> bytes:
+        if request.body == b"fan out":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                nursery.start_soon(trio.sleep_forever)
+                started.set()
+        return b"done " + request.body
+
+    config = ConnectionConfig(keepalive_interval=None, max_concurrent_handlers=1)
+    client, server = await secure_stream_pair(
+        NativeHandshake(trust=AcceptAnyKey()), client_config=config, server_config=config
+    )
+    session = client.facts.new_session(config, trio.current_time())
+    assert isinstance(session, Session)
+
+    async def send() -> None:
+        await client.send_records(session.records_to_send(client.max_plaintext))  # type: ignore[arg-type]
+
+    with trio.fail_after(10):
+        async with monte_trio.Connection(server, handler=handler, config=config) as conn:
+            for _ in range(3):
+                started = trio.Event()
+                ident = session.send_request(b"fan out")
+                assert ident is not None
+                await send()
+                await started.wait()
+                session.cancel(ident)
+                await send()
+                while session.calls_open != (0, 0):  # until the answer frees the slot
+                    session.receive_records(await client.receive_records())
+                after = session.send_request(b"next")
+                assert after is not None
+                await send()
+                replies: list[object] = []
+                while not replies:
+                    events = session.receive_records(await client.receive_records())
+                    replies += [body for k, i, body, _ in events if k == EV_REPLY and i == after]
+                assert replies == [b"done next"]
+                session.delivered(after)
+            assert conn.statistics().running_handlers == 0
+            await client.aclose()

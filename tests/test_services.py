@@ -1121,3 +1121,52 @@ async def test_msgpack_conversions_are_the_same_on_the_direct_way_and_the_genera
                 await client.call("size", b"x", "not an int")
             with pytest.raises(InvalidArguments, match="too many positional"):
                 await client.call("size", b"x", 1, 2)
+
+
+@pytest.mark.parametrize("child", ["sleeps", "raises"])
+async def test_a_method_with_a_nursery_stopped_by_its_deadline_still_answers(
+    autojump_clock: trio.testing.MockClock, child: str
+) -> None:
+    """The deadline cancels the method's nursery, which raises a group of Cancelled (or
+    of Cancelled and the error a child raised as it was cancelled): the caller gets
+    DEADLINE_EXCEEDED (or the error), as from a scope of its own, and the worker serves
+    on."""
+    router = Router()
+
+    async def sleeper() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if child == "raises":
+                raise ValueError("cleaning up failed")
+
+    @router.method
+    async def fan_out() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sleeper)
+            nursery.start_soon(sleeper)
+
+    @router.method
+    async def ok() -> str:
+        await trio.sleep(1)
+        return "ok"
+
+    config = monte_trio.ConnectionConfig(max_concurrent_handlers=1)
+    with trio.fail_after(60):
+        async with open_connection_pair(native(), server_handler=router, config=config) as (
+            client,
+            server,
+        ):
+            for _ in range(3):
+                start = trio.current_time()
+                body = call_envelope(b"fan_out", b"[[],{}]", remaining_us=500_000)
+                reply = await client.request(body)
+                assert trio.current_time() - start == pytest.approx(0.5, abs=1e-3)
+                expected = (
+                    MethodErrorCode.DEADLINE_EXCEEDED
+                    if child == "sleeps"
+                    else MethodErrorCode.INTERNAL
+                )
+                assert error_code(reply) == expected
+                assert await client.call("ok") == "ok"  # the same worker, unharmed
+            assert server.statistics().running_handlers == 0

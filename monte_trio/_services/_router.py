@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import attrs
 import trio
 
-from .._handlers import BodyHandler, Handler, InlineHandler, Request
+from .._handlers import BodyHandler, Handler, InlineHandler, Request, without_cancelled
 from .._util import printable
 from . import _envelope as env
 from ._codecs import Codec, get_codec
@@ -772,10 +772,17 @@ class Router(BodyHandler):
                             result = await self._through_middleware(
                                 method, args, kwargs, conn, flags, deadline, metadata, oneway
                             )
-                        except trio.Cancelled:
+                        except Exception:
+                            raise
+                        except BaseException as exc:  # Cancelled, or a group holding it
                             if not pool.deadline_passed(worker_scope):
                                 raise
-                            passed = True  # caught as move_on_at would have
+                            # Caught as move_on_at would have: the cancellation, not
+                            # what else the method raised with it.
+                            rest = without_cancelled(exc)
+                            if rest is not None:
+                                raise rest from None
+                            passed = True
                         finally:
                             pool.end_deadline(worker_scope)
                     if passed:
