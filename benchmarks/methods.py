@@ -33,12 +33,15 @@ process of its own on loopback TCP, called through a :class:`~monte_trio.Client`
 to 4 connections, the rounds alternating as above. Per workload and round it takes the
 wall time (so the ratios are also those of calls per second), the client's CPU time and
 the server's (which the server reports in reply to a control request before and after
-the round); the ratios are per round, then the median.
+the round); the ratios are per round, then the median. ``--timeout SECONDS`` runs each
+caller under :func:`trio.fail_after`, as the suite's client runs: every method call then
+carries its remaining time, and the method runs under that deadline.
 
 Run it::
 
     python -m benchmarks.methods --runs 5 --rounds 20 -n 4000
     python -m benchmarks.methods --tcp --runs 3 --rounds 10 -n 8000
+    python -m benchmarks.methods --tcp --timeout 300 --runs 3 --rounds 10 -n 8000
 """
 
 from __future__ import annotations
