@@ -29,6 +29,7 @@ from . import _envelope as env
 from ._codecs import Codec, get_codec
 from ._errors import CodecError, error_class, library_error
 from ._router import (
+    UNARY,
     CallInfo,
     Middleware,
     _is_async_generator,
@@ -50,6 +51,7 @@ __all__ = [
     "Notify",
     "call_metadata",
     "call_on",
+    "client_info",
     "connection_invoke",
     "connection_notify",
     "current_metadata",
@@ -140,6 +142,31 @@ def _client_metadata() -> dict[str, str]:
     """A fresh copy of the metadata in effect, for client middleware to change."""
     current = _metadata.get()
     return {} if current is None else dict(current[0])
+
+
+def client_info(
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    conn: Connection,
+    idempotent: bool,
+    oneway: bool = False,
+    kind: str = UNARY,
+) -> CallInfo:
+    """The :class:`CallInfo` of a call this side is about to make on ``conn`` (under the
+    caller's deadline, with a copy of the metadata in effect)."""
+    return CallInfo(
+        name,
+        args,
+        kwargs,
+        conn,
+        "client",
+        idempotent,
+        trio.current_effective_deadline(),
+        _client_metadata(),
+        oneway,
+        kind,
+    )
 
 
 # -- the envelope ----------------------------------------------------------------------------
@@ -282,16 +309,7 @@ async def call_on(
     if not middleware:
         body = encode_call(codec, name, args, kwargs, idempotent, current_metadata())
         return decode_reply(codec, name, await conn.request(body), result_type)
-    info = CallInfo(
-        name,
-        args,
-        kwargs,
-        conn,
-        "client",
-        idempotent,
-        trio.current_effective_deadline(),
-        _client_metadata(),
-    )
+    info = client_info(name, args, kwargs, conn, idempotent)
 
     async def last() -> Any:
         metadata = env.encode_metadata(info.metadata) if info.metadata else b""
@@ -313,17 +331,7 @@ async def notify_on(
     if not middleware:
         await conn.send(encode_call(codec, name, args, kwargs, False, current_metadata()))
         return
-    info = CallInfo(
-        name,
-        args,
-        kwargs,
-        conn,
-        "client",
-        False,
-        trio.current_effective_deadline(),
-        _client_metadata(),
-        True,
-    )
+    info = client_info(name, args, kwargs, conn, False, oneway=True)
 
     async def last() -> None:
         metadata = env.encode_metadata(info.metadata) if info.metadata else b""

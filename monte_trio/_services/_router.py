@@ -695,6 +695,27 @@ class Router(BodyHandler):
 
     async def _serve(self, body: bytes, conn: Connection, oneway: bool) -> bytes:
         """The reply to one call envelope (for a one-way call, only its outcome)."""
+        found = self._look_up(body)
+        if isinstance(found, bytes):
+            return found
+        method, flags, remaining, metadata, payload = found
+        if method.kind != UNARY:
+            return _error(
+                MethodErrorCode.INVALID_CALL,
+                f"{method.name!r} is a {method.kind} method: call it with stream() or "
+                "stream_call(), not call(); it was not run",
+            )
+        refused = _not_idempotent(method, flags)
+        if refused is not None:
+            return refused
+        return await self._run(method, flags, remaining, metadata, payload, conn, oneway)
+
+    def _look_up(
+        self, body: bytes
+    ) -> tuple[_Method, int, float | None, dict[str, str] | None, bytes] | bytes:
+        """The method a call envelope names, and the envelope's flags, remaining time,
+        metadata and arguments; or the error reply that refuses it (the envelope is
+        malformed, or no method has that name)."""
         try:
             name, flags, remaining, metadata, payload = env.decode_call(body)
         except env.EnvelopeError as exc:
@@ -703,19 +724,7 @@ class Router(BodyHandler):
         if method is None:
             shown = name if len(name) <= 200 else name[:200] + "..."
             return _error(MethodErrorCode.NOT_FOUND, f"no method named {shown!r}")
-        if method.kind != UNARY:
-            return _error(
-                MethodErrorCode.INVALID_CALL,
-                f"{name!r} is a {method.kind} method: call it with stream() or "
-                "stream_call(), not call(); it was not run",
-            )
-        if flags & env.FLAG_IDEMPOTENT and not method.idempotent:
-            return _error(
-                MethodErrorCode.NOT_IDEMPOTENT,
-                f"{name!r} is not declared idempotent here, but the call was marked "
-                "idempotent; it was not run",
-            )
-        return await self._run(method, flags, remaining, metadata, payload, conn, oneway)
+        return method, flags, remaining, metadata, payload
 
     async def _run(
         self,
@@ -733,10 +742,7 @@ class Router(BodyHandler):
         failed = True
         try:
             if remaining is not None and remaining <= 0:
-                return _error(
-                    MethodErrorCode.DEADLINE_EXCEEDED,
-                    f"the caller's deadline had passed when {name!r} arrived; it was not run",
-                )
+                return _arrived_late(name)
             codec = get_codec(conn._config.codec)
             try:
                 args, kwargs = _arguments(method, flags, payload, codec)
@@ -786,11 +792,7 @@ class Router(BodyHandler):
                         finally:
                             pool.end_deadline(worker_scope)
                     if passed:
-                        return _error(
-                            MethodErrorCode.DEADLINE_EXCEEDED,
-                            f"the caller's deadline passed while {name!r} ran "
-                            f"({remaining:.6f} s); it was cancelled",
-                        )
+                        return _cut_short(name, remaining)
             except Exception as exc:
                 return _exception_reply(exc, name, conn, codec)
             finally:
@@ -843,6 +845,33 @@ _NOT_PLAIN = env.FLAG_DEADLINE | env.FLAG_METADATA | env.FLAGS_RESERVED
 
 def _error(code: MethodErrorCode, message: str, name: str = "", details: bytes = b"") -> bytes:
     return env.encode_error(code, name, message, details)
+
+
+def _not_idempotent(method: _Method, flags: int) -> bytes | None:
+    """The refusal of a call marked idempotent to a method not declared so, if it is one."""
+    if flags & env.FLAG_IDEMPOTENT and not method.idempotent:
+        return _error(
+            MethodErrorCode.NOT_IDEMPOTENT,
+            f"{method.name!r} is not declared idempotent here, but the call was marked "
+            "idempotent; it was not run",
+        )
+    return None
+
+
+def _arrived_late(name: str) -> bytes:
+    """The refusal of a call whose deadline had passed when it arrived."""
+    return _error(
+        MethodErrorCode.DEADLINE_EXCEEDED,
+        f"the caller's deadline had passed when {name!r} arrived; it was not run",
+    )
+
+
+def _cut_short(name: str, remaining: float) -> bytes:
+    """The reply of a method its caller's deadline cancelled."""
+    return _error(
+        MethodErrorCode.DEADLINE_EXCEEDED,
+        f"the caller's deadline passed while {name!r} ran ({remaining:.6f} s); it was cancelled",
+    )
 
 
 def _arguments(

@@ -44,7 +44,7 @@ from .._exceptions import (
 )
 from .._util import NoPublicConstructor
 from . import _envelope as env
-from ._caller import UNTYPED, _client_metadata, _metadata, decode_reply, encode_call
+from ._caller import UNTYPED, _metadata, client_info, decode_reply, encode_call
 from ._codecs import Codec, get_codec
 from ._errors import CodecError, MethodErrorCode, RemoteMethodError
 from ._router import (
@@ -56,9 +56,12 @@ from ._router import (
     Middleware,
     Router,
     _arguments,
+    _arrived_late,
+    _cut_short,
     _error,
     _exception_reply,
     _Method,
+    _not_idempotent,
     _Refusal,
     _served_info,
     _serving,
@@ -227,36 +230,27 @@ async def _serve(router: Router, call: IncomingCall, codec: Codec) -> bytes | No
             MethodErrorCode.INVALID_CALL,
             "the first message of this streaming call is not a method call",
         )
-    try:
-        name, flags, remaining, metadata, payload = env.decode_call(first)
-    except env.EnvelopeError as exc:
-        return _error(MethodErrorCode.INVALID_CALL, str(exc))
+    found = router._look_up(first)
     del first
-    method = router._methods.get(name)
-    if method is None:
-        shown = name if len(name) <= 200 else name[:200] + "..."
-        return _error(MethodErrorCode.NOT_FOUND, f"no method named {shown!r}")
+    if isinstance(found, bytes):
+        return found
+    method, flags, remaining, metadata, payload = found
+    name = method.name
     if call.shape not in _SHAPES[method.kind]:
         return _error(
             MethodErrorCode.INVALID_CALL,
             f"{name!r} is a {method.kind} method, and this is a {call.shape.name.lower()} "
             f"call: {_HOW[method.kind]}; it was not run",
         )
-    if flags & env.FLAG_IDEMPOTENT and not method.idempotent:
-        return _error(
-            MethodErrorCode.NOT_IDEMPOTENT,
-            f"{name!r} is not declared idempotent here, but the call was marked "
-            "idempotent; it was not run",
-        )
+    refused = _not_idempotent(method, flags)
+    if refused is not None:
+        return refused
     conn = call.connection
     start = trio.current_time()
     failed = True
     try:
         if remaining is not None and remaining <= 0:
-            return _error(
-                MethodErrorCode.DEADLINE_EXCEEDED,
-                f"the caller's deadline had passed when {name!r} arrived; it was not run",
-            )
+            return _arrived_late(name)
         try:
             args, kwargs = _arguments(method, flags, payload, codec)
             if method.stream is not None:
@@ -283,11 +277,8 @@ async def _serve(router: Router, call: IncomingCall, codec: Codec) -> bytes | No
                 else:
                     result = await _run(method, args, kwargs, call, codec)
             if scope.cancelled_caught:
-                return _error(
-                    MethodErrorCode.DEADLINE_EXCEEDED,
-                    f"the caller's deadline passed while {name!r} ran "
-                    f"({remaining:.6f} s); it was cancelled",
-                )
+                assert remaining is not None  # only a deadline cancels this scope
+                return _cut_short(name, remaining)
         except _Refusal as refusal:
             return _error(refusal.code, refusal.message)
         except (CallCancelled, ConnectionClosed):
@@ -529,18 +520,7 @@ class _MethodOpening(Generic[_C]):
         opened: list[AbstractAsyncContextManager[Any]] = []
         info: CallInfo | None = None
         if middleware:
-            info = CallInfo(
-                name,
-                args,
-                kwargs,
-                conn,
-                "client",
-                False,
-                trio.current_effective_deadline(),
-                _client_metadata(),
-                False,
-                self._kind,
-            )
+            info = client_info(name, args, kwargs, conn, False, kind=self._kind)
 
         async def last() -> Any:
             if info is None:
